@@ -1,0 +1,346 @@
+"""Attach / detach IP-Adapters to the UNet of a diffusers pipeline, set their scale, and call it.
+
+Official ``ip_adapter`` key ids count the UNet's attention processors in ``unet.attn_processors`` order
+(down blocks, up blocks, mid block last): cross-attention layer k has id 2k+1 (DESIGN.md §3.1).
+Everything is checked before any processor is replaced; a failure leaves the pipeline untouched.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import nn
+
+from .attention import IPAttnProcessor, IPBranch, PassThroughProcessor
+from .checkpoint import Checkpoint, load_checkpoint
+from .conditioning import ImagePrompt
+from .encoder import ImageEncoder, ImageInput, load_image
+from .errors import CheckpointError, IncompatibleModelError, InputError
+from .projection import build_projection
+from .sources import default_encoder, load_image_encoder, resolve_adapter
+from .variants import AdapterSpec, detect
+
+STATE_ATTR = "_ipadapter_attachment"
+
+
+@dataclass
+class CrossLayer:
+    """One cross-attention layer of a UNet, as IP-Adapter counts them."""
+
+    name: str  # processor name in unet.attn_processors
+    index: int  # position among cross-attention layers
+    hidden_size: int
+    cross_attention_dim: int
+
+
+def cross_attention_layers(unet: nn.Module) -> list[CrossLayer]:
+    """The UNet's cross-attention layers in the official id order (the rule diffusers' loader uses too)."""
+    layers = []
+    for name in unet.attn_processors:
+        if not name.endswith("attn2.processor") or "motion_modules" in name:
+            continue
+        attn = unet.get_submodule(name[: -len(".processor")])
+        layers.append(CrossLayer(name, len(layers), attn.to_k.out_features, attn.to_k.in_features))
+    return layers
+
+
+def check_scale(scale: float) -> float:
+    """A usable adapter scale: a finite number >= 0."""
+    try:
+        value = float(scale)
+    except (TypeError, ValueError):
+        raise InputError(
+            f"scale {scale!r} is not a number; expected a finite number >= 0, e.g. 0.6"
+        ) from None
+    if not math.isfinite(value) or value < 0:
+        raise InputError(
+            f"scale {scale!r} is not usable; expected a finite number >= 0 (1.0 = full strength)"
+        )
+    return value
+
+
+@dataclass
+class _Attachment:
+    """What attaching changed on one UNet, so detach can put it back exactly."""
+
+    originals: dict[str, Any]
+    processors: dict[str, IPAttnProcessor]
+    hook: Any
+    adapters: dict[str, IPAdapter] = field(default_factory=dict)
+
+
+class IPAdapter:
+    """An IP-Adapter attached to one pipeline. Made by :func:`attach`."""
+
+    def __init__(
+        self,
+        pipe: Any,
+        name: str,
+        spec: AdapterSpec,
+        projection: nn.Module,
+        encoder: ImageEncoder,
+        branches: dict[str, IPBranch],
+        source: str,
+    ) -> None:
+        self.pipe = pipe
+        self.name = name
+        self.spec = spec
+        self.projection = projection
+        self.encoder = encoder
+        self.source = source
+        self._branches = branches  # processor name -> this adapter's branch in that layer
+        self._scale = 1.0
+
+    @property
+    def scale(self) -> float:
+        """Strength of the image prompt in every layer (0 = exactly the model without adapter)."""
+        return self._scale
+
+    @scale.setter
+    def scale(self, value: float) -> None:
+        self.set_scale(value)
+
+    def set_scale(self, value: float) -> IPAdapter:
+        value = check_scale(value)
+        for branch in self._branches.values():
+            branch.scale = value
+        self._scale = value
+        return self
+
+    @property
+    def attached(self) -> bool:
+        state = getattr(self.pipe.unet, STATE_ATTR, None)
+        return state is not None and state.adapters.get(self.name) is self
+
+    @torch.no_grad()
+    def tokens(self, images: ImageInput | Sequence[ImageInput]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image tokens for reference image(s): ``(positive, negative)``, each ``(R, N, D)`` for R images."""
+        if isinstance(images, (str, Path, Image.Image)):
+            images = [images]
+        if not images:
+            raise InputError("no reference image given; expected at least one image")
+        rgb = [load_image(img) for img in images]
+        feature = self.spec.feature
+        param = next(self.projection.parameters())
+        pos = self.encoder.features(rgb, feature).to(device=param.device, dtype=param.dtype)
+        neg = self.encoder.negative_features(feature).to(device=param.device, dtype=param.dtype)
+        pos_tokens = self.projection(pos)
+        neg_tokens = self.projection(neg.unsqueeze(0)).expand_as(pos_tokens)
+        return pos_tokens, neg_tokens
+
+    def image_prompt(self, images: ImageInput | Sequence[ImageInput], num_prompts: int = 1) -> ImagePrompt:
+        """The ``image_prompt`` for a pipeline call with ``num_prompts`` text prompts.
+
+        One reference serves every prompt; or give one reference per prompt.
+        """
+        pos, neg = self.tokens(images)
+        if pos.shape[0] not in (1, num_prompts):
+            raise InputError(
+                f"{pos.shape[0]} reference images for {num_prompts} prompt(s); give one reference for all "
+                "prompts or one per prompt"
+            )
+        if pos.shape[0] != num_prompts:
+            pos, neg = pos.expand(num_prompts, -1, -1), neg.expand(num_prompts, -1, -1)
+        return ImagePrompt({self.name: pos}, {self.name: neg.contiguous()})
+
+    def __call__(self, image: ImageInput | Sequence[ImageInput], **pipe_kwargs: Any) -> Any:
+        """Run the pipeline with ``image`` as the image prompt; other arguments go to the pipeline."""
+        if not self.attached:
+            raise InputError(f"adapter '{self.name}' is detached; attach it again before generating")
+        prompt = pipe_kwargs.get("prompt")
+        embeds = pipe_kwargs.get("prompt_embeds")
+        num_prompts = (
+            len(prompt) if isinstance(prompt, list) else embeds.shape[0] if embeds is not None else 1
+        )
+        kwargs = dict(pipe_kwargs.pop("cross_attention_kwargs", None) or {})
+        kwargs["image_prompt"] = self.image_prompt(image, num_prompts)
+        return self.pipe(cross_attention_kwargs=kwargs, **pipe_kwargs)
+
+    def detach(self) -> None:
+        """Remove this adapter; the last one out restores the UNet's original processors exactly."""
+        detach(self.pipe, self.name)
+
+    def __repr__(self) -> str:
+        names = "/".join(self.spec.names) or "custom"
+        return f"IPAdapter(name={self.name!r}, layout={self.spec.layout!r}, names={names!r}, scale={self._scale})"
+
+
+def _check_fit(spec: AdapterSpec, layers: list[CrossLayer], encoder: ImageEncoder, source: str) -> None:
+    """Refuse an adapter that does not fit the UNet or the encoder, with both numbers in the message."""
+    if not layers:
+        raise IncompatibleModelError(
+            "the pipeline's UNet has no cross-attention layers; IP-Adapter needs them"
+        )
+    unet_cross = layers[0].cross_attention_dim
+    if spec.cross_attention_dim != unet_cross:
+        raise IncompatibleModelError(
+            f"adapter '{source}' makes {spec.cross_attention_dim}-dim tokens ({spec.base or 'unknown'} family) "
+            f"but the base UNet's cross-attention dim is {unet_cross} ({_family(unet_cross)}); use an adapter "
+            "made for this base"
+        )
+    expected_ids = tuple(2 * k + 1 for k in range(len(layers)))
+    if spec.layer_ids != expected_ids:
+        raise IncompatibleModelError(
+            f"adapter '{source}' has weights for {spec.num_layers} attention layers (ids "
+            f"{spec.layer_ids[0]}..{spec.layer_ids[-1]}) but the base UNet has {len(layers)} cross-attention "
+            f"layers (ids 1..{2 * len(layers) - 1}); use an adapter made for this base"
+        )
+    for layer, hidden in zip(layers, spec.hidden_sizes, strict=True):
+        if layer.hidden_size != hidden:
+            raise IncompatibleModelError(
+                f"adapter '{source}' layer {2 * layer.index + 1} has hidden size {hidden} but the UNet's "
+                f"{layer.name.removesuffix('.processor')} has {layer.hidden_size}; use an adapter made for this base"
+            )
+    have = encoder.feature_dim(spec.feature)
+    if have != spec.feature_dim:
+        what = "pooled image_embeds" if spec.feature == "pooled" else "hidden states"
+        want = f" ({spec.encoder})" if spec.encoder else ""
+        raise IncompatibleModelError(
+            f"adapter '{source}' needs {spec.feature_dim}-dim {what}{want} but the image encoder gives "
+            f"{have}-dim ones; pass the encoder it was trained with via --image-encoder / image_encoder="
+        )
+
+
+def _check_supported(spec: AdapterSpec, source: str) -> None:
+    if not spec.supported:
+        raise IncompatibleModelError(
+            f"adapter '{source}' is a {spec.layout} adapter, which needs an InsightFace face embedding; "
+            "this version does not support FaceID adapters. Use a basic, plus or full-face adapter"
+        )
+
+
+def _family(cross: int) -> str:
+    return {768: "SD1.5 family", 1024: "SD2 family", 2048: "SDXL family"}.get(cross, "unknown family")
+
+
+def _load_weights(module: nn.Module, state: dict[str, torch.Tensor], what: str, source: str) -> None:
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(
+            f"{source}: {what} tensors do not fit their layer ({str(e).splitlines()[0]})"
+        ) from None
+
+
+def attach(
+    pipe: Any,
+    adapter: str | Path | Checkpoint,
+    image_encoder: str | Path | ImageEncoder | nn.Module | None = None,
+    *,
+    scale: float = 1.0,
+    name: str = "default",
+) -> IPAdapter:
+    """Attach an IP-Adapter to ``pipe.unet`` and return its handle.
+
+    ``adapter``: a local file, a hub path ``owner/repo/path/file.safetensors``, or a loaded
+    :class:`Checkpoint`. ``image_encoder``: a folder, hub id, ``owner/repo/sub/folder``, a loaded CLIP vision
+    model or :class:`ImageEncoder`; by default the one the adapter's repository layout implies.
+    Validates everything before touching the pipeline.
+    """
+    scale = check_scale(scale)
+    unet = pipe.unet
+    state: _Attachment | None = getattr(unet, STATE_ATTR, None)
+    if state is not None and name in state.adapters:
+        raise InputError(
+            f"an adapter named '{name}' is already attached; detach it first or choose another name"
+        )
+    if isinstance(adapter, Checkpoint):
+        ckpt, source = adapter, adapter.source
+    else:
+        source = str(adapter)
+        ckpt = load_checkpoint(resolve_adapter(adapter))
+    spec = detect(ckpt)
+    _check_supported(spec, source)
+    layers = cross_attention_layers(unet)
+    param = next(unet.parameters())
+    device, dtype = param.device, param.dtype
+    encoder = _encoder(image_encoder, spec, source, device, dtype)
+    _check_fit(spec, layers, encoder, source)
+
+    projection = build_projection(spec)
+    _load_weights(projection, ckpt.image_proj, "image_proj", source)
+    projection.to(device=device, dtype=dtype).eval()  # fp16 checkpoint weights become the model's dtype
+    branches: dict[str, IPBranch] = {}
+    for layer, layer_id in zip(layers, spec.layer_ids, strict=True):
+        branch = IPBranch(layer.cross_attention_dim, layer.hidden_size, scale)
+        weights = {p: ckpt.ip_adapter[f"{layer_id}.{p}.weight"] for p in ("to_k_ip", "to_v_ip")}
+        _load_weights(branch, {f"{p}.weight": w for p, w in weights.items()}, f"layer {layer_id}", source)
+        branches[layer.name] = branch.to(device=device, dtype=dtype)
+
+    # Everything is checked; from here on only the UNet changes.
+    if state is None:
+        state = _install(pipe, layers)
+    handle = IPAdapter(pipe, name, spec, projection, encoder, branches, source)
+    handle._scale = scale
+    for proc_name, branch in branches.items():
+        state.processors[proc_name].branches[name] = branch
+    state.adapters[name] = handle
+    return handle
+
+
+def _encoder(
+    given: str | Path | ImageEncoder | nn.Module | None,
+    spec: AdapterSpec,
+    source: str,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> ImageEncoder:
+    if isinstance(given, ImageEncoder):
+        return given
+    if isinstance(given, nn.Module):
+        return ImageEncoder(given)
+    where = given if given is not None else default_encoder(source, spec)
+    return ImageEncoder(load_image_encoder(where, dtype=dtype, device=device))
+
+
+def _install(pipe: Any, layers: list[CrossLayer]) -> _Attachment:
+    """Replace every processor: ours on cross-attention, pass-through on the rest; hook the UNet."""
+    unet = pipe.unet
+    originals = dict(unet.attn_processors)
+    cross = {layer.name: IPAttnProcessor(layer.index) for layer in layers}
+    new = {n: cross.get(n) or PassThroughProcessor(p) for n, p in originals.items()}
+    unet.set_attn_processor(new)
+
+    def before_unet(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        prompt = (kwargs.get("cross_attention_kwargs") or {}).get("image_prompt")
+        guidance = getattr(pipe, "do_classifier_free_guidance", None)
+        if isinstance(prompt, ImagePrompt) and isinstance(guidance, bool):
+            prompt.guidance = guidance  # the pipeline knows whether negatives lead the batch
+
+    hook = unet.register_forward_pre_hook(before_unet, with_kwargs=True)
+    state = _Attachment(originals, cross, hook)
+    setattr(unet, STATE_ATTR, state)
+    return state
+
+
+def detach(pipe: Any, name: str | None = None) -> None:
+    """Detach adapter ``name`` (all adapters if None). With none left, the original processors return."""
+    unet = pipe.unet
+    state: _Attachment | None = getattr(unet, STATE_ATTR, None)
+    if state is None:
+        return
+    names = list(state.adapters) if name is None else [name]
+    unknown = [n for n in names if n not in state.adapters]
+    if unknown:
+        raise InputError(f"no adapter named '{unknown[0]}' is attached; attached: {sorted(state.adapters)}")
+    for n in names:
+        for proc in state.processors.values():
+            if n in proc.branches:
+                del proc.branches[n]
+        del state.adapters[n]
+    if not state.adapters:
+        unet.set_attn_processor(state.originals)
+        state.hook.remove()
+        delattr(unet, STATE_ATTR)
+
+
+def attached(pipe: Any) -> dict[str, IPAdapter]:
+    """The adapters attached to ``pipe``, by name."""
+    state = getattr(pipe.unet, STATE_ATTR, None)
+    return dict(state.adapters) if state is not None else {}

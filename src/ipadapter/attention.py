@@ -1,0 +1,137 @@
+"""The decoupled cross-attention processor (Ye et al. 2023, eq. 5) and a pass-through for self-attention.
+
+    out = to_out( Attn(Q, K_text, V_text) + sum_a scale_a * Attn(Q, K_ip_a, V_ip_a) )
+
+with ``K_ip_a = tokens_a @ W_k_ip_a`` and ``V_ip_a = tokens_a @ W_v_ip_a``. The text path is the same sequence
+of operations as diffusers' ``AttnProcessor2_0``, so a scale of exactly 0 (branch skipped) reproduces the
+model without adapter bit for bit.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .conditioning import ImagePrompt
+
+
+class IPBranch(nn.Module):
+    """One adapter's image key/value projections for one attention layer."""
+
+    def __init__(self, cross_attention_dim: int, hidden_size: int, scale: float = 1.0) -> None:
+        super().__init__()
+        self.to_k_ip = nn.Linear(cross_attention_dim, hidden_size, bias=False)
+        self.to_v_ip = nn.Linear(cross_attention_dim, hidden_size, bias=False)
+        self.scale = float(scale)
+
+
+def _split_heads(t: torch.Tensor, batch: int, heads: int) -> torch.Tensor:
+    return t.view(batch, -1, heads, t.shape[-1] // heads).transpose(1, 2)  # (B, heads, L, d)
+
+
+class IPAttnProcessor(nn.Module):
+    """Cross-attention with decoupled image branches, one per attached adapter (kernel: SDPA)."""
+
+    def __init__(self, layer: int) -> None:
+        super().__init__()
+        self.layer = layer  # index among the UNet's cross-attention layers, in attn_processors order
+        self.branches = nn.ModuleDict()
+
+    def __call__(
+        self,
+        attn: Any,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        image_prompt: ImagePrompt | None = None,
+    ) -> torch.Tensor:
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        batch, context_len, _ = context.shape
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, context_len, batch)
+            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        query = attn.to_q(hidden_states)  # (B, L, inner)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+        inner = key.shape[-1]
+        query = _split_heads(query, batch, attn.heads)
+        key = _split_heads(key, batch, attn.heads)
+        value = _split_heads(value, batch, attn.heads)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0)
+        out = out.transpose(1, 2).reshape(batch, -1, inner).to(query.dtype)  # (B, L, inner)
+
+        if image_prompt is not None:
+            out = self._add_image_branches(out, query, image_prompt, attn.heads, batch, inner)
+
+        out = attn.to_out[0](out)
+        out = attn.to_out[1](out)
+        if input_ndim == 4:
+            out = out.transpose(-1, -2).reshape(batch, channel, height, width)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+    def _add_image_branches(
+        self, out: torch.Tensor, query: torch.Tensor, prompt: ImagePrompt, heads: int, batch: int, inner: int
+    ) -> torch.Tensor:
+        for name, branch in self.branches.items():
+            if branch.scale == 0:
+                continue  # exactly the model without this adapter
+
+            def project(
+                name: str = name, branch: IPBranch = branch
+            ) -> tuple[torch.Tensor, torch.Tensor] | None:
+                tokens = prompt.rows(name, batch)  # (B, N, D)
+                if tokens is None:
+                    return None
+                tokens = tokens.to(device=query.device, dtype=branch.to_k_ip.weight.dtype)
+                k_ip = _split_heads(branch.to_k_ip(tokens), batch, heads)  # (B, heads, N, d)
+                v_ip = _split_heads(branch.to_v_ip(tokens), batch, heads)
+                return k_ip.to(query.dtype), v_ip.to(query.dtype)
+
+            kv = prompt.cached((self.layer, name, batch), project)
+            if kv is None:
+                continue
+            ip_out = F.scaled_dot_product_attention(query, kv[0], kv[1], dropout_p=0.0)
+            out = out + branch.scale * ip_out.transpose(1, 2).reshape(batch, -1, inner).to(query.dtype)
+        return out
+
+
+class PassThroughProcessor:
+    """Self-attention: accepts the ``image_prompt`` argument (so diffusers does not warn) and ignores it."""
+
+    def __init__(self, original: Any) -> None:
+        self.original = original
+
+    def __call__(
+        self,
+        attn: Any,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        image_prompt: ImagePrompt | None = None,
+    ) -> torch.Tensor:
+        return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb)

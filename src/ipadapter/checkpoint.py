@@ -1,0 +1,156 @@
+"""Read and write the official IP-Adapter checkpoint formats, safely.
+
+Formats (DESIGN.md §3.1):
+- ``.bin`` / ``.pt`` / ``.pth``: a pickled ``{"image_proj": {...}, "ip_adapter": {...}}``. Read with
+  ``torch.load(weights_only=True)`` only: a file that needs code to unpickle is refused.
+- ``.safetensors``: the same tensors, flat, with the prefixes ``image_proj.`` and ``ip_adapter.``.
+"""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .errors import CheckpointError
+
+SECTIONS = ("image_proj", "ip_adapter")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+@dataclass
+class Checkpoint:
+    """The two halves of an IP-Adapter checkpoint, as plain state dicts."""
+
+    image_proj: dict[str, torch.Tensor]
+    ip_adapter: dict[str, torch.Tensor]
+    source: str = "<memory>"
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def flat(self) -> dict[str, torch.Tensor]:
+        """The ``.safetensors`` layout: one flat dict with section prefixes."""
+        out = {f"image_proj.{k}": v for k, v in self.image_proj.items()}
+        out.update({f"ip_adapter.{k}": v for k, v in self.ip_adapter.items()})
+        return out
+
+    def nested(self) -> dict[str, dict[str, torch.Tensor]]:
+        """The ``.bin`` layout: ``{"image_proj": ..., "ip_adapter": ...}``."""
+        return {"image_proj": dict(self.image_proj), "ip_adapter": dict(self.ip_adapter)}
+
+
+def _describe_keys(keys: list[str], limit: int = 3) -> str:
+    shown = ", ".join(repr(k) for k in sorted(keys)[:limit])
+    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
+    return f"{len(keys)} entries ({shown}{more})" if keys else "no tensors"
+
+
+def split_sections(state: dict, source: str) -> Checkpoint:
+    """Turn either layout (nested or flat-prefixed) into a :class:`Checkpoint`, or explain why not."""
+    expected = "expected the official IP-Adapter layout: 'image_proj.*' and 'ip_adapter.*' tensors"
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{source}: holds a {type(state).__name__}, not a dict of tensors; {expected}")
+    if all(isinstance(state.get(s), dict) for s in SECTIONS):
+        sections = {s: dict(state[s]) for s in SECTIONS}
+    else:
+        sections = {s: {} for s in SECTIONS}
+        for key, value in state.items():
+            head, _, rest = str(key).partition(".")
+            if head in sections and rest:
+                sections[head][rest] = value
+    for name, part in sections.items():
+        if not part:
+            found = _describe_keys([str(k) for k in state])
+            hint = _guess_kind(list(map(str, state)))
+            raise CheckpointError(
+                f"{source}: is not an IP-Adapter checkpoint: no '{name}' tensors among {found}{hint}; {expected}"
+            )
+        for key, value in part.items():
+            if not isinstance(value, torch.Tensor):
+                raise CheckpointError(
+                    f"{source}: '{name}.{key}' is a {type(value).__name__}, not a tensor; {expected}"
+                )
+    return Checkpoint(sections["image_proj"], sections["ip_adapter"], source=source)
+
+
+def _guess_kind(keys: list[str]) -> str:
+    """A short hint about what a non-adapter file probably is, for the error message."""
+    if any("lora" in k.lower() for k in keys):
+        return " (it looks like a LoRA)"
+    if any(k.startswith(("model.diffusion_model.", "conditioner.", "first_stage_model.")) for k in keys):
+        return " (it looks like a full Stable Diffusion checkpoint; pass it as --base)"
+    if any(k.startswith(("down_blocks.", "up_blocks.", "mid_block.")) for k in keys):
+        return " (it looks like diffusers UNet weights)"
+    return ""
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Read an official IP-Adapter checkpoint from ``.safetensors`` or a pickled ``.bin``.
+
+    Raises :class:`CheckpointError` naming the file for anything unreadable: missing, empty, truncated,
+    a pickle that needs code, or tensors that are not the IP-Adapter layout.
+    """
+    path = Path(path)
+    source = str(path)
+    if not path.is_file():
+        raise CheckpointError(f"{source}: no such file; pass the path of an IP-Adapter .safetensors or .bin")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{source}: the file is empty (0 bytes); download it again")
+    suffix = path.suffix.lower()
+    metadata: dict[str, str] = {}
+    if suffix == ".safetensors":
+        try:
+            state = load_file(str(path), device="cpu")
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                metadata = dict(f.metadata() or {})
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise CheckpointError(
+                f"{source}: not a readable .safetensors file ({_first_line(e)}); it may be truncated: "
+                "download it again"
+            ) from e
+    elif suffix in PICKLE_SUFFIXES:
+        try:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise CheckpointError(
+                f"{source}: refused: unpickling it would run code ({_first_line(e)}); only plain tensor "
+                "checkpoints are loaded. Use a .safetensors file instead"
+            ) from e
+        except (RuntimeError, EOFError, OSError, ValueError) as e:
+            raise CheckpointError(
+                f"{source}: not a readable PyTorch checkpoint ({_first_line(e)}); it may be truncated: "
+                "download it again"
+            ) from e
+    else:
+        raise CheckpointError(
+            f"{source}: unknown file type '{suffix or '(none)'}'; expected .safetensors or .bin"
+        )
+    ckpt = split_sections(state, source)
+    ckpt.metadata = metadata
+    return ckpt
+
+
+def save_checkpoint(ckpt: Checkpoint, path: str | Path) -> Path:
+    """Write ``ckpt`` in the format named by the suffix (``.safetensors`` flat, ``.bin`` nested)."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise CheckpointError(f"{path}: the folder {path.parent} does not exist; create it first")
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        tensors = {k: v.detach().contiguous().cpu() for k, v in ckpt.flat().items()}
+        save_file(tensors, str(path), metadata={"format": "pt", **ckpt.metadata})
+    elif suffix in PICKLE_SUFFIXES:
+        torch.save(ckpt.nested(), str(path))
+    else:
+        raise CheckpointError(f"{path}: unknown output type '{suffix}'; use .safetensors or .bin")
+    return path
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0][:200] if text else type(error).__name__

@@ -1,0 +1,161 @@
+"""Reference images -> CLIP vision features, with the reference's preprocessing and a content cache.
+
+Preprocessing (as the reference): resize the shortest side to the encoder's configured image size (bicubic),
+centre crop, scale to [0, 1], normalise with the CLIP mean/std. Features: ``pooled`` = the projected
+``image_embeds`` (B, F); ``hidden`` = the penultimate hidden states (B, S, F).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile, UnidentifiedImageError
+from transformers import CLIPImageProcessorPil, CLIPVisionModelWithProjection
+
+from .errors import InputError
+
+MAX_IMAGE_PIXELS = 8192 * 8192  # larger images are refused as possible decompression bombs
+ImageInput = Image.Image | str | Path
+
+
+def load_image(image: ImageInput, what: str = "reference image") -> Image.Image:
+    """Open ``image`` safely and return it as RGB.
+
+    Refuses missing, empty, truncated or undecodable files and images over :data:`MAX_IMAGE_PIXELS`.
+    Converts other modes: transparency is composited onto white, palette/grey/CMYK become RGB, and 16-bit
+    or float images are scaled to 8 bits.
+    """
+    if isinstance(image, Image.Image):
+        return to_rgb(image)
+    path = Path(image)
+    if not path.is_file():
+        raise InputError(f"{what} '{path}': no such file")
+    if path.stat().st_size == 0:
+        raise InputError(f"{what} '{path}': the file is empty (0 bytes); expected a PNG, JPEG or WebP image")
+    old_limit, old_truncated = Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES
+    Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = MAX_IMAGE_PIXELS, False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.load()
+                return to_rgb(img)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise InputError(
+            f"{what} '{path}' is too large to decode safely ({e}); the limit is {MAX_IMAGE_PIXELS:,} pixels: "
+            "downscale it first"
+        ) from None
+    except UnidentifiedImageError:
+        raise InputError(
+            f"{what} '{path}': not a readable image; expected a PNG, JPEG or WebP file"
+        ) from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise InputError(f"{what} '{path}': could not be decoded ({e}); the file may be truncated") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = old_limit, old_truncated
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any PIL mode to RGB (alpha over white; high bit depths scaled to 8 bits)."""
+    if img.mode == "RGB":
+        return img
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        peak = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        arr = np.clip(arr / peak * 255.0, 0, 255).round().astype(np.uint8)
+        img = Image.fromarray(arr, mode="L")
+    if img.mode in ("RGBA", "LA", "RGBa", "La", "PA"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def image_key(img: Image.Image) -> str:
+    """A content hash of an RGB image: equal pixels give equal keys."""
+    digest = hashlib.sha1(f"{img.mode}{img.size}".encode())
+    digest.update(img.tobytes())
+    return digest.hexdigest()
+
+
+class ImageEncoder:
+    """A CLIP vision model plus its preprocessing, its negative features, and a small feature cache."""
+
+    def __init__(self, model: CLIPVisionModelWithProjection, cache_size: int = 32) -> None:
+        self.model = model.eval()
+        size = int(model.config.image_size)
+        self.image_size = size
+        self.processor = CLIPImageProcessorPil(
+            size={"shortest_edge": size}, crop_size={"height": size, "width": size}
+        )
+        self._cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self._cache_size = cache_size
+
+    @property
+    def pooled_dim(self) -> int:
+        return int(self.model.config.projection_dim)
+
+    @property
+    def hidden_dim(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    def feature_dim(self, feature: str) -> int:
+        return self.pooled_dim if feature == "pooled" else self.hidden_dim
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def pixels(self, images: list[Image.Image]) -> torch.Tensor:
+        """CLIP preprocessing: (B, 3, size, size), normalised."""
+        return self.processor(images=images, return_tensors="pt").pixel_values
+
+    @torch.no_grad()
+    def _run(self, pixels: torch.Tensor, feature: str) -> torch.Tensor:
+        pixels = pixels.to(device=self.device, dtype=self.dtype)
+        if feature == "pooled":
+            return self.model(pixels).image_embeds  # (B, F)
+        return self.model(pixels, output_hidden_states=True).hidden_states[-2]  # (B, S, F)
+
+    def features(self, images: list[Image.Image], feature: str) -> torch.Tensor:
+        """Features of several RGB images, encoded in one batch; repeated images come from the cache."""
+        keys = [(image_key(img), feature, self.dtype, str(self.device)) for img in images]
+        todo = [i for i, k in enumerate(keys) if k not in self._cache]
+        if todo:
+            fresh = self._run(self.pixels([images[i] for i in todo]), feature)
+            for row, i in enumerate(todo):
+                self._remember(keys[i], fresh[row])
+        for k in keys:
+            self._cache.move_to_end(k)
+        return torch.stack([self._cache[k] for k in keys])
+
+    def negative_features(self, feature: str) -> torch.Tensor:
+        """The unconditional features, as the reference makes them (DESIGN.md §3.1), computed once.
+
+        pooled: an all-zero embedding. hidden: the encoder's hidden states for an all-zero *normalised* input.
+        """
+        key = ("<negative>", feature, self.dtype, str(self.device))
+        if key not in self._cache:
+            if feature == "pooled":
+                value = torch.zeros(self.pooled_dim, device=self.device, dtype=self.dtype)
+            else:
+                zeros = torch.zeros(1, 3, self.image_size, self.image_size)
+                value = self._run(zeros, feature)[0]
+            self._remember(key, value)
+        return self._cache[key]
+
+    def _remember(self, key: tuple, value: torch.Tensor) -> None:
+        self._cache[key] = value
+        if len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)

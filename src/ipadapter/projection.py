@@ -1,0 +1,121 @@
+"""Feature -> image-token models. Parameter names follow the official checkpoints, so their
+``image_proj`` state dicts load as they are.
+
+Shapes: F = encoder feature dim, D = cross-attention dim, N = tokens, S = encoder sequence length.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .variants import AdapterSpec, ResamplerConfig
+
+
+class ImageProjModel(nn.Module):
+    """basic / light / sdxl: pooled embedding (B, F) -> (B, N, D) via one linear layer and a LayerNorm."""
+
+    def __init__(self, feature_dim: int, cross_attention_dim: int, num_tokens: int) -> None:
+        super().__init__()
+        self.num_tokens = num_tokens
+        self.cross_attention_dim = cross_attention_dim
+        self.proj = nn.Linear(feature_dim, num_tokens * cross_attention_dim)
+        self.norm = nn.LayerNorm(cross_attention_dim)
+
+    def forward(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        tokens = self.proj(image_embeds).reshape(-1, self.num_tokens, self.cross_attention_dim)
+        return self.norm(tokens)  # (B, N, D)
+
+
+class MLPProjModel(nn.Module):
+    """full-face: hidden states (B, S, F) -> (B, S, D), one token per encoder position."""
+
+    def __init__(self, feature_dim: int, cross_attention_dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Sequential(
+            nn.Linear(feature_dim, feature_dim),
+            nn.GELU(),
+            nn.Linear(feature_dim, cross_attention_dim),
+            nn.LayerNorm(cross_attention_dim),
+        )
+
+    def forward(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        return self.proj(image_embeds)
+
+
+class PerceiverAttention(nn.Module):
+    """Latents attend to [features; latents] (Flamingo's Perceiver Resampler, as IP-Adapter-Plus uses it)."""
+
+    def __init__(self, dim: int, dim_head: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.dim_head = dim_head
+        inner = dim_head * heads
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_kv = nn.Linear(dim, inner * 2, bias=False)
+        self.to_out = nn.Linear(inner, dim, bias=False)
+
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:
+        b, n, _ = t.shape
+        return t.view(b, n, self.heads, self.dim_head).transpose(1, 2)  # (B, heads, n, d)
+
+    def forward(self, x: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        x = self.norm1(x)  # (B, S, dim)
+        latents = self.norm2(latents)  # (B, Q, dim)
+        b, q_len, _ = latents.shape
+        q = self._heads(self.to_q(latents))
+        k, v = self.to_kv(torch.cat((x, latents), dim=-2)).chunk(2, dim=-1)
+        k, v = self._heads(k), self._heads(v)
+        # The reference splits 1/sqrt(d) as d^-1/4 on each side for fp16 stability, and softmaxes in fp32.
+        scale = 1 / math.sqrt(math.sqrt(self.dim_head))
+        weight = (q * scale) @ (k * scale).transpose(-2, -1)  # (B, heads, Q, S+Q)
+        weight = torch.softmax(weight.float(), dim=-1).type(weight.dtype)
+        out = (weight @ v).transpose(1, 2).reshape(b, q_len, -1)
+        return self.to_out(out)
+
+
+def _feed_forward(dim: int, mult: int) -> nn.Sequential:
+    inner = dim * mult
+    return nn.Sequential(
+        nn.LayerNorm(dim), nn.Linear(dim, inner, bias=False), nn.GELU(), nn.Linear(inner, dim, bias=False)
+    )
+
+
+class Resampler(nn.Module):
+    """plus / plus-face: hidden states (B, S, F) -> (B, Q, D) through ``depth`` Perceiver blocks."""
+
+    def __init__(self, cfg: ResamplerConfig) -> None:
+        super().__init__()
+        self.latents = nn.Parameter(torch.randn(1, cfg.num_queries, cfg.dim) / cfg.dim**0.5)
+        self.proj_in = nn.Linear(cfg.embedding_dim, cfg.dim)
+        self.proj_out = nn.Linear(cfg.dim, cfg.output_dim)
+        self.norm_out = nn.LayerNorm(cfg.output_dim)
+        self.layers = nn.ModuleList(
+            nn.ModuleList(
+                [PerceiverAttention(cfg.dim, cfg.dim_head, cfg.heads), _feed_forward(cfg.dim, cfg.ff_mult)]
+            )
+            for _ in range(cfg.depth)
+        )
+
+    def forward(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        latents = self.latents.repeat(image_embeds.size(0), 1, 1)  # (B, Q, dim)
+        x = self.proj_in(image_embeds)  # (B, S, dim)
+        for attn, ff in self.layers:
+            latents = attn(x, latents) + latents
+            latents = ff(latents) + latents
+        return self.norm_out(self.proj_out(latents))  # (B, Q, D)
+
+
+def build_projection(spec: AdapterSpec) -> nn.Module:
+    """An untrained projection model with the structure ``spec`` describes."""
+    if spec.layout == "basic":
+        return ImageProjModel(spec.feature_dim, spec.cross_attention_dim, spec.num_tokens or 0)
+    if spec.layout == "full-face":
+        return MLPProjModel(spec.feature_dim, spec.cross_attention_dim)
+    if spec.layout == "plus" and spec.resampler is not None:
+        return Resampler(spec.resampler)
+    raise ValueError(f"no projection model for layout {spec.layout!r}")

@@ -1,0 +1,37 @@
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+import pytest  # noqa: E402
+import tiny_models as tm  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Tiny pipelines, encoders and every variant's checkpoint in both formats, saved once per session.
+
+    Encoders sit where the h94/IP-Adapter layout puts them (models/image_encoder = ViT-H-like,
+    sdxl_models/image_encoder = bigG-like), so default encoder discovery is exercised too.
+    """
+    root = tmp_path_factory.mktemp("tiny")
+    out = {
+        "root": root,
+        "sd15": tm.build_sd15(root / "sd15"),
+        "sdxl": tm.build_sdxl(root / "sdxl"),
+        "vit_h": tm.build_encoder(root / "repo" / "models" / "image_encoder", tm.VIT_H, seed=1),
+        "big_g": tm.build_encoder(root / "repo" / "sdxl_models" / "image_encoder", tm.BIG_G, seed=2),
+        "ckpt": {},
+    }
+    for variant, (_, base, _) in tm.VARIANTS.items():
+        folder = root / "repo" / ("models" if base == "sd15" else "sdxl_models")
+        for fmt in ("bin", "safetensors"):
+            out["ckpt"][variant, fmt] = tm.save_variant(folder, variant, fmt)
+    return out
