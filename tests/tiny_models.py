@@ -226,7 +226,9 @@ def make_checkpoint(variant: str, seed: int = 0, dtype: torch.dtype = torch.floa
         resampler=resampler,
     )
     gen = torch.Generator().manual_seed(seed)
-    proj = build_projection(spec)
+    with torch.random.fork_rng():  # the projection's own init (biases, latents) must be seeded too
+        torch.manual_seed(seed)
+        proj = build_projection(spec)
     image_proj = {k: _random_like(v, gen) for k, v in proj.state_dict().items()}
     ip_adapter = {}
     for layer_id, size in zip(spec.layer_ids, hidden, strict=True):
