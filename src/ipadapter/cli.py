@@ -272,8 +272,10 @@ def _quiet_libraries() -> None:
     """Library chatter (deprecations, backend notices) would bury our one-line messages."""
     import warnings
 
+    import huggingface_hub
     import transformers
 
+    huggingface_hub.utils.logging.set_verbosity_error()
     warnings.filterwarnings("ignore")
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()  # loading bars; the denoising bar stays

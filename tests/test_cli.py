@@ -1,0 +1,184 @@
+"""The `ipadapter` command: end to end on tiny models, and one clear line for every bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import diffusers_pipe, reference_image, run
+from PIL import Image
+
+import ipadapter.encoder as enc
+from ipadapter.cli import main
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.fixture(scope="module")
+def ref_png(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("img") / "ref.png"
+    reference_image().save(path)
+    return path
+
+
+def _generate(models: dict, ref: Path, out: Path, *extra: str, adapter: str | None = None) -> list[str]:
+    return [
+        "generate", "--base", str(models["sd15"]), "--adapter", adapter or str(models["ckpt"]["sd15", "safetensors"]),
+        "--image", str(ref), "--prompt", "a cat", "--negative-prompt", "blurry", "--scale", "0.7", "--steps", "2",
+        "--seed", "0", "--width", "32", "--height", "32", "--output", str(out), *extra,
+    ]  # fmt: skip
+
+
+def test_generate_matches_diffusers_and_records_parameters(
+    models: dict, ref_png: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "cat.png"
+    assert main(_generate(models, ref_png, out)) == 0
+    ours = np.asarray(Image.open(out).convert("RGB"), dtype=np.int16)
+    want = run(
+        diffusers_pipe(models, "sd15", scale=0.7), ip_adapter_image=Image.open(ref_png), output_type="pil"
+    )[0]
+    assert np.abs(ours - np.asarray(want, dtype=np.int16)).max() <= 2
+    params = json.loads(Image.open(out).text["parameters"])
+    assert (
+        params["seed"] == 0
+        and params["scale"] == 0.7
+        and params["prompt"] == "a cat"
+        and params["steps"] == 2
+    )
+    assert params["adapter"].endswith("ip-adapter_sd15.safetensors") and params["width"] == 32
+
+
+def test_several_images_and_json_report(models: dict, ref_png: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "many.png"
+    assert main(_generate(models, ref_png, out, "--num-images", "2", "--scheduler", "euler", "--json")) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["outputs"] == [str(tmp_path / "many-1.png"), str(tmp_path / "many-2.png")]
+    a, b = (np.asarray(Image.open(p)) for p in report["outputs"])
+    assert a.shape == (32, 32, 3) and not np.array_equal(a, b)
+    assert report["parameters"]["scheduler"] == "euler"
+
+
+def _fails(capsys, argv: list[str], *needles: str) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("ipadapter: error: ") and "Traceback" not in err
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
+@pytest.mark.parametrize(
+    "option,value,needle",
+    [
+        ("--scale", "nan", "not a finite number"),
+        ("--scale", "inf", "not a finite number"),
+        ("--scale", "-1", "negative"),
+        ("--steps", "0", "must be at least 1"),
+        ("--steps", "-3", "must be at least 1"),
+        ("--width", "30", "not a multiple of 8"),
+        ("--height", "abc", "not a whole number"),
+        ("--num-images", "0", "must be at least 1"),
+        ("--dtype", "float8", "invalid choice"),
+    ],
+)
+def test_bad_options(
+    models: dict, ref_png: Path, tmp_path: Path, capsys, option: str, value: str, needle: str
+) -> None:
+    argv = _generate(models, ref_png, tmp_path / "x.png")
+    if option in argv:
+        argv[argv.index(option) + 1] = value
+    else:
+        argv += [option, value]
+    _fails(capsys, argv, option, needle)
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_bad_reference_images(models: dict, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "zero.png").write_bytes(b"")
+    _fails(capsys, _generate(models, tmp_path / "zero.png", tmp_path / "o.png"), "zero.png", "empty")
+    (tmp_path / "junk.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    _fails(capsys, _generate(models, tmp_path / "junk.jpg", tmp_path / "o.png"), "junk.jpg")
+    reference_image(size=(64, 64)).save(tmp_path / "big.png")
+    monkeypatch.setattr(enc, "MAX_IMAGE_PIXELS", 1000)
+    _fails(capsys, _generate(models, tmp_path / "big.png", tmp_path / "o.png"), "too large to decode safely")
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_other_modes_are_converted(models: dict, tmp_path: Path) -> None:
+    Image.new("RGBA", (40, 40), (10, 200, 30, 128)).save(tmp_path / "rgba.png")
+    assert main(_generate(models, tmp_path / "rgba.png", tmp_path / "o.png")) == 0
+    Image.new("I;16", (40, 40), 4000).save(tmp_path / "deep.png")
+    assert main(_generate(models, tmp_path / "deep.png", tmp_path / "o2.png")) == 0
+
+
+def test_bad_paths_and_models(models: dict, ref_png: Path, tmp_path: Path, capsys) -> None:
+    _fails(capsys, _generate(models, ref_png, tmp_path / "nope" / "o.png"), "output folder", "does not exist")
+    _fails(capsys, _generate(models, ref_png, tmp_path / "o.jpg"), "must be a .png")
+    sdxl = str(models["ckpt"]["sdxl", "safetensors"])
+    _fails(capsys, _generate(models, ref_png, tmp_path / "o.png", adapter=sdxl), "64-dim tokens", "is 32")
+    _fails(
+        capsys,
+        _generate(models, ref_png, tmp_path / "o.png", "--image-encoder", str(models["big_g"])),
+        "needs 24-dim pooled image_embeds",
+        "gives 40-dim",
+    )
+    _fails(
+        capsys,
+        _generate(models, ref_png, tmp_path / "o.png", adapter=str(tmp_path / "missing.bin")),
+        "no such file",
+    )
+    argv = _generate(models, ref_png, tmp_path / "o.png")
+    argv[argv.index("--base") + 1] = "someone/not-downloaded"
+    _fails(capsys, argv, "base model 'someone/not-downloaded' is not available", "HF_HUB_OFFLINE")
+    _fails(capsys, _generate(models, ref_png, tmp_path / "o.png", adapter="h94/IP-Adapter/models/x.bin"),
+           "adapter 'h94/IP-Adapter/models/x.bin' is not available", "hf download h94/IP-Adapter models/x.bin")  # fmt: skip
+    assert not (tmp_path / "o.png").exists()
+
+
+def _fake_hub_cache(models: dict, root: Path) -> Path:
+    """A Hugging Face cache holding the tiny models under the official names, as a download would leave it."""
+    repos = {"stable-diffusion-v1-5/stable-diffusion-v1-5": {"": models["sd15"]},
+             "h94/IP-Adapter": {"models/image_encoder": models["vit_h"],
+                                "models/ip-adapter_sd15.safetensors": models["ckpt"]["sd15", "safetensors"]}}  # fmt: skip
+    for repo, files in repos.items():
+        folder = root / f"models--{repo.replace('/', '--')}"
+        (folder / "refs").mkdir(parents=True)
+        (folder / "refs" / "main").write_text(COMMIT)
+        for dest, src in files.items():
+            target = folder / "snapshots" / COMMIT / dest
+            if src.is_dir():
+                shutil.copytree(src, target)
+            else:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(src, target)
+    return root
+
+
+def test_console_script_with_hub_names_from_the_cache(models: dict, ref_png: Path, tmp_path: Path) -> None:
+    """The README's command shape (hub ids for base, adapter and the implied encoder), offline from the cache."""
+    env = {
+        **os.environ,
+        "HF_HUB_CACHE": str(_fake_hub_cache(models, tmp_path / "hub")),
+        "HF_HUB_OFFLINE": "1",
+    }
+    exe = [sys.executable, "-m", "ipadapter.cli"]
+    argv = ["generate", "--base", "stable-diffusion-v1-5/stable-diffusion-v1-5", "--adapter",
+            "h94/IP-Adapter/models/ip-adapter_sd15.safetensors", "--image", str(ref_png), "--prompt", "a polar bear",
+            "--scale", "0.6", "--steps", "2", "--seed", "0", "--width", "32", "--height", "32",
+            "--output", str(tmp_path / "bear.png")]  # fmt: skip
+    done = subprocess.run(exe + argv, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert Image.open(tmp_path / "bear.png").size == (32, 32)
+    (tmp_path / "empty.png").write_bytes(b"")
+    argv[argv.index("--image") + 1] = str(tmp_path / "empty.png")
+    done = subprocess.run(exe + argv, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines() == [f"ipadapter: error: reference image '{tmp_path / 'empty.png'}': "
+                                                "the file is empty (0 bytes); expected a PNG, JPEG or WebP image"]  # fmt: skip
