@@ -2,7 +2,7 @@
 
 Dims are chosen so that every mismatch the library must catch is representable:
 - SD1.5-style: cross-attention dim 32, 7 cross-attention layers (hidden 32/64), text hidden 32.
-- SDXL-style: cross-attention dim 64 (two text encoders of 32), 4 cross-attention layers (hidden 64).
+- SDXL-style: cross-attention dim 64 (text encoders of 16 and 48), 4 cross-attention layers (hidden 64).
 - "ViT-H-like" encoder: pooled 24, hidden 32, 17 positions; "bigG-like": pooled 40, hidden 48.
 """
 
@@ -62,9 +62,9 @@ def make_tokenizer(folder: Path) -> CLIPTokenizer:
     return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
 
 
-def _text_config(projection_dim: int = 32) -> CLIPTextConfig:
+def _text_config(hidden_size: int = 32, projection_dim: int = 32) -> CLIPTextConfig:
     return CLIPTextConfig(
-        hidden_size=32,
+        hidden_size=hidden_size,
         intermediate_size=37,
         num_hidden_layers=2,
         num_attention_heads=4,
@@ -152,8 +152,10 @@ def build_sdxl(folder: Path, seed: int = 0) -> Path:
     tok = make_tokenizer(folder / "_tok")
     pipe = StableDiffusionXLPipeline(
         vae=_vae(),
-        text_encoder=CLIPTextModel(_text_config()),
-        text_encoder_2=CLIPTextModelWithProjection(_text_config()),
+        # Text encoders of different widths, like SDXL's CLIP-L (768) and OpenCLIP-bigG (1280): diffusers'
+        # single-file loader tells them apart by width. 16 + 48 = the UNet's cross-attention dim.
+        text_encoder=CLIPTextModel(_text_config(16)),
+        text_encoder_2=CLIPTextModelWithProjection(_text_config(48)),
         tokenizer=tok,
         tokenizer_2=tok,
         unet=unet,

@@ -111,7 +111,7 @@ class IPAttnProcessor(nn.Module):
                 v_ip = _split_heads(branch.to_v_ip(tokens), batch, heads)
                 return k_ip.to(query.dtype), v_ip.to(query.dtype)
 
-            kv = prompt.cached((self.layer, name, batch), project)
+            kv = prompt.cached((self.layer, name, batch, prompt.guidance), project)
             if kv is None:
                 continue
             ip_out = F.scaled_dot_product_attention(query, kv[0], kv[1], dropout_p=0.0)

@@ -91,6 +91,26 @@ def _single_file_is_sdxl(path: Path) -> bool:
     return SDXL_SINGLE_FILE_KEY in state
 
 
+def _from_single_file(cls: type, path: Path, dtype: torch.dtype, base_config: str | None) -> Any:
+    from diffusers.loaders.single_file_utils import SingleFileComponentError
+
+    expected = "expected a full SD1.5/SDXL single-file checkpoint (UNet, VAE and text encoder weights)"
+    try:
+        pipe = cls.from_single_file(
+            str(path), torch_dtype=dtype, **({"config": base_config} if base_config else {})
+        )
+    except SingleFileComponentError as e:
+        raise IncompatibleModelError(f"base '{path}': {str(e).splitlines()[0]}; {expected}") from None
+    unfilled = [name for name, module in pipe.components.items() if isinstance(module, torch.nn.Module)
+                and any(t.is_meta for t in (*module.parameters(), *module.buffers()))]  # fmt: skip
+    if unfilled:
+        raise IncompatibleModelError(
+            f"base '{path}': the checkpoint leaves {', '.join(unfilled)} without weights (missing or in a layout "
+            f"diffusers does not recognise); {expected}"
+        )
+    return pipe
+
+
 def load_pipeline(
     base: str | Path,
     *,
@@ -110,8 +130,7 @@ def load_pipeline(
                 raise InputError(f"base '{base}': unknown file type; expected a diffusers folder, a hub id, "
                                  "or a single-file .safetensors/.ckpt checkpoint")  # fmt: skip
             cls = StableDiffusionXLPipeline if _single_file_is_sdxl(path) else StableDiffusionPipeline
-            kwargs = {"config": base_config} if base_config else {}
-            pipe = cls.from_single_file(str(path), torch_dtype=dtype, **kwargs)
+            pipe = _from_single_file(cls, path, dtype, base_config)
         elif path.is_dir():
             if not (path / "model_index.json").is_file():
                 raise InputError(f"base '{base}': folder has no model_index.json; expected a diffusers pipeline "
