@@ -212,3 +212,37 @@ def test_inspect_text_and_json(models: dict, capsys: pytest.CaptureFixture) -> N
     assert info["layout"] == "plus" and info["num_tokens"] == 8 and info["feature"] == "hidden"
     assert info["layer_ids"] == list(range(1, 14, 2)) and info["dtypes"] == ["float16"]
     assert info["resampler"]["depth"] == 4
+
+
+@pytest.mark.parametrize(
+    "adapter,layout,cross,feature_dim,expected",
+    [
+        ("h94/IP-Adapter/models/ip-adapter_sd15.safetensors", "basic", 768, 1024, "h94/IP-Adapter/models/image_encoder"),
+        ("h94/IP-Adapter/sdxl_models/ip-adapter_sdxl.safetensors", "basic", 2048, 1280,
+         "h94/IP-Adapter/sdxl_models/image_encoder"),
+        # the most common mistake: SDXL *_vit-h adapters live under sdxl_models/ but need the ViT-H encoder
+        ("h94/IP-Adapter/sdxl_models/ip-adapter_sdxl_vit-h.safetensors", "basic", 2048, 1024,
+         "h94/IP-Adapter/models/image_encoder"),
+        ("h94/IP-Adapter/sdxl_models/ip-adapter-plus_sdxl_vit-h.safetensors", "plus", 2048, 1280,
+         "h94/IP-Adapter/models/image_encoder"),
+        ("someone/custom/weights/adapter.safetensors", "basic", 64, 24, "someone/custom/weights/image_encoder"),
+    ],
+)  # fmt: skip
+def test_default_encoder_follows_the_official_repository_layout(adapter, layout, cross, feature_dim, expected) -> None:
+    from ipadapter.sources import default_encoder
+
+    hidden = SD15_HIDDEN if cross == 768 else SDXL_HIDDEN
+    spec = detect(_official(layout, cross, feature_dim, hidden, heads=20 if layout == "plus" else 12))
+    assert default_encoder(adapter, spec) == expected
+
+
+def test_local_adapter_without_a_fitting_encoder_says_what_it_needs(tmp_path: Path, models: dict) -> None:
+    from ipadapter import InputError
+    from ipadapter.sources import default_encoder
+
+    lonely = tmp_path / "alone" / "ip.safetensors"
+    lonely.parent.mkdir()
+    save_checkpoint(load_checkpoint(models["ckpt"]["sd15", "safetensors"]), lonely)
+    spec = detect(load_checkpoint(lonely))
+    with pytest.raises(InputError, match=r"needs 24-dim pooled features .* pass --image-encoder"):
+        default_encoder(lonely, spec)
