@@ -9,9 +9,11 @@ full-size SD1.5-architecture ``StableDiffusionPipeline`` with RANDOM weights (no
     diffusers  ``pipe.load_ip_adapter(...)`` + ``ip_adapter_image=`` (encodes the reference on every call)
 
 All ways share one pipeline object (ours is attached/detached, diffusers' loaded/unloaded around each timed
-call, outside the timing), so every weight is identical. After one warm-up per way, the ways run round-robin
-``--repeats`` times so that drift affects all of them alike; medians and ratios are printed. The warm-up
-outputs of ours and diffusers (same reference, same seed) are compared as a sanity check.
+call, outside the timing), so every weight is identical. After one short warm-up per way (``--warmup-steps``,
+same shapes), the ways run round-robin ``--repeats`` times so that drift affects all of them alike. Printed:
+median seconds per way, ratios of the medians, and the median of per-round ratios (calls close in time; more
+robust on a noisy machine). The first timed outputs of ours and diffusers (same reference, same seed) are
+compared as a sanity check.
 
     python benchmarks/bench_t2i.py                   # basic (ip-adapter_sd15 layout), 256 px, 4 steps
     python benchmarks/bench_t2i.py --variant plus    # plus: diffusers encodes an all-zero input on every call too
@@ -53,6 +55,7 @@ from transformers import (  # noqa: E402
     CLIPVisionConfig,
     CLIPVisionModelWithProjection,
 )
+from transformers.utils import logging as transformers_logging  # noqa: E402
 
 import ipadapter  # noqa: E402
 from ipadapter.projection import build_projection  # noqa: E402
@@ -237,15 +240,17 @@ class Bench:
         self.vision = pipe.image_encoder  # diffusers' unload_ip_adapter drops it; we put it back
         self.reference = reference_image(0)
         self.fresh_seed = 100
+        self.fresh = self.reference
         self.ip: Any = None
         self.encoder: ipadapter.ImageEncoder | None = None
         self.attach_s: float | None = None
+        self.steps = args.steps
 
     def common(self) -> dict[str, Any]:
         a = self.args
         return dict(
             prompt=PROMPT,
-            num_inference_steps=a.steps,
+            num_inference_steps=self.steps,
             guidance_scale=GUIDANCE,
             height=a.size,
             width=a.size,
@@ -272,9 +277,13 @@ class Bench:
     def call_ours(self) -> np.ndarray:
         return self.ip(self.reference, **self.common()).images
 
-    def call_ours_cold(self) -> np.ndarray:
+    def attach_ours_fresh(self) -> None:
+        self.attach_ours()
         self.fresh_seed += 1
-        return self.ip(reference_image(self.fresh_seed), **self.common()).images
+        self.fresh = reference_image(self.fresh_seed)  # new content: a cache miss (made outside the timing)
+
+    def call_ours_cold(self) -> np.ndarray:
+        return self.ip(self.fresh, **self.common()).images
 
     # -- diffusers -------------------------------------------------------------------------------------
     def load_diffusers(self) -> None:
@@ -295,7 +304,7 @@ class Bench:
         return [
             Way("base", lambda: self.pipe(**self.common()).images),
             Way("ours", self.call_ours, self.attach_ours, self.detach_ours),
-            Way("ours-cold", self.call_ours_cold, self.attach_ours, self.detach_ours),
+            Way("ours-cold", self.call_ours_cold, self.attach_ours_fresh, self.detach_ours),
             Way("diffusers", self.call_diffusers, self.load_diffusers, self.pipe.unload_ip_adapter),
         ]
 
@@ -307,25 +316,49 @@ def check_restored(pipe: StableDiffusionPipeline, names: dict[str, type]) -> Non
         raise RuntimeError("a way left the pipeline modified; the timings would not be comparable")
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Run the benchmark; print a table (or JSON) and return the result dict."""
+RATIOS = (
+    ("ours", "base"),
+    ("ours", "diffusers"),
+    ("ours-cold", "diffusers"),
+    ("ours-cold", "base"),
+    ("diffusers", "base"),
+)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=4, help="denoising steps (default 4)")
     p.add_argument("--size", type=int, default=256, help="image height and width in px (default 256)")
-    p.add_argument("--repeats", type=int, default=3, help="timed calls per way after the warm-up (default 3)")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=2,
+        help="timed calls per way after the warm-up (default 2: about 6 min on 2 slow cores; 3+ for decisions)",
+    )
     p.add_argument(
         "--variant", choices=("basic", "plus"), default="basic", help="adapter layout (default basic)"
     )
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    p.add_argument(
+        "--warmup-steps",
+        type=int,
+        default=1,
+        help="denoising steps of the untimed warm-up call per way (default 1: same shapes, less time)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
 
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark; print a table (or JSON) and return the result dict."""
+    args = parse_args(argv)
     wall = time.perf_counter()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", category=FutureWarning)
+    transformers_logging.disable_progress_bar()  # save/load bars of the encoder folder
     with tempfile.TemporaryDirectory(prefix="bench_t2i_") as tmp:
         folder = Path(tmp)
-        log("building full-size SD1.5 + ViT-H/14 with random weights ...")
+        log(f"building full-size SD1.5 + ViT-H/14 with random weights ({args.variant} adapter) ...")
         start = time.perf_counter()
         pipe = build_pipeline(folder)
         ckpt = save_adapter(pipe, folder, args.variant)
@@ -336,24 +369,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ways = bench.ways()
         original = {n: type(p) for n, p in pipe.unet.attn_processors.items()}
 
-        outputs: dict[str, np.ndarray] = {}
         warmup: dict[str, float] = {}
+        bench.steps = args.warmup_steps
         for way in ways:
             if way.name == "ours-cold":
-                continue  # same code path as ours; ours' warm-up already ran the encoder once
-            seconds, outputs[way.name] = way.run()
-            warmup[way.name] = seconds
+                continue  # same code path as ours; ours' warm-up already ran its encoder once
+            warmup[way.name], _ = way.run()
             check_restored(pipe, original)
-            log(f"  warm-up {way.name:<10} {seconds:6.2f} s")
+            log(f"  warm-up ({args.warmup_steps} step) {way.name:<10} {warmup[way.name]:6.2f} s")
 
+        bench.steps = args.steps
+        outputs: dict[str, np.ndarray] = {}
         for r in range(args.repeats):
             for way in ways:
-                seconds, _ = way.run()
+                seconds, images = way.run()
                 way.times.append(seconds)
+                outputs.setdefault(way.name, images)  # first timed run: same reference and seed per way
                 check_restored(pipe, original)
                 log(f"  repeat {r + 1}/{args.repeats} {way.name:<10} {seconds:6.2f} s")
 
-    med = {way.name: statistics.median(way.times) for way in ways}
+    times = {way.name: way.times for way in ways}
+    med = {name: statistics.median(t) for name, t in times.items()}
     result = {
         "config": {
             "model": "SD1.5 architecture (random weights), ViT-H/14 image encoder",
@@ -371,14 +407,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "build_s": round(build_s, 2),
         "ours_first_attach_s": round(bench.attach_s or 0.0, 2),
         "warmup_s": {k: round(v, 3) for k, v in warmup.items()},
-        "times_s": {way.name: [round(t, 3) for t in way.times] for way in ways},
+        "times_s": {k: [round(t, 3) for t in v] for k, v in times.items()},
         "median_s": {k: round(v, 3) for k, v in med.items()},
-        "ratios": {
-            "ours/base": round(med["ours"] / med["base"], 3),
-            "ours/diffusers": round(med["ours"] / med["diffusers"], 3),
-            "ours-cold/diffusers": round(med["ours-cold"] / med["diffusers"], 3),
-            "ours-cold/base": round(med["ours-cold"] / med["base"], 3),
-            "diffusers/base": round(med["diffusers"] / med["base"], 3),
+        # ratio of the medians, and the median of per-round ratios (calls next to each other in time)
+        "ratios": {f"{a}/{b}": round(med[a] / med[b], 3) for a, b in RATIOS},
+        "paired_ratios": {
+            f"{a}/{b}": round(statistics.median(x / y for x, y in zip(times[a], times[b], strict=True)), 3)
+            for a, b in RATIOS
         },
         "sanity": {
             "max_abs_diff_ours_vs_diffusers": float(np.abs(outputs["ours"] - outputs["diffusers"]).max()),
@@ -399,20 +434,19 @@ def report(r: dict[str, Any]) -> str:
         f"{c['repeats']} repeats (round-robin), torch {c['torch']}",
         f"setup: build models {r['build_s']:.1f} s; ours' first attach (encoder from folder) "
         f"{r['ours_first_attach_s']:.1f} s",
-        f"{'way':<11}{'median s':>10}   warm-up s   runs (s)",
+        f"{'way':<11}{'median s':>10}   runs (s)",
     ]
     for name, times in r["times_s"].items():
-        warm = r["warmup_s"].get(name)
-        warm_s = f"{warm:9.2f}" if warm is not None else f"{'-':>9}"
         runs = " ".join(f"{t:.2f}" for t in times)
-        lines.append(f"{name:<11}{r['median_s'][name]:>10.2f}   {warm_s}   {runs}")
-    ratios = "  ".join(f"{k} {v:.3f}x" for k, v in r["ratios"].items())
-    lines.append(f"ratios: {ratios}")
+        lines.append(f"{name:<11}{r['median_s'][name]:>10.2f}   {runs}")
+    lines.append("ratio            of medians   paired (median of per-round ratios)")
+    for key, value in r["ratios"].items():
+        lines.append(f"{key:<20}{value:>7.3f}x   {r['paired_ratios'][key]:.3f}x")
     s = r["sanity"]
     lines.append(
-        f"sanity (images in [0,1], same reference and seed): max |ours - diffusers| = "
+        f"sanity (first timed run, images in [0,1], same reference and seed): max |ours - diffusers| = "
         f"{s['max_abs_diff_ours_vs_diffusers']:.3g}; max |ours - base| = {s['max_abs_diff_ours_vs_base']:.3g} "
-        "(should be > 0: the adapter acts)"
+        "(> 0: the adapter acts)"
     )
     lines.append(f"total wall time {r['wall_s']:.1f} s")
     return "\n".join(lines)

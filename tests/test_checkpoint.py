@@ -228,7 +228,9 @@ def test_inspect_text_and_json(models: dict, capsys: pytest.CaptureFixture) -> N
         ("someone/custom/weights/adapter.safetensors", "basic", 64, 24, "someone/custom/weights/image_encoder"),
     ],
 )  # fmt: skip
-def test_default_encoder_follows_the_official_repository_layout(adapter, layout, cross, feature_dim, expected) -> None:
+def test_default_encoder_follows_the_official_repository_layout(
+    adapter, layout, cross, feature_dim, expected
+) -> None:
     from ipadapter.sources import default_encoder
 
     hidden = SD15_HIDDEN if cross == 768 else SDXL_HIDDEN
