@@ -48,6 +48,7 @@ def diffusers_pipe(models: dict, variant: str, fmt: str = "safetensors", scale: 
     return pipe
 
 
-def run(pipe, seed: int = 0, **kwargs) -> np.ndarray:
-    """One call with a seeded CPU generator; float images in [0, 1]."""
-    return pipe(generator=torch.Generator("cpu").manual_seed(seed), **{**CALL, **kwargs}).images
+def run(pipe, *reference, seed: int = 0, **kwargs) -> np.ndarray:
+    """One call with a seeded CPU generator; float images in [0, 1] (video: frames)."""
+    out = pipe(*reference, generator=torch.Generator("cpu").manual_seed(seed), **{**CALL, **kwargs})
+    return out.frames if hasattr(out, "frames") else out.images

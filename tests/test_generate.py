@@ -22,7 +22,7 @@ def test_same_pixels_as_diffusers_ip_adapter(models: dict, variant: str, fmt: st
     plain = run(pipe)
     ip = attach(pipe, models["ckpt"][variant, fmt], scale=0.7)  # encoder found from the repo layout
     assert ip.encoder.feature_dim(ip.spec.feature) == ip.spec.feature_dim
-    ours = run(ip, image=ref)
+    ours = run(ip, ref)
     assert np.abs(ours - expected).max() <= TOL
     assert np.abs(ours - plain).max() > 0.05  # the image prompt really does something
 
@@ -33,9 +33,9 @@ def test_scale_zero_and_detach_give_the_plain_model_exactly(models: dict, varian
     before = dict(pipe.unet.attn_processors)
     plain = run(pipe)
     ip = attach(pipe, models["ckpt"][variant, "safetensors"], scale=0.0)
-    assert np.array_equal(run(ip, image=reference_image()), plain)
+    assert np.array_equal(run(ip, reference_image()), plain)
     ip.scale = 0.5
-    assert not np.array_equal(run(ip, image=reference_image()), plain)
+    assert not np.array_equal(run(ip, reference_image()), plain)
     ip.detach()
     assert pipe.unet.attn_processors == before and attached(pipe) == {}
     assert np.array_equal(run(pipe), plain)
@@ -50,10 +50,10 @@ def test_batch_layouts_match_diffusers_and_single_runs(models: dict) -> None:
     ip = attach(pipe, models["ckpt"]["sd15", "bin"], scale=0.7)
     # num_images_per_prompt repeats rows after the negatives
     want = run(reference, ip_adapter_image=ref, num_images_per_prompt=2)
-    assert np.abs(run(ip, image=ref, num_images_per_prompt=2) - want).max() <= TOL
+    assert np.abs(run(ip, ref, num_images_per_prompt=2) - want).max() <= TOL
     # no classifier-free guidance: positives only
     want = run(reference, ip_adapter_image=ref, guidance_scale=1.0)
-    assert np.abs(run(ip, image=ref, guidance_scale=1.0) - want).max() <= TOL
+    assert np.abs(run(ip, ref, guidance_scale=1.0) - want).max() <= TOL
     # two prompts, one reference each: each row equals its prompt run alone
     other = reference_image(seed=5)
     gens = [torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)]

@@ -14,7 +14,10 @@ from pathlib import Path
 import torch
 from diffusers import (
     AutoencoderKL,
+    ControlNetModel,
     DDIMScheduler,
+    MotionAdapter,
+    StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
@@ -100,14 +103,14 @@ def _scheduler() -> DDIMScheduler:
     )
 
 
-def build_sd15(folder: Path, seed: int = 0) -> Path:
-    """A tiny SD1.5-style pipeline saved in diffusers layout at ``folder``."""
+def build_sd15(folder: Path, seed: int = 0, in_channels: int = 4) -> Path:
+    """A tiny SD1.5-style pipeline saved in diffusers layout at ``folder`` (9 input channels: inpainting)."""
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         block_out_channels=(32, 64),
         layers_per_block=1,
         sample_size=16,
-        in_channels=4,
+        in_channels=in_channels,
         out_channels=4,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
@@ -115,7 +118,8 @@ def build_sd15(folder: Path, seed: int = 0) -> Path:
         attention_head_dim=8,
         norm_num_groups=32,
     )
-    pipe = StableDiffusionPipeline(
+    cls = StableDiffusionInpaintPipeline if in_channels == 9 else StableDiffusionPipeline
+    pipe = cls(
         vae=_vae(),
         text_encoder=CLIPTextModel(_text_config()),
         tokenizer=make_tokenizer(folder / "_tok"),
@@ -162,6 +166,32 @@ def build_sdxl(folder: Path, seed: int = 0) -> Path:
         scheduler=_scheduler(),
     )
     pipe.save_pretrained(folder)
+    return folder
+
+
+def build_controlnet(folder: Path, base: Path, seed: int = 0) -> Path:
+    """A tiny ControlNet for the pipeline at ``base``, with random (not zero) output convolutions."""
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
+    net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32))
+    with torch.no_grad():  # zero-initialised outputs would make any ControlNet a no-op
+        for conv in [*net.controlnet_down_blocks, net.controlnet_mid_block]:
+            conv.weight.normal_(0, 0.1)
+    net.save_pretrained(folder)
+    return folder
+
+
+def build_motion_adapter(folder: Path, blocks: tuple[int, ...] = (32, 64), seed: int = 0) -> Path:
+    """A tiny AnimateDiff motion adapter (fits the tiny UNets: blocks 32/64, one layer each)."""
+    torch.manual_seed(seed)
+    MotionAdapter(
+        block_out_channels=blocks,
+        motion_layers_per_block=1,
+        motion_norm_num_groups=32,
+        motion_num_attention_heads=2,
+        motion_max_seq_length=32,
+        use_motion_mid_block=True,
+    ).save_pretrained(folder)
     return folder
 
 

@@ -7,7 +7,9 @@ Everything is checked before any processor is replaced; a failure leaves the pip
 
 from __future__ import annotations
 
+import inspect
 import math
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +26,7 @@ from .encoder import ImageEncoder, ImageInput, load_image
 from .errors import CheckpointError, IncompatibleModelError, InputError
 from .projection import build_projection
 from .sources import default_encoder, load_image_encoder, resolve_adapter
-from .variants import AdapterSpec, detect
+from .variants import AdapterSpec, detect, family
 
 STATE_ATTR = "_ipadapter_attachment"
 
@@ -134,33 +136,56 @@ class IPAdapter:
         neg_tokens = self.projection(neg.unsqueeze(0)).expand_as(pos_tokens)
         return pos_tokens, neg_tokens
 
-    def image_prompt(self, images: ImageInput | Sequence[ImageInput], num_prompts: int = 1) -> ImagePrompt:
+    def image_prompt(
+        self, images: ImageInput | Sequence[ImageInput], num_prompts: int = 1, frames: int | None = None
+    ) -> ImagePrompt:
         """The ``image_prompt`` for a pipeline call with ``num_prompts`` text prompts.
 
-        One reference serves every prompt; or give one reference per prompt.
+        One reference serves every prompt (and every frame); or give one reference per prompt; or, for a
+        video of ``frames`` frames, one reference per frame (the same sequence for every prompt).
         """
         pos, neg = self.tokens(images)
-        if pos.shape[0] not in (1, num_prompts):
+        count = pos.shape[0]
+        if frames is not None and frames > 1 and count == frames:  # one per frame: (P, F, N, D)
+            pos, neg = pos.unsqueeze(0), neg.unsqueeze(0)
+        elif count not in (1, num_prompts):
+            per_frame = f", or one per frame ({frames})" if frames and frames > 1 else ""
             raise InputError(
-                f"{pos.shape[0]} reference images for {num_prompts} prompt(s); give one reference for all "
-                "prompts or one per prompt"
+                f"{count} reference images for {num_prompts} prompt(s); give one reference for all "
+                f"prompts or one per prompt{per_frame}"
             )
         if pos.shape[0] != num_prompts:
-            pos, neg = pos.expand(num_prompts, -1, -1), neg.expand(num_prompts, -1, -1)
+            pos, neg = pos.expand(num_prompts, *pos.shape[1:]), neg.expand(num_prompts, *neg.shape[1:])
         return ImagePrompt({self.name: pos}, {self.name: neg.contiguous()})
 
-    def __call__(self, image: ImageInput | Sequence[ImageInput], **pipe_kwargs: Any) -> Any:
-        """Run the pipeline with ``image`` as the image prompt; other arguments go to the pipeline."""
+    def __call__(
+        self, reference: ImageInput | Sequence[ImageInput], /, *, pipeline: Any = None, **pipe_kwargs: Any
+    ) -> Any:
+        """Run the pipeline with ``reference`` as the image prompt; other arguments go to the pipeline.
+
+        ``reference`` is positional so that the pipeline's own ``image`` (init or control image) passes
+        through. ``pipeline``: another pipeline sharing this adapter's UNet (e.g. made with ``from_pipe``
+        for another mode); by default the one the adapter was attached to. For a video pipeline,
+        ``reference`` may hold one reference per frame.
+        """
         if not self.attached:
             raise InputError(f"adapter '{self.name}' is detached; attach it again before generating")
+        pipe = self.pipe if pipeline is None else pipeline
+        if getattr(pipe, "unet", None) is not self.pipe.unet:
+            raise InputError(
+                f"{type(pipe).__name__} does not share the UNet adapter '{self.name}' is attached to (a video "
+                "pipeline builds its own); attach the adapter to the pipeline you call"
+            )
+        check_call(pipe, pipe_kwargs)
         prompt = pipe_kwargs.get("prompt")
         embeds = pipe_kwargs.get("prompt_embeds")
         num_prompts = (
             len(prompt) if isinstance(prompt, list) else embeds.shape[0] if embeds is not None else 1
         )
+        frames = num_frames(pipe, pipe_kwargs)
         kwargs = dict(pipe_kwargs.pop("cross_attention_kwargs", None) or {})
-        kwargs["image_prompt"] = self.image_prompt(image, num_prompts)
-        return self.pipe(cross_attention_kwargs=kwargs, **pipe_kwargs)
+        kwargs["image_prompt"] = self.image_prompt(reference, num_prompts, frames)
+        return pipe(cross_attention_kwargs=kwargs, **pipe_kwargs)
 
     def detach(self) -> None:
         """Remove this adapter; the last one out restores the UNet's original processors exactly."""
@@ -169,6 +194,30 @@ class IPAdapter:
     def __repr__(self) -> str:
         names = "/".join(self.spec.names) or "custom"
         return f"IPAdapter(name={self.name!r}, layout={self.spec.layout!r}, names={names!r}, scale={self._scale})"
+
+
+def num_frames(pipe: Any, kwargs: dict[str, Any]) -> int | None:
+    """Frames a video pipeline call will make (its ``num_frames`` argument or default); None for images."""
+    try:
+        param = inspect.signature(pipe.__call__).parameters.get("num_frames")
+    except (TypeError, ValueError):
+        return None
+    if param is None:
+        return None
+    return kwargs.get("num_frames", param.default)
+
+
+def check_call(pipe: Any, kwargs: dict[str, Any]) -> None:
+    """Refuse call arguments that diffusers would accept silently or fail on deep inside the loop."""
+    strength = kwargs.get("strength")
+    if strength is not None and not (isinstance(strength, (int, float)) and 0 < strength <= 1):
+        raise InputError(
+            f"strength {strength!r} is outside (0, 1]; expected e.g. 0.6 (how much of the init image is "
+            "repainted: 1.0 = all of it)"
+        )
+    frames = kwargs.get("num_frames")
+    if frames is not None and not (isinstance(frames, int) and frames > 0):
+        raise InputError(f"num_frames {frames!r} is not usable; expected a whole number of frames >= 1")
 
 
 def _check_fit(spec: AdapterSpec, layers: list[CrossLayer], encoder: ImageEncoder, source: str) -> None:
@@ -181,7 +230,7 @@ def _check_fit(spec: AdapterSpec, layers: list[CrossLayer], encoder: ImageEncode
     if spec.cross_attention_dim != unet_cross:
         raise IncompatibleModelError(
             f"adapter '{source}' makes {spec.cross_attention_dim}-dim tokens ({spec.base or 'unknown'} family) "
-            f"but the base UNet's cross-attention dim is {unet_cross} ({_family(unet_cross)}); use an adapter "
+            f"but the base UNet's cross-attention dim is {unet_cross} ({family(unet_cross)}); use an adapter "
             "made for this base"
         )
     expected_ids = tuple(2 * k + 1 for k in range(len(layers)))
@@ -213,10 +262,6 @@ def _check_supported(spec: AdapterSpec, source: str) -> None:
             f"adapter '{source}' is a {spec.layout} adapter, which needs an InsightFace face embedding; "
             "this version does not support FaceID adapters. Use a basic, plus or full-face adapter"
         )
-
-
-def _family(cross: int) -> str:
-    return {768: "SD1.5 family", 1024: "SD2 family", 2048: "SDXL family"}.get(cross, "unknown family")
 
 
 def _load_weights(module: nn.Module, state: dict[str, torch.Tensor], what: str, source: str) -> None:
@@ -309,14 +354,33 @@ def _install(pipe: Any, layers: list[CrossLayer]) -> _Attachment:
 
     def before_unet(module: nn.Module, args: tuple, kwargs: dict) -> None:
         prompt = (kwargs.get("cross_attention_kwargs") or {}).get("image_prompt")
-        guidance = getattr(pipe, "do_classifier_free_guidance", None)
-        if isinstance(prompt, ImagePrompt) and isinstance(guidance, bool):
+        if not isinstance(prompt, ImagePrompt):
+            return
+        guidance = getattr(running_pipeline(module, pipe), "do_classifier_free_guidance", None)
+        if isinstance(guidance, bool):
             prompt.guidance = guidance  # the pipeline knows whether negatives lead the batch
 
     hook = unet.register_forward_pre_hook(before_unet, with_kwargs=True)
     state = _Attachment(originals, cross, hook)
     setattr(unet, STATE_ATTR, state)
     return state
+
+
+def running_pipeline(unet: nn.Module, fallback: Any) -> Any:
+    """The pipeline whose ``__call__`` is calling ``unet`` right now.
+
+    Pipelines made with ``from_pipe`` share one UNet, so the one the adapter was attached to may not be the
+    one running; the caller's frame a few levels up the stack tells. ``fallback`` if none is found.
+    """
+    frame = sys._getframe(1)
+    for _ in range(16):
+        if frame is None:
+            break
+        owner = frame.f_locals.get("self")
+        if owner is not None and owner is not unet and getattr(owner, "unet", None) is unet:
+            return owner
+        frame = frame.f_back
+    return fallback
 
 
 def detach(pipe: Any, name: str | None = None) -> None:

@@ -1,15 +1,16 @@
 """The per-call image prompt: image tokens per adapter, in the batch layout the UNet will see.
 
 An :class:`ImagePrompt` reaches our attention processors through the pipeline's ``cross_attention_kwargs``
-under the name ``image_prompt``. It holds, for each attached adapter, the positive tokens ``(P, N, D)`` and
-the negative (unconditional) tokens ``(P, N, D)`` for P prompts. The batch a processor sees is
+under the name ``image_prompt``. It holds, for each attached adapter, the positive tokens and the negative
+(unconditional) tokens, each ``(P, R, N, D)``: P prompts, R references in a row (1, or one per video frame),
+N tokens of width D. ``(P, N, D)`` is accepted as R = 1. The batch a processor sees is
 
-    classifier-free guidance:  [negatives..., positives...] repeated for num_images_per_prompt / frames
-    no guidance:               [positives...]               repeated likewise
+    classifier-free guidance:  [negatives..., positives...]
+    no guidance:               [positives...]
 
-Diffusers builds its text batch the same way (negatives first, each prompt repeated ``n`` times in a row, and
-AnimateDiff runs frames as consecutive rows), so one ``repeat_interleave`` to the query's batch is always
-right; any other ratio is an error, never a silent broadcast.
+where each prompt's block holds its rows for num_images_per_prompt copies, and, in AnimateDiff, frames as
+consecutive rows inside each copy. Diffusers builds its text batch the same way, so laying each prompt's R
+references out as ``(copies, R)`` is always right; any other ratio is an error, never a silent broadcast.
 """
 
 from __future__ import annotations
@@ -25,9 +26,9 @@ from .errors import InputError
 class ImagePrompt:
     """Image tokens for one pipeline call.
 
-    ``tokens`` and ``negative`` map an attached adapter's name to ``(P, N, D)`` tensors. ``guidance`` says
-    whether the call runs classifier-free guidance (negatives first); an attached adapter sets it from the
-    pipeline at the start of each UNet call.
+    ``tokens`` and ``negative`` map an attached adapter's name to ``(P, R, N, D)`` tensors (``(P, N, D)``
+    means R = 1). ``guidance`` says whether the call runs classifier-free guidance (negatives first); an
+    attached adapter sets it from the running pipeline at the start of each UNet call.
     """
 
     tokens: dict[str, torch.Tensor]
@@ -36,27 +37,41 @@ class ImagePrompt:
     _cache: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
-        for name, pos in self.tokens.items():
+        for name, pos in list(self.tokens.items()):
             neg = self.negative.get(name)
-            if pos.ndim != 3 or neg is None or neg.shape != pos.shape:
+            if pos.ndim not in (3, 4) or neg is None or neg.shape != pos.shape:
                 raise InputError(
                     f"image prompt for adapter '{name}': tokens {list(pos.shape)} and negative tokens "
-                    f"{None if neg is None else list(neg.shape)}; expected two equal (prompts, tokens, dim) tensors"
+                    f"{None if neg is None else list(neg.shape)}; expected two equal (prompts, [references,] "
+                    "tokens, dim) tensors"
                 )
+            if pos.ndim == 3:
+                self.tokens[name], self.negative[name] = pos.unsqueeze(1), neg.unsqueeze(1)
 
     def rows(self, name: str, batch: int) -> torch.Tensor | None:
         """Tokens of adapter ``name`` laid out for a query batch of ``batch`` rows, or None if it has none."""
         pos = self.tokens.get(name)
         if pos is None:
             return None
-        base = torch.cat([self.negative[name], pos]) if self.guidance else pos  # (T, N, D)
-        if batch % base.shape[0]:
+        halves = [self.negative[name], pos] if self.guidance else [pos]
+        prompts, refs, n, d = pos.shape
+        per_prompt, rest = divmod(batch, len(halves) * prompts)
+        if rest or per_prompt % refs:
+            what = "negative + positive" if self.guidance else "positive"
+            if refs > 1:
+                raise InputError(
+                    f"image prompt for adapter '{name}' has {refs} references per prompt (one per frame) but "
+                    f"the UNet runs {batch} rows ({what} for {prompts} prompt(s)); give as many references "
+                    "as frames, or one for all"
+                )
             raise InputError(
-                f"image prompt for adapter '{name}' has {base.shape[0]} rows "
-                f"({'negative + positive' if self.guidance else 'positive'} for {pos.shape[0]} prompt(s)) but "
-                f"the UNet runs a batch of {batch}; expected a whole multiple. Give one reference per prompt"
+                f"image prompt for adapter '{name}' has {len(halves) * prompts} rows ({what} for {prompts} "
+                f"prompt(s)) but the UNet runs a batch of {batch}; expected a whole multiple. Give one "
+                "reference per prompt"
             )
-        return base.repeat_interleave(batch // base.shape[0], dim=0)  # (batch, N, D)
+        copies = per_prompt // refs  # num_images_per_prompt (a frame's references repeat per copy)
+        laid = [h[:, None].expand(prompts, copies, refs, n, d).reshape(-1, n, d) for h in halves]
+        return torch.cat(laid) if len(laid) > 1 else laid[0]  # (batch, N, D)
 
     def cached(self, key: tuple, compute):  # noqa: ANN001 - tiny internal memo
         """Memoise per-call work (image keys/values are the same at every denoising step)."""

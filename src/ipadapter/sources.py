@@ -122,7 +122,7 @@ def load_image_encoder(
 ) -> CLIPVisionModelWithProjection:
     """A CLIP vision model from a local folder, a hub repo, or ``owner/repo/sub/folder`` on the hub."""
     folder = Path(spec).expanduser()
-    kwargs = {"torch_dtype": dtype} if dtype is not None else {}
+    kwargs = {"dtype": dtype} if dtype is not None else {}
     try:
         if folder.is_dir():
             model = CLIPVisionModelWithProjection.from_pretrained(str(folder), **kwargs)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 
@@ -247,3 +248,11 @@ def detect(ckpt: Checkpoint) -> AdapterSpec:
         supported=layout.supported,
         **numbers,
     )
+
+
+def family(unet_or_cross: Any) -> str:
+    """``SD1.5 family`` / ``SDXL family`` / ... from a cross-attention dim or a model whose config has one."""
+    cross = unet_or_cross
+    if not isinstance(cross, int):
+        cross = unet_or_cross.config.cross_attention_dim
+    return {768: "SD1.5 family", 1024: "SD2 family", 2048: "SDXL family"}.get(cross, "unknown family")
