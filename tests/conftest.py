@@ -18,6 +18,7 @@ torch.set_num_threads(1)
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """Tiny pipelines, encoders and every variant's checkpoint in both formats, saved once per session.
 
+    Also: ``sd15_inpaint`` (9-channel UNet), ``controlnet[base]`` folders, ``motion`` (motion adapter folder).
     Encoders sit where the h94/IP-Adapter layout puts them (models/image_encoder = ViT-H-like,
     sdxl_models/image_encoder = bigG-like), so default encoder discovery is exercised too.
     """
@@ -30,6 +31,12 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict:
         "big_g": tm.build_encoder(root / "repo" / "sdxl_models" / "image_encoder", tm.BIG_G, seed=2),
         "ckpt": {},
     }
+    # Issue 3's modes: a 9-channel inpainting base, a ControlNet per base family, a motion adapter
+    out["sd15_inpaint"] = tm.build_sd15(root / "sd15_inpaint", in_channels=9)
+    out["controlnet"] = {
+        base: tm.build_controlnet(root / f"controlnet_{base}", out[base]) for base in ("sd15", "sdxl")
+    }
+    out["motion"] = tm.build_motion_adapter(root / "motion_adapter")
     for variant, (_, base, _) in tm.VARIANTS.items():
         folder = root / "repo" / ("models" if base == "sd15" else "sdxl_models")
         for fmt in ("bin", "safetensors"):

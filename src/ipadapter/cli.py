@@ -57,9 +57,94 @@ def _size(text: str) -> int:
     return value
 
 
+def _strength(text: str) -> float:
+    value = _finite(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(
+            f"{value} is outside (0, 1]; 1.0 repaints everything, small values keep more of the init image"
+        )
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _finite(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{value} must be greater than 0")
+    return value
+
+
+MODE_OF = {"generate": "t2i", "img2img": "img2img", "inpaint": "inpaint", "video": "video"}
+
+
+def _add_generation_options(p: argparse.ArgumentParser, command: str) -> None:
+    from .pipelines import SCHEDULERS
+
+    video = command == "video"
+    p.add_argument(
+        "--base", required=True, help="diffusers folder, hub id, or single-file .safetensors/.ckpt"
+    )
+    p.add_argument(
+        "--base-config", help="for a single-file base: a diffusers folder/hub id of the same family"
+    )
+    p.add_argument("--adapter", required=True, help="adapter file, or owner/repo/path/in/repo.safetensors")
+    p.add_argument(
+        "--image-encoder", help="CLIP vision model folder or hub path (default: from the adapter's repo)"
+    )
+    if video:
+        p.add_argument("--image", required=True, action="append",
+                       help="reference image: once for all frames, once per frame (repeat it), or a folder of "
+                            "one image per frame (sorted by name)")  # fmt: skip
+        p.add_argument("--motion-adapter", required=True, help="AnimateDiff motion adapter: folder or hub id")
+        p.add_argument("--frames", type=_positive_int, default=16, help="number of frames (default 16)")
+        p.add_argument("--fps", type=_positive_float, default=8.0, help="frames per second (default 8)")
+        p.add_argument("--vae-slicing", action="store_true", help="decode frames one by one (less memory)")
+        p.add_argument("--cpu-offload", action="store_true",
+                       help="keep idle models in CPU memory (CUDA only; much less GPU memory, a bit slower)")  # fmt: skip
+    else:
+        p.add_argument("--image", required=True, help="the reference image")
+    if command in ("img2img", "inpaint"):
+        p.add_argument("--init", required=True, help="the image to start from (its size is the output size)")
+        default = 1.0 if command == "inpaint" else 0.8
+        p.add_argument("--strength", type=_strength, default=default,
+                       help=f"how much to repaint, in (0, 1] (default {default})")  # fmt: skip
+    if command == "inpaint":
+        p.add_argument("--mask", required=True, help="greyscale mask: white = repaint, black = keep")
+    p.add_argument("--controlnet", action="append", default=[],
+                   help="ControlNet folder or hub id; repeat for several, each with its --control-image")  # fmt: skip
+    p.add_argument("--control-image", action="append", default=[],
+                   help="conditioning image per --controlnet, in the same order"
+                        + (" (or a folder with one image per frame)" if video else ""))  # fmt: skip
+    p.add_argument("--control-scale", action="append", default=[], type=_finite,
+                   help="ControlNet strength: once for all or once per --controlnet (default 1.0)")  # fmt: skip
+    p.add_argument("--prompt", default="", help="text prompt (default: empty)")
+    p.add_argument("--negative-prompt", default=None, help="negative text prompt")
+    p.add_argument("--scale", type=_scale, default=1.0, help="image prompt strength, >= 0 (default 1.0)")
+    p.add_argument("--steps", type=_positive_int, help="denoising steps (default: the pipeline's)")
+    p.add_argument("--guidance", type=_finite, help="classifier-free guidance (default: the pipeline's)")
+    p.add_argument(
+        "--seed", type=int, help="seed of a CPU torch.Generator (same pixels as diffusers' examples)"
+    )
+    size_default = "the init image's size" if command in ("img2img", "inpaint") else "the model's native size"
+    p.add_argument("--width", type=_size, help=f"multiple of 8 (default: {size_default})")
+    p.add_argument("--height", type=_size, help=f"multiple of 8 (default: {size_default})")
+    if not video:
+        p.add_argument("--num-images", type=_positive_int, default=1, help="images to make (default 1)")
+    p.add_argument("--scheduler", choices=sorted(SCHEDULERS), help="sampler (default: the base model's)")
+    p.add_argument(
+        "--dtype", choices=["float32", "float16", "bfloat16"], help="default: float16 on CUDA, else float32"
+    )
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
+    if video:
+        p.add_argument("--output", default="output.gif", help=".gif or .mp4 path (default output.gif)")
+    else:
+        p.add_argument(
+            "--output", default="output.png", help="PNG path; with several images, -1, -2... are added"
+        )
+    p.add_argument("--json", action="store_true", help="print the written files and parameters as JSON")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
-    from .pipelines import SCHEDULERS
 
     parser = _Parser(
         prog="ipadapter", description="Image prompts (IP-Adapter) for Stable Diffusion 1.5 / SDXL."
@@ -77,38 +162,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output", help="the file to write; its suffix picks the format")
     p.add_argument("--force", action="store_true", help="overwrite OUTPUT if it exists")
 
-    p = sub.add_parser("generate", help="text-to-image with a reference image as image prompt")
-    p.add_argument(
-        "--base", required=True, help="diffusers folder, hub id, or single-file .safetensors/.ckpt"
-    )
-    p.add_argument(
-        "--base-config", help="for a single-file base: a diffusers folder/hub id of the same family"
-    )
-    p.add_argument("--adapter", required=True, help="adapter file, or owner/repo/path/in/repo.safetensors")
-    p.add_argument(
-        "--image-encoder", help="CLIP vision model folder or hub path (default: from the adapter's repo)"
-    )
-    p.add_argument("--image", required=True, help="the reference image")
-    p.add_argument("--prompt", default="", help="text prompt (default: empty)")
-    p.add_argument("--negative-prompt", default=None, help="negative text prompt")
-    p.add_argument("--scale", type=_scale, default=1.0, help="image prompt strength, >= 0 (default 1.0)")
-    p.add_argument("--steps", type=_positive_int, help="denoising steps (default: the pipeline's, 50)")
-    p.add_argument("--guidance", type=_finite, help="classifier-free guidance (default: the pipeline's)")
-    p.add_argument(
-        "--seed", type=int, help="seed of a CPU torch.Generator (same pixels as diffusers' examples)"
-    )
-    p.add_argument("--width", type=_size, help="multiple of 8 (default: the model's native size)")
-    p.add_argument("--height", type=_size, help="multiple of 8 (default: the model's native size)")
-    p.add_argument("--num-images", type=_positive_int, default=1, help="images to make (default 1)")
-    p.add_argument("--scheduler", choices=sorted(SCHEDULERS), help="sampler (default: the base model's)")
-    p.add_argument(
-        "--dtype", choices=["float32", "float16", "bfloat16"], help="default: float16 on CUDA, else float32"
-    )
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
-    p.add_argument(
-        "--output", default="output.png", help="PNG path; with several images, -1, -2... are added"
-    )
-    p.add_argument("--json", action="store_true", help="print the written files and parameters as JSON")
+    modes = {
+        "generate": "text-to-image with a reference image as image prompt",
+        "img2img": "image-to-image: repaint an init image guided by the reference and the prompt",
+        "inpaint": "repaint the masked part of an init image (white = repaint)",
+        "video": "AnimateDiff video with a motion adapter; one reference for all frames or one per frame",
+    }
+    for command, help_text in modes.items():
+        _add_generation_options(sub.add_parser(command, help=help_text), command)
     return parser
 
 
@@ -175,67 +236,191 @@ def cmd_convert(args: argparse.Namespace) -> dict[str, Any]:
     return {"output": str(dst)}
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
+
+
+def _image_list(values: Sequence[str], what: str) -> list[Any]:
+    """Images named on the command line; a folder stands for its images, sorted by name."""
+    from .encoder import load_image
+    from .errors import InputError
+
+    paths: list[Path] = []
+    for value in values:
+        path = Path(value)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise InputError(f"{what} folder '{path}' has no images ({', '.join(IMAGE_SUFFIXES)})")
+            paths.extend(found)
+        else:
+            paths.append(path)
+    return [load_image(p, what) for p in paths]
+
+
+def _controls(args: argparse.Namespace, frames: int | None) -> tuple[list[Any], float | list[float]]:
+    """Control images (per ControlNet; for video, a frame list each) and scales, counts checked."""
+    from .errors import InputError
+
+    nets, images, scales = args.controlnet, args.control_image, args.control_scale
+    if len(images) != len(nets):
+        raise InputError(
+            f"{len(nets)} --controlnet but {len(images)} --control-image; give one control image per "
+            "ControlNet, in the same order"
+        )
+    if scales and not nets:
+        raise InputError("--control-scale without --controlnet; add a --controlnet and its --control-image")
+    if scales and len(scales) not in (1, len(nets)):
+        raise InputError(
+            f"{len(scales)} --control-scale for {len(nets)} ControlNets; give one for all or one per ControlNet"
+        )
+    controls = []
+    for value in images:
+        loaded = _image_list([value], "control image")
+        if frames is None:
+            if len(loaded) != 1:
+                raise InputError(f"control image '{value}' is a folder; image modes take one control image")
+            controls.append(loaded[0])
+        elif len(loaded) not in (1, frames):
+            raise InputError(
+                f"control image folder '{value}' has {len(loaded)} images for {frames} frames; give one for "
+                "all frames or one per frame"
+            )
+        else:
+            controls.append(loaded * frames if len(loaded) == 1 else loaded)
+    scale: float | list[float] = 1.0
+    if scales:
+        scale = scales[0] if len(nets) == 1 else scales * len(nets) if len(scales) == 1 else list(scales)
+    return controls, scale
+
+
+def _init_image(args: argparse.Namespace) -> Any:
+    """The init image at the requested size, cropped to multiples of 8 (what the VAE needs)."""
+    from PIL import Image
+
+    from .encoder import load_image
+
+    init = load_image(args.init, "init image")
+    if args.width or args.height:
+        init = init.resize((args.width or init.width, args.height or init.height), Image.Resampling.BICUBIC)
+    width, height = init.width // 8 * 8, init.height // 8 * 8
+    return init if (width, height) == init.size else init.crop((0, 0, width, height))
+
+
 def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
+    """generate / img2img / inpaint / video: one flow, the mode picks the pipeline and its inputs."""
     import torch
 
     from . import __version__
     from .adapter import attach
-    from .encoder import image_key, load_image
+    from .encoder import image_key, load_image, load_mask
     from .errors import InputError
-    from .pipelines import load_pipeline, pick_device, pick_dtype, set_scheduler
+    from .media import VIDEO_SUFFIXES, save_images, save_video
+    from .pipelines import (
+        load_controlnet,
+        load_motion_adapter,
+        load_pipeline,
+        mode_pipeline,
+        pick_device,
+        pick_dtype,
+        set_scheduler,
+    )
 
+    mode = MODE_OF[args.command]
+    video = mode == "video"
     # Cheap checks first: nothing is loaded until every input is known to be usable.
-    reference = load_image(args.image)
+    frames = args.frames if video else None
+    references = _image_list(args.image, "reference image") if video else [load_image(args.image)]
+    if video and len(references) not in (1, frames):
+        raise InputError(
+            f"{len(references)} reference images for {frames} frames; give one reference for all frames or "
+            "one per frame (--image repeated, or a folder)"
+        )
+    call: dict[str, Any] = {"prompt": args.prompt}
+    if mode in ("img2img", "inpaint"):
+        init = _init_image(args)
+        call.update(image=init, strength=args.strength)
+        if mode == "inpaint":
+            mask, note = load_mask(args.mask, init.size)
+            if note:
+                print(f"ipadapter: note: {note}", file=sys.stderr)
+            call.update(mask_image=mask, width=init.width, height=init.height)
+    elif args.width or args.height:
+        call.update({k: v for k, v in (("width", args.width), ("height", args.height)) if v})
+    controls, control_scale = _controls(args, frames)
     output = Path(args.output)
     if not output.parent.is_dir():
         raise InputError(
             f"output folder '{output.parent}' does not exist; create it or choose another --output"
         )
-    if output.suffix.lower() != ".png":
+    if video and output.suffix.lower() not in VIDEO_SUFFIXES:
+        raise InputError(f"output '{output}' must be a .gif or .mp4 file")
+    if not video and output.suffix.lower() != ".png":
         raise InputError(f"output '{output}' must be a .png file (it carries the generation parameters)")
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
+    if video and args.cpu_offload and not device.startswith("cuda"):
+        raise InputError(f"--cpu-offload needs a CUDA device (got '{device}'); drop it or use --device cuda")
 
     pipe = load_pipeline(args.base, dtype=dtype, device=device, base_config=args.base_config)
     if args.scheduler:
         set_scheduler(pipe, args.scheduler)
+    nets = [load_controlnet(name, dtype=dtype, device=device) for name in args.controlnet]
+    motion = load_motion_adapter(args.motion_adapter, dtype=dtype, device=device) if video else None
+    pipe = mode_pipeline(pipe, mode, controlnet=nets or None, motion_adapter=motion)
     ip = attach(pipe, args.adapter, args.image_encoder, scale=args.scale)
-    call: dict[str, Any] = {"prompt": args.prompt, "num_images_per_prompt": args.num_images}
+    if video and args.vae_slicing:
+        pipe.vae.enable_slicing()
+    if video and args.cpu_offload:
+        pipe.enable_model_cpu_offload(device=device)
+    if controls:
+        key = {"t2i": "image", "video": "conditioning_frames"}.get(mode, "control_image")
+        call[key] = controls[0] if len(controls) == 1 else controls
+        call["controlnet_conditioning_scale"] = control_scale
     optional = {"negative_prompt": args.negative_prompt, "num_inference_steps": args.steps,
-                "guidance_scale": args.guidance, "width": args.width, "height": args.height}  # fmt: skip
+                "guidance_scale": args.guidance}  # fmt: skip
     call.update({k: v for k, v in optional.items() if v is not None})
+    if video:
+        call["num_frames"] = frames
+    else:
+        call["num_images_per_prompt"] = args.num_images
     if args.seed is not None:
         call["generator"] = torch.Generator("cpu").manual_seed(args.seed)
-    images = ip(reference, **call).images
+    result = ip(references if video else references[0], **call)
 
     params = {
-        "tool": f"ipadapter {__version__}", "base": args.base, "adapter": args.adapter,
-        "variant": "/".join(ip.spec.names) or ip.spec.layout, "image": args.image, "image_sha1": image_key(reference),
+        "tool": f"ipadapter {__version__}", "mode": mode, "base": args.base, "adapter": args.adapter,
+        "variant": "/".join(ip.spec.names) or ip.spec.layout, "image": args.image,
+        "image_sha1": [image_key(r) for r in references] if video else image_key(references[0]),
         "prompt": args.prompt, "negative_prompt": args.negative_prompt, "scale": args.scale,
-        "steps": args.steps, "guidance": args.guidance, "seed": args.seed, "width": images[0].width,
-        "height": images[0].height, "scheduler": args.scheduler or type(pipe.scheduler).__name__,
+        "steps": args.steps, "guidance": args.guidance, "seed": args.seed,
+        "scheduler": args.scheduler or type(pipe.scheduler).__name__,
         "dtype": str(dtype).removeprefix("torch."), "device": device,
     }  # fmt: skip
-    written = save_images(images, output, params)
+    if mode in ("img2img", "inpaint"):
+        params.update(init=args.init, strength=args.strength)
+    if mode == "inpaint":
+        params["mask"] = args.mask
+    if nets:
+        params.update(
+            controlnet=args.controlnet, control_image=args.control_image, control_scale=control_scale
+        )
+    if video:
+        clip = result.frames[0]
+        params.update(motion_adapter=args.motion_adapter, frames=frames, fps=args.fps, width=clip[0].width,
+                      height=clip[0].height)  # fmt: skip
+        written = [save_video(clip, output, args.fps, params)]
+    else:
+        images = result.images
+        params.update(width=images[0].width, height=images[0].height)
+        written = save_images(images, output, params)
     if not args.json:
         for path in written:
             print(f"wrote {path}")
     return {"outputs": [str(p) for p in written], "parameters": params}
 
 
-def save_images(images: Sequence[Any], output: Path, params: dict[str, Any]) -> list[Path]:
-    """Write PNGs carrying ``params`` as JSON in the ``parameters`` text chunk."""
-    from PIL.PngImagePlugin import PngInfo
-
-    paths = [output] if len(images) == 1 else [output.with_name(f"{output.stem}-{i + 1}{output.suffix}") for i in range(len(images))]  # fmt: skip
-    for i, (image, path) in enumerate(zip(images, paths, strict=True)):
-        info = PngInfo()
-        info.add_text("parameters", json.dumps({**params, "index": i}))
-        image.save(path, pnginfo=info)
-    return paths
-
-
-COMMANDS = {"inspect": cmd_inspect, "convert": cmd_convert, "generate": cmd_generate}
+COMMANDS = {"inspect": cmd_inspect, "convert": cmd_convert, "generate": cmd_generate, "img2img": cmd_generate,
+            "inpaint": cmd_generate, "video": cmd_generate}  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:

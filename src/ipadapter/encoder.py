@@ -23,15 +23,16 @@ MAX_IMAGE_PIXELS = 8192 * 8192  # larger images are refused as possible decompre
 ImageInput = Image.Image | str | Path
 
 
-def load_image(image: ImageInput, what: str = "reference image") -> Image.Image:
-    """Open ``image`` safely and return it as RGB.
+def load_image(image: ImageInput, what: str = "reference image", convert=None) -> Image.Image:  # noqa: ANN001
+    """Open ``image`` safely and return it as RGB (or as ``convert(image)`` makes it).
 
     Refuses missing, empty, truncated or undecodable files and images over :data:`MAX_IMAGE_PIXELS`.
     Converts other modes: transparency is composited onto white, palette/grey/CMYK become RGB, and 16-bit
     or float images are scaled to 8 bits.
     """
+    convert = convert or to_rgb
     if isinstance(image, Image.Image):
-        return to_rgb(image)
+        return convert(image)
     path = Path(image)
     if not path.is_file():
         raise InputError(f"{what} '{path}': no such file")
@@ -44,7 +45,7 @@ def load_image(image: ImageInput, what: str = "reference image") -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
                 img.load()
-                return to_rgb(img)
+                return convert(img)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise InputError(
             f"{what} '{path}' is too large to decode safely ({e}); the limit is {MAX_IMAGE_PIXELS:,} pixels: "
@@ -58,6 +59,50 @@ def load_image(image: ImageInput, what: str = "reference image") -> Image.Image:
         raise InputError(f"{what} '{path}': could not be decoded ({e}); the file may be truncated") from None
     finally:
         Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = old_limit, old_truncated
+
+
+def load_mask(mask: ImageInput, size: tuple[int, int] | None = None) -> tuple[Image.Image, str | None]:
+    """An inpainting mask as greyscale (white = repaint, black = keep), at ``size`` (the init image's).
+
+    Grey, 1-bit, 16-bit and grey-looking RGB masks are accepted; transparent parts of a mask with alpha
+    count as black (keep), so strokes painted on a transparent layer work. A colour mask is refused. A mask
+    of another size is resized to ``size``; the second value is then a one-line note saying so.
+    """
+    where = f" '{mask}'" if not isinstance(mask, Image.Image) else ""
+    grey = load_image(mask, "mask", convert=lambda img: _mask_grey(img, where))
+    note = None
+    if size is not None and grey.size != tuple(size):
+        note = (f"mask{where} is {grey.size[0]}x{grey.size[1]} but the init image is {size[0]}x{size[1]}; "
+                "resized the mask to fit")  # fmt: skip
+        grey = grey.resize(tuple(size), Image.Resampling.BILINEAR)
+    return grey, note
+
+
+def _mask_grey(img: Image.Image, where: str) -> Image.Image:
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    alpha = None
+    if img.mode in ("RGBA", "LA", "RGBa", "La", "PA"):
+        alpha = np.asarray(img.getchannel("A"), dtype=np.float32) / 255.0
+        img = img.convert("RGB" if img.mode.startswith("RGB") else "L")
+    if img.mode not in ("1", "L"):
+        if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+            img = to_rgb(img)
+        rgb = np.asarray(img.convert("RGB"), dtype=np.int16)
+        spread = rgb.max(axis=-1) - rgb.min(axis=-1)
+        if spread.max(initial=0) > 2:  # JPEG noise on a grey mask is fine; real colour is not
+            y, x = np.unravel_index(int(spread.argmax()), spread.shape)
+            raise InputError(
+                f"mask{where} has colour (pixel {tuple(int(v) for v in rgb[y, x])} at x={x}, y={y}); expected a "
+                "greyscale mask: white = repaint, black = keep. Convert it to greyscale first"
+            )
+        img = Image.fromarray(rgb.mean(axis=-1).round().astype(np.uint8), mode="L")
+    grey = img.convert("L")
+    if alpha is not None:  # transparent = keep
+        grey = Image.fromarray(
+            (np.asarray(grey, dtype=np.float32) * alpha).round().astype(np.uint8), mode="L"
+        )
+    return grey
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

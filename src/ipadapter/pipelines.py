@@ -174,20 +174,25 @@ def is_sdxl(pipe: Any) -> bool:
     return getattr(pipe.unet.config, "addition_embed_type", None) == "text_time"
 
 
-def check_controlnet(controlnet: Any, unet: Any, name: str = "ControlNet") -> None:
+def check_controlnet(controlnet: Any, unet: Any, name: str = "the ControlNet") -> None:
     """Refuse a ControlNet made for another base (its residuals would not fit the UNet)."""
     have, want = controlnet.config, unet.config
     why = None
     if have.cross_attention_dim != want.cross_attention_dim:
-        why = f"cross-attention dim {have.cross_attention_dim} vs {want.cross_attention_dim}"
+        why = f"its cross-attention dim is {have.cross_attention_dim}, the base UNet's is {want.cross_attention_dim}"
     elif tuple(have.block_out_channels) != tuple(want.block_out_channels):
-        why = f"blocks {tuple(have.block_out_channels)} vs {tuple(want.block_out_channels)}"
+        why = f"its blocks are {tuple(have.block_out_channels)}, the base UNet's {tuple(want.block_out_channels)}"
     elif getattr(have, "addition_embed_type", None) != getattr(want, "addition_embed_type", None):
-        why = "SDXL's size/text-time conditioning present in one but not the other"
+        why = "SDXL's size/text-time conditioning is in one of them only"
     if why:
+        families = (family(have.cross_attention_dim), family(unet))
+        known = (
+            ""
+            if families == ("unknown family",) * 2
+            else f" (it is for the {families[0]}, the base is {families[1]})"
+        )
         raise IncompatibleModelError(
-            f"{name} is for the {family(have.cross_attention_dim)} but the base is {family(unet)} ({why}); "
-            "use a ControlNet made for this base"
+            f"{name} does not fit the base model: {why}{known}; use a ControlNet made for this base"
         )
 
 
