@@ -197,3 +197,36 @@ def test_real_family_mismatches_are_named() -> None:
     with pytest.raises(IncompatibleModelError, match=r"made for the SD1.5 family.*\(SDXL family\)"):
         check_motion_adapter(motion_v15, sdxl)
     check_motion_adapter(motion_v15, sd15)  # the right pairing passes
+
+
+def test_python_api_fits_masks_and_caps_frames(models: dict) -> None:
+    import warnings
+
+    from helpers import load_pipe
+
+    from ipadapter import InputError, attach
+    from ipadapter.pipelines import load_motion_adapter
+
+    pipe = mode_pipeline(load_pipe(models, "sd15"), "inpaint")
+    ip = attach(pipe, models["ckpt"]["sd15", "safetensors"])
+    init, small = reference_image(1, (40, 32)), Image.new("L", (20, 16), 255)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ip(
+            reference_image(),
+            prompt="",
+            image=init,
+            mask_image=small,
+            num_inference_steps=1,
+            width=40,
+            height=32,
+        )
+    assert any("resized the mask" in str(w.message) for w in caught)
+    with pytest.raises(InputError, match="has colour"):
+        ip(reference_image(), prompt="", image=init, mask_image=Image.new("RGB", (40, 32), (0, 255, 0)))
+    video = mode_pipeline(
+        load_pipe(models, "sd15"), "video", motion_adapter=load_motion_adapter(models["motion"])
+    )
+    ipv = attach(video, models["ckpt"]["sd15", "safetensors"])
+    with pytest.raises(InputError, match="at most 32 per clip"):
+        ipv(reference_image(), prompt="", num_frames=40)

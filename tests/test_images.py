@@ -74,3 +74,19 @@ def test_decompression_bombs_are_refused(tmp_path: Path, monkeypatch: pytest.Mon
     with pytest.raises(InputError, match="too large to decode safely"):
         load_image(tmp_path / "big.png")
     assert Image.MAX_IMAGE_PIXELS != 1000  # the global limit is restored
+
+
+def test_masks_grey_rgb_alpha_and_colour() -> None:
+    grey_rgb = Image.new("RGB", (8, 8), (200, 200, 200))
+    mask, note = enc.load_mask(grey_rgb, (8, 8))
+    assert mask.mode == "L" and mask.getpixel((0, 0)) == 200 and note is None
+    strokes = Image.new("RGBA", (8, 8), (255, 255, 255, 0))  # white strokes on a transparent layer
+    strokes.putpixel((2, 3), (255, 255, 255, 255))
+    mask, _ = enc.load_mask(strokes)
+    assert mask.getpixel((2, 3)) == 255 and mask.getpixel((0, 0)) == 0  # transparent = keep
+    sixteen = Image.fromarray(np.full((4, 4), 65535, dtype=np.uint16))
+    assert enc.load_mask(sixteen)[0].getpixel((0, 0)) == 255
+    with pytest.raises(InputError, match=r"has colour \(pixel \(10, 200, 10\)"):
+        enc.load_mask(Image.new("RGB", (4, 4), (10, 200, 10)))
+    mask, note = enc.load_mask(Image.new("L", (4, 4), 255), (8, 6))
+    assert mask.size == (8, 6) and "4x4" in note and "8x6" in note

@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 import math
 import sys
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,7 @@ from torch import nn
 from .attention import IPAttnProcessor, IPBranch, PassThroughProcessor
 from .checkpoint import Checkpoint, load_checkpoint
 from .conditioning import ImagePrompt
-from .encoder import ImageEncoder, ImageInput, load_image
+from .encoder import ImageEncoder, ImageInput, load_image, load_mask
 from .errors import CheckpointError, IncompatibleModelError, InputError
 from .projection import build_projection
 from .sources import default_encoder, load_image_encoder, resolve_adapter
@@ -176,7 +177,7 @@ class IPAdapter:
                 f"{type(pipe).__name__} does not share the UNet adapter '{self.name}' is attached to (a video "
                 "pipeline builds its own); attach the adapter to the pipeline you call"
             )
-        check_call(pipe, pipe_kwargs)
+        pipe_kwargs = check_call(pipe, pipe_kwargs)
         prompt = pipe_kwargs.get("prompt")
         embeds = pipe_kwargs.get("prompt_embeds")
         num_prompts = (
@@ -207,8 +208,12 @@ def num_frames(pipe: Any, kwargs: dict[str, Any]) -> int | None:
     return kwargs.get("num_frames", param.default)
 
 
-def check_call(pipe: Any, kwargs: dict[str, Any]) -> None:
-    """Refuse call arguments that diffusers would accept silently or fail on deep inside the loop."""
+def check_call(pipe: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Refuse call arguments that diffusers would accept silently or fail on deep inside the loop.
+
+    Returns the arguments to use: an inpainting mask given as an image or path is checked (greyscale) and
+    fitted to the init image's size, with a warning saying so.
+    """
     strength = kwargs.get("strength")
     if strength is not None and not (isinstance(strength, (int, float)) and 0 < strength <= 1):
         raise InputError(
@@ -218,6 +223,20 @@ def check_call(pipe: Any, kwargs: dict[str, Any]) -> None:
     frames = kwargs.get("num_frames")
     if frames is not None and not (isinstance(frames, int) and frames > 0):
         raise InputError(f"num_frames {frames!r} is not usable; expected a whole number of frames >= 1")
+    limit = getattr(getattr(pipe.unet, "config", None), "motion_max_seq_length", None)
+    wanted = num_frames(pipe, kwargs)
+    if isinstance(limit, int) and isinstance(wanted, int) and wanted > limit:
+        raise InputError(
+            f"{wanted} frames asked but the motion adapter handles at most {limit} per clip; ask for fewer frames"
+        )
+    mask, init = kwargs.get("mask_image"), kwargs.get("image")
+    if isinstance(mask, (Image.Image, str, Path)):
+        size = init.size if isinstance(init, Image.Image) else None
+        mask, note = load_mask(mask, size)
+        if note:
+            warnings.warn(note, stacklevel=3)
+        kwargs = {**kwargs, "mask_image": mask}
+    return kwargs
 
 
 def _check_fit(spec: AdapterSpec, layers: list[CrossLayer], encoder: ImageEncoder, source: str) -> None:

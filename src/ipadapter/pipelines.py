@@ -268,7 +268,9 @@ def mode_pipeline(
         )
         extra = {"controlnet": net} if net is not None else {}
         video = cls.from_pipe(pipe, motion_adapter=motion_adapter, **extra)
-        return video.to(unet.device)
+        if video.unet.device != unet.device:  # the motion UNet is built on the CPU
+            video.unet.to(unet.device)
+        return video
     return _AUTO[mode].from_pipe(pipe, controlnet=net)
 
 
