@@ -230,3 +230,20 @@ def test_python_api_fits_masks_and_caps_frames(models: dict) -> None:
     ipv = attach(video, models["ckpt"]["sd15", "safetensors"])
     with pytest.raises(InputError, match="at most 32 per clip"):
         ipv(reference_image(), prompt="", num_frames=40)
+
+
+def test_video_pipeline_from_an_attached_pipeline(models: dict) -> None:
+    from helpers import load_pipe
+
+    from ipadapter import attach
+    from ipadapter.pipelines import load_motion_adapter
+
+    pipe = load_pipe(models, "sd15")
+    before, plain = dict(pipe.unet.attn_processors), run(pipe)
+    ip = attach(pipe, models["ckpt"]["sd15", "safetensors"], scale=0.7)
+    with_adapter = run(ip, reference_image())
+    video = mode_pipeline(pipe, "video", motion_adapter=load_motion_adapter(models["motion"]))
+    assert not any("branches" in key for key in video.unet.state_dict())  # adapter weights stay behind
+    assert np.array_equal(run(ip, reference_image()), with_adapter)  # the image pipeline still has it
+    ip.detach()
+    assert pipe.unet.attn_processors == before and np.array_equal(run(pipe), plain)

@@ -75,6 +75,7 @@ class _Attachment:
     originals: dict[str, Any]
     processors: dict[str, IPAttnProcessor]
     hook: Any
+    current: dict[str, Any] = field(default_factory=dict)  # every processor as installed
     adapters: dict[str, IPAdapter] = field(default_factory=dict)
 
 
@@ -369,7 +370,7 @@ def _install(pipe: Any, layers: list[CrossLayer]) -> _Attachment:
     originals = dict(unet.attn_processors)
     cross = {layer.name: IPAttnProcessor(layer.index) for layer in layers}
     new = {n: cross.get(n) or PassThroughProcessor(p) for n, p in originals.items()}
-    unet.set_attn_processor(new)
+    unet.set_attn_processor(dict(new))  # diffusers empties the dict it is given
 
     def before_unet(module: nn.Module, args: tuple, kwargs: dict) -> None:
         prompt = (kwargs.get("cross_attention_kwargs") or {}).get("image_prompt")
@@ -380,7 +381,7 @@ def _install(pipe: Any, layers: list[CrossLayer]) -> _Attachment:
             prompt.guidance = guidance  # the pipeline knows whether negatives lead the batch
 
     hook = unet.register_forward_pre_hook(before_unet, with_kwargs=True)
-    state = _Attachment(originals, cross, hook)
+    state = _Attachment(originals, cross, hook, new)
     setattr(unet, STATE_ATTR, state)
     return state
 
@@ -418,7 +419,7 @@ def detach(pipe: Any, name: str | None = None) -> None:
                 del proc.branches[n]
         del state.adapters[n]
     if not state.adapters:
-        unet.set_attn_processor(state.originals)
+        unet.set_attn_processor(dict(state.originals))
         state.hook.remove()
         delattr(unet, STATE_ATTR)
 

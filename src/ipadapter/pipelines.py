@@ -36,6 +36,7 @@ from diffusers import (
 )
 from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 
+from .adapter import STATE_ATTR
 from .errors import IncompatibleModelError, InputError
 from .sources import NETWORK_ERRORS, _unavailable, split_hub_path
 from .variants import family
@@ -223,7 +224,7 @@ def mode_pipeline(
     """The diffusers pipeline for ``mode`` over ``pipe``'s components (``from_pipe``: shared, not copied).
 
     ``mode``: ``t2i``, ``img2img``, ``inpaint`` or ``video`` (AnimateDiff; needs ``motion_adapter`` and
-    builds a motion UNet, so attach adapters to the returned pipeline). ``controlnet``: a ControlNetModel or
+    builds a motion UNet without adapters, so attach adapters to the returned pipeline). ``controlnet``: a ControlNetModel or
     a list of them (several at once), with any mode. Everything is checked before anything is built.
     """
     if mode not in MODES:
@@ -267,7 +268,15 @@ def mode_pipeline(
             else AnimateDiffPipeline
         )
         extra = {"controlnet": net} if net is not None else {}
-        video = cls.from_pipe(pipe, motion_adapter=motion_adapter, **extra)
+        # The motion UNet copies the 2D UNet's weights; attached adapters' weights must not come along.
+        state = getattr(unet, STATE_ATTR, None)
+        if state is not None:
+            unet.set_attn_processor(dict(state.originals))
+        try:
+            video = cls.from_pipe(pipe, motion_adapter=motion_adapter, **extra)
+        finally:
+            if state is not None:
+                unet.set_attn_processor(dict(state.current))
         if video.unet.device != unet.device:  # the motion UNet is built on the CPU
             video.unet.to(unet.device)
         return video
