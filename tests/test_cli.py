@@ -14,7 +14,7 @@ import pytest
 from helpers import diffusers_pipe, reference_image, run
 from PIL import Image
 
-import ipadapter.encoder as enc
+import ipadapter.images as enc
 from ipadapter.cli import main
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -182,3 +182,17 @@ def test_console_script_with_hub_names_from_the_cache(models: dict, ref_png: Pat
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines() == [f"ipadapter: error: reference image '{tmp_path / 'empty.png'}': "
                                                 "the file is empty (0 bytes); expected a PNG, JPEG or WebP image"]  # fmt: skip
+
+
+def test_bad_input_is_reported_before_heavy_imports(tmp_path: Path) -> None:
+    """A typo must not cost the seconds torch/diffusers take to import."""
+    code = (
+        "import sys\nfrom ipadapter.cli import main\n"
+        f"code = main(['inpaint', '--base', 'b', '--adapter', 'a', '--image', {str(tmp_path / 'no.png')!r}, "
+        "'--init', 'x.png', '--mask', 'm.png'])\n"
+        "heavy = sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules)\n"
+        "print(code, heavy)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "2 []", out.stdout + out.stderr
+    assert "no such file" in out.stderr

@@ -13,7 +13,7 @@ from PIL import Image
 from test_cli import _fails
 
 from ipadapter.cli import main
-from ipadapter.encoder import load_mask
+from ipadapter.images import load_mask
 from ipadapter.media import read_video
 from ipadapter.pipelines import load_controlnet, mode_pipeline
 

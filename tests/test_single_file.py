@@ -125,3 +125,14 @@ def test_cli_single_file_matches_folder(
     assert ours.shape == (32, 32, 3)
     assert np.abs(ours - want).max() <= 2
     assert json.loads(Image.open(tmp_path / "single.png").text["parameters"])["base"] == str(file)
+
+
+def test_inpainting_single_file_loads_with_its_config_and_needs_it(models: dict, tmp_path: Path) -> None:
+    from ipadapter.pipelines import load_pipeline, mode_pipeline
+
+    path = export_single_file(models["sd15_inpaint"], tmp_path / "inpainting.safetensors")
+    pipe = load_pipeline(path, base_config=str(models["sd15_inpaint"]))
+    assert pipe.unet.config.in_channels == 9
+    assert type(mode_pipeline(pipe, "inpaint")).__name__ == "StableDiffusionInpaintPipeline"
+    with pytest.raises(IncompatibleModelError, match=r"inpainting checkpoint \(9 input channels\)"):
+        load_pipeline(path, base_config=str(models["sd15"]))

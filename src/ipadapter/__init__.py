@@ -7,10 +7,11 @@ ip.scale = 0.8
 ip.detach()
 """
 
-from .adapter import IPAdapter, attach, attached, cross_attention_layers, detach
-from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from .conditioning import ImagePrompt
-from .encoder import ImageEncoder, load_image
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from .errors import (
     CheckpointError,
     IncompatibleModelError,
@@ -18,7 +19,38 @@ from .errors import (
     IPAdapterError,
     ModelNotAvailableError,
 )
-from .variants import AdapterSpec, ResamplerConfig, detect
+
+# Everything else loads on first use: importing torch/diffusers takes seconds, and the command line must be
+# able to report a bad input before paying for that.
+_LAZY = {
+    "IPAdapter": "adapter", "attach": "adapter", "attached": "adapter", "cross_attention_layers": "adapter",
+    "detach": "adapter", "Checkpoint": "checkpoint", "load_checkpoint": "checkpoint",
+    "save_checkpoint": "checkpoint", "ImagePrompt": "conditioning", "ImageEncoder": "encoder",
+    "load_image": "images", "load_mask": "images", "AdapterSpec": "variants", "ResamplerConfig": "variants",
+    "detect": "variants",
+}  # fmt: skip
+
+if TYPE_CHECKING:
+    from .adapter import IPAdapter, attach, attached, cross_attention_layers, detach
+    from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+    from .conditioning import ImagePrompt
+    from .encoder import ImageEncoder
+    from .images import load_image, load_mask
+    from .variants import AdapterSpec, ResamplerConfig, detect
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'ipadapter' has no attribute '{name}'")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __version__ = "0.1.0"
 
@@ -41,5 +73,6 @@ __all__ = [
     "detect",
     "load_checkpoint",
     "load_image",
+    "load_mask",
     "save_checkpoint",
 ]

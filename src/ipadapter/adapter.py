@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 import sys
 import warnings
 from collections.abc import Sequence
@@ -23,8 +24,9 @@ from torch import nn
 from .attention import IPAttnProcessor, IPBranch, PassThroughProcessor
 from .checkpoint import Checkpoint, load_checkpoint
 from .conditioning import ImagePrompt
-from .encoder import ImageEncoder, ImageInput, load_image, load_mask
+from .encoder import ImageEncoder
 from .errors import CheckpointError, IncompatibleModelError, InputError
+from .images import ImageInput, load_image, load_mask
 from .projection import build_projection
 from .sources import default_encoder, load_image_encoder, resolve_adapter
 from .variants import AdapterSpec, detect, family
@@ -144,7 +146,8 @@ class IPAdapter:
         """The ``image_prompt`` for a pipeline call with ``num_prompts`` text prompts.
 
         One reference serves every prompt (and every frame); or give one reference per prompt; or, for a
-        video of ``frames`` frames, one reference per frame (the same sequence for every prompt).
+        video of ``frames`` frames, one reference per frame (the same sequence for every prompt). When the
+        count equals both the prompts and the frames of a video, it is read as one per frame.
         """
         pos, neg = self.tokens(images)
         count = pos.shape[0]
@@ -209,6 +212,11 @@ def num_frames(pipe: Any, kwargs: dict[str, Any]) -> int | None:
     return kwargs.get("num_frames", param.default)
 
 
+def _is_number(value: Any) -> bool:
+    """A real number (numpy scalars included), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def check_call(pipe: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
     """Refuse call arguments that diffusers would accept silently or fail on deep inside the loop.
 
@@ -216,13 +224,15 @@ def check_call(pipe: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
     fitted to the init image's size, with a warning saying so.
     """
     strength = kwargs.get("strength")
-    if strength is not None and not (isinstance(strength, (int, float)) and 0 < strength <= 1):
+    if strength is not None and not (_is_number(strength) and 0 < strength <= 1):
         raise InputError(
             f"strength {strength!r} is outside (0, 1]; expected e.g. 0.6 (how much of the init image is "
             "repainted: 1.0 = all of it)"
         )
     frames = kwargs.get("num_frames")
-    if frames is not None and not (isinstance(frames, int) and frames > 0):
+    if frames is not None and not (
+        isinstance(frames, numbers.Integral) and not isinstance(frames, bool) and frames > 0
+    ):
         raise InputError(f"num_frames {frames!r} is not usable; expected a whole number of frames >= 1")
     limit = getattr(getattr(pipe.unet, "config", None), "motion_max_seq_length", None)
     wanted = num_frames(pipe, kwargs)

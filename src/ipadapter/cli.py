@@ -77,7 +77,7 @@ MODE_OF = {"generate": "t2i", "img2img": "img2img", "inpaint": "inpaint", "video
 
 
 def _add_generation_options(p: argparse.ArgumentParser, command: str) -> None:
-    from .pipelines import SCHEDULERS
+    from .schedulers import SCHEDULERS
 
     video = command == "video"
     p.add_argument(
@@ -241,8 +241,8 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 
 def _image_list(values: Sequence[str], what: str) -> list[Any]:
     """Images named on the command line; a folder stands for its images, sorted by name."""
-    from .encoder import load_image
     from .errors import InputError
+    from .images import load_image
 
     paths: list[Path] = []
     for value in values:
@@ -297,7 +297,7 @@ def _init_image(args: argparse.Namespace) -> Any:
     """The init image at the requested size, cropped to multiples of 8 (what the VAE needs)."""
     from PIL import Image
 
-    from .encoder import load_image
+    from .images import load_image
 
     init = load_image(args.init, "init image")
     if args.width or args.height:
@@ -308,22 +308,10 @@ def _init_image(args: argparse.Namespace) -> Any:
 
 def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
     """generate / img2img / inpaint / video: one flow, the mode picks the pipeline and its inputs."""
-    import torch
-
     from . import __version__
-    from .adapter import attach
-    from .encoder import image_key, load_image, load_mask
     from .errors import InputError
+    from .images import image_key, load_image, load_mask
     from .media import VIDEO_SUFFIXES, save_images, save_video
-    from .pipelines import (
-        load_controlnet,
-        load_motion_adapter,
-        load_pipeline,
-        mode_pipeline,
-        pick_device,
-        pick_dtype,
-        set_scheduler,
-    )
 
     mode = MODE_OF[args.command]
     video = mode == "video"
@@ -356,6 +344,22 @@ def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
         raise InputError(f"output '{output}' must be a .gif or .mp4 file")
     if not video and output.suffix.lower() != ".png":
         raise InputError(f"output '{output}' must be a .png file (it carries the generation parameters)")
+    # Every input is usable: now the heavy libraries.
+    if args.quiet:
+        _quiet_libraries()
+    import torch
+
+    from .adapter import attach
+    from .pipelines import (
+        load_controlnet,
+        load_motion_adapter,
+        load_pipeline,
+        mode_pipeline,
+        pick_device,
+        pick_dtype,
+        set_scheduler,
+    )
+
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
     if video and args.cpu_offload and not device.startswith("cuda"):
@@ -431,8 +435,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .errors import IPAdapterError
 
         if not debug:
-            _quiet_libraries()
+            _quiet_environment()
         args = build_parser().parse_args(argv)
+        args.quiet = not debug
+        if args.quiet and args.command in ("inspect", "convert"):
+            _quiet_libraries()
         result = COMMANDS[args.command](args)
         if getattr(args, "json", False):
             print(json.dumps(result, indent=2))
@@ -453,8 +460,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERNAL
 
 
+def _quiet_environment() -> None:
+    """Before anything heavy is imported: library chatter would bury our one-line messages."""
+    import os
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    for name in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY", "HF_HUB_VERBOSITY"):
+        os.environ.setdefault(name, "error")
+
+
 def _quiet_libraries() -> None:
-    """Library chatter (deprecations, backend notices) would bury our one-line messages."""
+    """Once the heavy libraries are needed: silence their loggers and loading bars (the denoising bar stays)."""
     import warnings
 
     import huggingface_hub

@@ -7,127 +7,13 @@ centre crop, scale to [0, 1], normalise with the CLIP mean/std. Features: ``pool
 
 from __future__ import annotations
 
-import hashlib
-import warnings
 from collections import OrderedDict
-from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import Image
 from transformers import CLIPImageProcessorPil, CLIPVisionModelWithProjection
 
-from .errors import InputError
-
-MAX_IMAGE_PIXELS = 8192 * 8192  # larger images are refused as possible decompression bombs
-ImageInput = Image.Image | str | Path
-
-
-def load_image(image: ImageInput, what: str = "reference image", convert=None) -> Image.Image:  # noqa: ANN001
-    """Open ``image`` safely and return it as RGB (or as ``convert(image)`` makes it).
-
-    Refuses missing, empty, truncated or undecodable files and images over :data:`MAX_IMAGE_PIXELS`.
-    Converts other modes: transparency is composited onto white, palette/grey/CMYK become RGB, and 16-bit
-    or float images are scaled to 8 bits.
-    """
-    convert = convert or to_rgb
-    if isinstance(image, Image.Image):
-        return convert(image)
-    path = Path(image)
-    if not path.is_file():
-        raise InputError(f"{what} '{path}': no such file")
-    if path.stat().st_size == 0:
-        raise InputError(f"{what} '{path}': the file is empty (0 bytes); expected a PNG, JPEG or WebP image")
-    old_limit, old_truncated = Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES
-    Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = MAX_IMAGE_PIXELS, False
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                img.load()
-                return convert(img)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise InputError(
-            f"{what} '{path}' is too large to decode safely ({e}); the limit is {MAX_IMAGE_PIXELS:,} pixels: "
-            "downscale it first"
-        ) from None
-    except UnidentifiedImageError:
-        raise InputError(
-            f"{what} '{path}': not a readable image; expected a PNG, JPEG or WebP file"
-        ) from None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise InputError(f"{what} '{path}': could not be decoded ({e}); the file may be truncated") from None
-    finally:
-        Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = old_limit, old_truncated
-
-
-def load_mask(mask: ImageInput, size: tuple[int, int] | None = None) -> tuple[Image.Image, str | None]:
-    """An inpainting mask as greyscale (white = repaint, black = keep), at ``size`` (the init image's).
-
-    Grey, 1-bit, 16-bit and grey-looking RGB masks are accepted; transparent parts of a mask with alpha
-    count as black (keep), so strokes painted on a transparent layer work. A colour mask is refused. A mask
-    of another size is resized to ``size``; the second value is then a one-line note saying so.
-    """
-    where = f" '{mask}'" if not isinstance(mask, Image.Image) else ""
-    grey = load_image(mask, "mask", convert=lambda img: _mask_grey(img, where))
-    note = None
-    if size is not None and grey.size != tuple(size):
-        note = (f"mask{where} is {grey.size[0]}x{grey.size[1]} but the init image is {size[0]}x{size[1]}; "
-                "resized the mask to fit")  # fmt: skip
-        grey = grey.resize(tuple(size), Image.Resampling.BILINEAR)
-    return grey, note
-
-
-def _mask_grey(img: Image.Image, where: str) -> Image.Image:
-    if img.mode == "P":
-        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-    alpha = None
-    if img.mode in ("RGBA", "LA", "RGBa", "La", "PA"):
-        alpha = np.asarray(img.getchannel("A"), dtype=np.float32) / 255.0
-        img = img.convert("RGB" if img.mode.startswith("RGB") else "L")
-    if img.mode not in ("1", "L"):
-        if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-            img = to_rgb(img)
-        rgb = np.asarray(img.convert("RGB"), dtype=np.int16)
-        spread = rgb.max(axis=-1) - rgb.min(axis=-1)
-        if spread.max(initial=0) > 2:  # JPEG noise on a grey mask is fine; real colour is not
-            y, x = np.unravel_index(int(spread.argmax()), spread.shape)
-            raise InputError(
-                f"mask{where} has colour (pixel {tuple(int(v) for v in rgb[y, x])} at x={x}, y={y}); expected a "
-                "greyscale mask: white = repaint, black = keep. Convert it to greyscale first"
-            )
-        img = Image.fromarray(rgb.mean(axis=-1).round().astype(np.uint8), mode="L")
-    grey = img.convert("L")
-    if alpha is not None:  # transparent = keep
-        grey = Image.fromarray(
-            (np.asarray(grey, dtype=np.float32) * alpha).round().astype(np.uint8), mode="L"
-        )
-    return grey
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Convert any PIL mode to RGB (alpha over white; high bit depths scaled to 8 bits)."""
-    if img.mode == "RGB":
-        return img
-    if img.mode == "P":
-        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        peak = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
-        arr = np.clip(arr / peak * 255.0, 0, 255).round().astype(np.uint8)
-        img = Image.fromarray(arr, mode="L")
-    if img.mode in ("RGBA", "LA", "RGBa", "La", "PA"):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return img.convert("RGB")
-
-
-def image_key(img: Image.Image) -> str:
-    """A content hash of an RGB image: equal pixels give equal keys."""
-    digest = hashlib.sha1(f"{img.mode}{img.size}".encode())
-    digest.update(img.tobytes())
-    return digest.hexdigest()
+from .images import image_key
 
 
 class ImageEncoder:

@@ -21,42 +21,20 @@ from diffusers import (
     AutoPipelineForInpainting,
     AutoPipelineForText2Image,
     ControlNetModel,
-    DDIMScheduler,
-    DDPMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-    HeunDiscreteScheduler,
-    LMSDiscreteScheduler,
     MotionAdapter,
-    PNDMScheduler,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
-    UniPCMultistepScheduler,
 )
 from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 
 from .adapter import STATE_ATTR
 from .errors import IncompatibleModelError, InputError
+from .schedulers import SCHEDULERS, set_scheduler  # noqa: F401 - part of this module's API
 from .sources import NETWORK_ERRORS, _unavailable, split_hub_path
 from .variants import family
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 SDXL_SINGLE_FILE_KEY = "conditioner.embedders.1.model.ln_final.weight"
-
-# name -> (class, extra config). Names follow the common A1111/ComfyUI vocabulary.
-SCHEDULERS: dict[str, tuple[type, dict[str, Any]]] = {
-    "ddim": (DDIMScheduler, {}),
-    "ddpm": (DDPMScheduler, {}),
-    "pndm": (PNDMScheduler, {}),
-    "lms": (LMSDiscreteScheduler, {}),
-    "euler": (EulerDiscreteScheduler, {}),
-    "euler-a": (EulerAncestralDiscreteScheduler, {}),
-    "heun": (HeunDiscreteScheduler, {}),
-    "dpm++": (DPMSolverMultistepScheduler, {}),
-    "dpm++-karras": (DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
-    "unipc": (UniPCMultistepScheduler, {}),
-}
 
 
 def pick_device(device: str = "auto") -> str:
@@ -85,14 +63,6 @@ def pick_dtype(dtype: str | None, device: str) -> torch.dtype:
     return names[dtype]
 
 
-def set_scheduler(pipe: Any, name: str) -> None:
-    """Replace ``pipe.scheduler`` by the named one, keeping the base model's noise schedule config."""
-    if name not in SCHEDULERS:
-        raise InputError(f"unknown scheduler '{name}'; expected one of: {', '.join(SCHEDULERS)}")
-    cls, extra = SCHEDULERS[name]
-    pipe.scheduler = cls.from_config(pipe.scheduler.config, **extra)
-
-
 def _single_file_is_sdxl(path: Path) -> bool:
     if path.suffix.lower() == ".safetensors":
         from safetensors import safe_open
@@ -114,6 +84,17 @@ def _from_single_file(cls: type, path: Path, dtype: torch.dtype, base_config: st
         )
     except SingleFileComponentError as e:
         raise IncompatibleModelError(f"base '{path}': {str(e).splitlines()[0]}; {expected}") from None
+    except ValueError as e:
+        if "expected shape" not in str(e):
+            raise
+        where = f"--base-config '{base_config}'" if base_config else "the configs diffusers picked"
+        hint = "pass as --base-config a diffusers folder whose UNet has the same layout"
+        if "conv_in.weight" in str(e) and "9, 3, 3" in str(e):
+            hint = ("this is an inpainting checkpoint (9 input channels): pass as --base-config an inpainting "
+                    "model's folder or hub id (e.g. stable-diffusion-v1-5/stable-diffusion-inpainting)")  # fmt: skip
+        raise IncompatibleModelError(
+            f"base '{path}': its weights do not fit {where} ({str(e).split(' If ')[0].strip()}); {hint}"
+        ) from None
     unfilled = [name for name, module in pipe.components.items() if isinstance(module, torch.nn.Module)
                 and any(t.is_meta for t in (*module.parameters(), *module.buffers()))]  # fmt: skip
     if unfilled:
