@@ -110,6 +110,20 @@ def test_modes_match_diffusers_ip_adapter(models: dict, base: str, case: str) ->
     assert np.abs(got - plain).max() > 0.05  # the image prompt really does something
 
 
+@pytest.mark.parametrize("variant", list(tm.VARIANTS))
+def test_every_variant_matches_diffusers_in_controlnet_inpainting(models: dict, variant: str) -> None:
+    """The most composite image mode (inpainting + ControlNet) with each adapter variant."""
+    mode, _, extra = CASES["controlnet-inpaint"]
+    base = tm.VARIANTS[variant][1]
+    net = load_controlnet(models["controlnet"][base])
+    theirs = mode_pipeline(diffusers_pipe(models, variant, scale=0.7), mode, controlnet=net)
+    expected = run(theirs, ip_adapter_image=reference_image(), **extra)
+    ip = attach(
+        mode_pipeline(load_pipe(models, base), mode, controlnet=net), ckpt(models, variant), scale=0.7
+    )
+    assert np.abs(run(ip, reference_image(), **extra) - expected).max() <= TOL
+
+
 def test_multi_controlnet_matches_diffusers(models: dict, tmp_path: Path) -> None:
     nets = [
         load_controlnet(models["controlnet"]["sd15"]),
