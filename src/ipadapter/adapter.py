@@ -354,7 +354,7 @@ def attach(
     handle = IPAdapter(pipe, name, spec, projection, encoder, branches, source)
     handle._scale = scale
     for proc_name, branch in branches.items():
-        state.processors[proc_name].branches[name] = branch
+        state.processors[proc_name].add_branch(name, branch)
     state.adapters[name] = handle
     return handle
 
@@ -386,7 +386,7 @@ def _install(pipe: Any, layers: list[CrossLayer]) -> _Attachment:
         prompt = (kwargs.get("cross_attention_kwargs") or {}).get("image_prompt")
         if not isinstance(prompt, ImagePrompt):
             return
-        guidance = getattr(running_pipeline(module, pipe), "do_classifier_free_guidance", None)
+        guidance = getattr(running_pipeline(module), "do_classifier_free_guidance", None)
         if isinstance(guidance, bool):
             prompt.guidance = guidance  # the pipeline knows whether negatives lead the batch
 
@@ -396,21 +396,23 @@ def _install(pipe: Any, layers: list[CrossLayer]) -> _Attachment:
     return state
 
 
-def running_pipeline(unet: nn.Module, fallback: Any) -> Any:
-    """The pipeline whose ``__call__`` is calling ``unet`` right now.
+def running_pipeline(unet: nn.Module) -> Any:
+    """The pipeline whose ``__call__`` is calling ``unet`` right now, or None (e.g. a training loop).
 
     Pipelines made with ``from_pipe`` share one UNet, so the one the adapter was attached to may not be the
-    one running; the caller's frame a few levels up the stack tells. ``fallback`` if none is found.
+    one running; the caller's frame a few levels up the stack tells.
     """
     frame = sys._getframe(1)
     for _ in range(16):
         if frame is None:
             break
         owner = frame.f_locals.get("self")
-        if owner is not None and owner is not unet and getattr(owner, "unet", None) is unet:
-            return owner
+        if owner is not None and owner is not unet:
+            owned = getattr(owner, "unet", None)
+            if owned is unet or getattr(owned, "_orig_mod", None) is unet:  # torch.compile wraps the UNet
+                return owner
         frame = frame.f_back
-    return fallback
+    return None
 
 
 def detach(pipe: Any, name: str | None = None) -> None:
@@ -425,8 +427,7 @@ def detach(pipe: Any, name: str | None = None) -> None:
         raise InputError(f"no adapter named '{unknown[0]}' is attached; attached: {sorted(state.adapters)}")
     for n in names:
         for proc in state.processors.values():
-            if n in proc.branches:
-                del proc.branches[n]
+            proc.remove_branch(n)
         del state.adapters[n]
     if not state.adapters:
         unet.set_attn_processor(dict(state.originals))

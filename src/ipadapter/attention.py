@@ -38,7 +38,23 @@ class IPAttnProcessor(nn.Module):
     def __init__(self, layer: int) -> None:
         super().__init__()
         self.layer = layer  # index among the UNet's cross-attention layers, in attn_processors order
+        # Registered under neutral keys: an adapter may be named like a Module attribute ("train", "to").
         self.branches = nn.ModuleDict()
+        self._keys: dict[str, str] = {}  # adapter name -> key in self.branches
+        self._next = 0
+
+    def add_branch(self, name: str, branch: IPBranch) -> None:
+        self._keys[name] = key = f"adapter{self._next}"
+        self._next += 1
+        self.branches[key] = branch
+
+    def remove_branch(self, name: str) -> None:
+        key = self._keys.pop(name, None)
+        if key is not None:
+            del self.branches[key]
+
+    def named_branches(self) -> list[tuple[str, IPBranch]]:
+        return [(name, self.branches[key]) for name, key in self._keys.items()]
 
     def __call__(
         self,
@@ -96,7 +112,7 @@ class IPAttnProcessor(nn.Module):
     def _add_image_branches(
         self, out: torch.Tensor, query: torch.Tensor, prompt: ImagePrompt, heads: int, batch: int, inner: int
     ) -> torch.Tensor:
-        for name, branch in self.branches.items():
+        for name, branch in self.named_branches():
             if branch.scale == 0:
                 continue  # exactly the model without this adapter
 

@@ -143,6 +143,96 @@ def _add_generation_options(p: argparse.ArgumentParser, command: str) -> None:
     p.add_argument("--json", action="store_true", help="print the written files and parameters as JSON")
 
 
+def _add_train_options(p: argparse.ArgumentParser) -> None:
+    """Options of `ipadapter train`; unset ones come from the run being resumed, else from TrainConfig."""
+    p.add_argument("--base", help="base model: diffusers folder, hub id or single file (SD1.5 / SDXL family)")
+    p.add_argument(
+        "--base-config", help="for a single-file base: a diffusers folder/hub id of the same family"
+    )
+    p.add_argument("--image-encoder", help="CLIP vision model (default: the official one for the variant)")
+    p.add_argument("--variant", choices=["basic", "plus"], help="adapter layout to train (default plus)")
+    p.add_argument("--data", help="image folder with .txt captions, .jsonl/.json manifest, saved HF dataset, "
+                                  "hf://owner/name, or WebDataset .tar shards (glob/brace pattern)")  # fmt: skip
+    p.add_argument("--image-column", help="manifest/dataset image field (default image)")
+    p.add_argument("--text-column", help="manifest/dataset caption field (default text)")
+    p.add_argument(
+        "--output", help="run folder: checkpoints, logs, validation images, ip-adapter.safetensors"
+    )
+    p.add_argument("--resume", metavar="FOLDER", help="continue the run stored in FOLDER (same settings)")
+    p.add_argument("--init-adapter", help="start from an existing adapter of the same layout (fine-tuning)")
+    p.add_argument("--resolution", type=_size, help="training size, multiple of 8 (default 512)")
+    p.add_argument("--batch-size", type=_positive_int, help="examples per device per step (default 8)")
+    p.add_argument("--grad-accum", type=_positive_int, help="gradient accumulation steps (default 1)")
+    p.add_argument("--lr", type=_positive_float, help="AdamW learning rate (default 1e-4)")
+    p.add_argument("--weight-decay", type=_finite, help="AdamW weight decay (default 0.01)")
+    p.add_argument("--warmup-steps", type=int, help="linear warm-up steps (default 0)")
+    p.add_argument("--max-steps", type=_positive_int, help="optimizer steps in all (default 1000)")
+    p.add_argument("--num-tokens", type=_positive_int, help="image tokens (default 4 basic, 16 plus)")
+    for what in ("text", "image", "both"):
+        p.add_argument(f"--drop-{what}", type=_finite, help=f"rate of dropping the {what} (default 0.05)")
+    p.add_argument("--seed", type=int, help="seed of everything random in the run (default 42)")
+    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], help="default no")
+    p.add_argument(
+        "--gradient-checkpointing", action="store_true", default=None, help="save memory, ~25%% slower"
+    )
+    p.add_argument(
+        "--max-grad-norm", type=_positive_float, help="clip gradients to this norm (default: no clip)"
+    )
+    p.add_argument("--random-crop", action="store_true", default=None, help="random instead of centre crops")
+    p.add_argument("--random-flip", action="store_true", default=None, help="random horizontal flips")
+    p.add_argument("--checkpoint-every", type=_positive_int, help="steps between checkpoints (default 500)")
+    p.add_argument("--keep-checkpoints", type=_positive_int, help="checkpoints kept (default 3)")
+    p.add_argument("--validate-every", type=int, help="steps between validation images (default 0 = never)")
+    p.add_argument("--validation-image", help="reference image for validation images")
+    p.add_argument("--validation-prompt", help="prompt for validation images (default empty)")
+    p.add_argument("--export-dtype", choices=["float16", "float32", "bfloat16"], help="default float16")
+    p.add_argument("--num-workers", type=int, help="data loading worker processes (default 0)")
+    p.add_argument("--log-every", type=_positive_int, help="steps between logged losses (default 10)")
+    p.add_argument(
+        "--report-to", choices=["tensorboard", "none"], help="default tensorboard (in OUTPUT/logs)"
+    )
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
+    """Train (or resume) an adapter; the result is an ordinary official-format adapter file."""
+    from .errors import InputError
+
+    given = {
+        k: v
+        for k, v in vars(args).items()
+        if v is not None and k not in ("command", "debug", "json", "quiet")
+    }
+    resume = given.pop("resume", None)
+    saved: dict[str, Any] = {}
+    if resume:
+        if "output" in given and Path(given["output"]).resolve() != Path(resume).resolve():
+            raise InputError(f"--resume '{resume}' and --output '{given['output']}' differ; a run resumes in its "
+                             "own folder: drop --output")  # fmt: skip
+        config_file = Path(resume) / "train_config.json"
+        if not config_file.is_file():
+            raise InputError(f"--resume: '{resume}' holds no training run (train_config.json missing); start a "
+                             "new run with --output")  # fmt: skip
+        saved = json.loads(config_file.read_text())
+        given["output"] = resume
+    missing = [f"--{k}" for k in ("base", "data", "output") if k not in given and k not in saved]
+    if missing:
+        raise InputError(
+            f"missing {', '.join(missing)}; a new run needs a base model, data and an output folder"
+        )
+    if args.quiet:
+        _quiet_libraries()
+    from .training.trainer import TrainConfig, Trainer
+
+    config = TrainConfig(**{**saved, **given, "resume": bool(resume)})
+    trainer = Trainer(config)
+    trainer.setup()
+    final = trainer.train()
+    if not args.json:
+        print(f"wrote {final} after {trainer.step} steps")
+    return {"output": str(final), "steps": trainer.step, "skipped": len(trainer.skipped)}
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -170,6 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     }
     for command, help_text in modes.items():
         _add_generation_options(sub.add_parser(command, help=help_text), command)
+    _add_train_options(
+        sub.add_parser("train", help="train an adapter on image-text pairs (accelerate-ready)")
+    )
     return parser
 
 
@@ -424,7 +517,7 @@ def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
 
 
 COMMANDS = {"inspect": cmd_inspect, "convert": cmd_convert, "generate": cmd_generate, "img2img": cmd_generate,
-            "inpaint": cmd_generate, "video": cmd_generate}  # fmt: skip
+            "inpaint": cmd_generate, "video": cmd_generate, "train": cmd_train}  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:

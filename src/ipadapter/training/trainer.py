@@ -1,0 +1,678 @@
+"""The paper's training recipe (Ye et al. 2023, DESIGN.md §3.4) on accelerate.
+
+Frozen UNet, VAE, text and image encoders; trained: the image projection and every layer's ``to_k_ip`` /
+``to_v_ip`` (initialised as copies of that layer's ``to_k`` / ``to_v``). Text, image or both are dropped at
+set rates (a dropped text is the empty string, a dropped image the adapter's own negative: a zero embedding
+for pooled features, the encoder on an all-zero input for hidden states), so the result supports
+classifier-free guidance. Loss: MSE to the noise (or the velocity, when the base predicts v).
+
+Every random choice of a step (which example is dropped, the noise, the timesteps, the latent sample) comes
+from a generator seeded by (seed, step, micro-batch, rank), and the data order from (seed, epoch): so a run
+resumed from a checkpoint repeats exactly what the uninterrupted run would have done.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import IncompatibleModelError, InputError
+from ..variants import AdapterSpec, ResamplerConfig
+
+VARIANTS = ("basic", "plus")
+CHECKPOINTS = "checkpoints"
+FINAL = "ip-adapter.safetensors"
+CONFIG = "train_config.json"
+
+# Fields that may change when a run is resumed (they do not change what the finished run computes).
+RESUMABLE_CHANGES = {"max_steps", "checkpoint_every", "keep_checkpoints", "validate_every", "validation_image",
+                     "validation_prompt", "num_workers", "report_to", "log_every", "resume", "export_dtype",
+                     "output", "base_config"}  # fmt: skip
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on. ``output`` is the run folder."""
+
+    base: str
+    data: str
+    output: str
+    variant: str = "plus"
+    image_encoder: str | None = None
+    base_config: str | None = None
+    init_adapter: str | None = None
+    resolution: int = 512
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 0
+    max_steps: int = 1000
+    num_tokens: int | None = None  # default: 4 (basic), 16 (plus)
+    drop_text: float = 0.05
+    drop_image: float = 0.05
+    drop_both: float = 0.05
+    seed: int = 42
+    mixed_precision: str = "no"  # no | fp16 | bf16
+    gradient_checkpointing: bool = False
+    max_grad_norm: float | None = None
+    random_crop: bool = False
+    random_flip: bool = False
+    image_column: str = "image"
+    text_column: str = "text"
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    validate_every: int = 0
+    validation_image: str | None = None
+    validation_prompt: str = ""
+    export_dtype: str = "float16"
+    num_workers: int = 0
+    log_every: int = 10
+    report_to: str = "tensorboard"  # tensorboard | none
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.variant not in VARIANTS:
+            problems.append(
+                f"variant '{self.variant}' is not trainable; expected one of {', '.join(VARIANTS)}"
+            )
+        if self.resolution <= 0 or self.resolution % 8:
+            problems.append(f"resolution {self.resolution} is not a positive multiple of 8 (try "
+                            f"{max(8, self.resolution // 8 * 8)})")  # fmt: skip
+        for name in (
+            "batch_size",
+            "grad_accum",
+            "max_steps",
+            "checkpoint_every",
+            "keep_checkpoints",
+            "log_every",
+        ):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} {getattr(self, name)} must be at least 1")
+        if self.num_tokens is not None and self.num_tokens < 1:
+            problems.append(f"num_tokens {self.num_tokens} must be at least 1")
+        for name in ("warmup_steps", "validate_every", "num_workers"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} {getattr(self, name)} must be >= 0")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            problems.append(f"lr {self.lr} must be a positive number")
+        drops = (self.drop_text, self.drop_image, self.drop_both)
+        if any(not 0 <= d <= 1 for d in drops) or sum(drops) > 1:
+            problems.append(f"drop rates text {self.drop_text}, image {self.drop_image}, both {self.drop_both} "
+                            "must each be in [0, 1] and sum to at most 1")  # fmt: skip
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            problems.append(f"mixed precision '{self.mixed_precision}' is not one of no, fp16, bf16")
+        if self.export_dtype not in ("float16", "float32", "bfloat16"):
+            problems.append(f"export dtype '{self.export_dtype}' is not one of float16, float32, bfloat16")
+        if self.report_to not in ("tensorboard", "none"):
+            problems.append(f"report_to '{self.report_to}' is not one of tensorboard, none")
+        if self.validate_every and not self.validation_image:
+            problems.append("validate_every is set but no validation image is given (--validation-image)")
+        if problems:
+            raise InputError("; ".join(problems))
+
+    @property
+    def tokens(self) -> int:
+        return self.num_tokens or (4 if self.variant == "basic" else 16)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def differences(self, saved: dict[str, Any]) -> list[str]:
+        """Fields that differ from a saved run's config in a way that would change its result."""
+        out = []
+        for f in fields(self):
+            if f.name in RESUMABLE_CHANGES or f.name not in saved:
+                continue
+            if saved[f.name] != getattr(self, f.name):
+                out.append(f"{f.name}: run has {saved[f.name]!r}, now {getattr(self, f.name)!r}")
+        return out
+
+
+def step_generator(seed: int, *parts: int) -> torch.Generator:
+    """A CPU generator for one (step, micro-batch, rank): the same numbers whenever that step runs."""
+    value = seed
+    for part in parts:
+        value = (value * 1_000_003 + part + 1) % (2**63 - 1)
+    return torch.Generator("cpu").manual_seed(value)
+
+
+def new_spec(variant: str, unet: nn.Module, encoder: nn.Module, num_tokens: int) -> AdapterSpec:
+    """The adapter layout the recipe trains for this UNet and image encoder (official hyper-parameters)."""
+    from ..adapter import cross_attention_layers
+
+    layers = cross_attention_layers(unet)
+    cross = layers[0].cross_attention_dim
+    config = encoder.config
+    resampler = None
+    if variant == "basic":
+        feature, feature_dim = "pooled", int(config.projection_dim)
+    else:
+        feature, feature_dim = "hidden", int(config.hidden_size)
+        # SD1.5 plus: dim = cross dim (768), 12 heads; SDXL plus: dim 1280, 20 heads; heads of 64 dims.
+        dim = 1280 if cross == 2048 else cross
+        resampler = ResamplerConfig(dim=dim, depth=4, dim_head=64, heads=max(1, dim // 64), num_queries=num_tokens,
+                                    embedding_dim=feature_dim, output_dim=cross, ff_mult=4)  # fmt: skip
+    return AdapterSpec(
+        layout=variant,
+        names=(),
+        num_tokens=num_tokens,
+        feature=feature,
+        feature_dim=feature_dim,
+        cross_attention_dim=cross,
+        layer_ids=tuple(2 * layer.index + 1 for layer in layers),
+        hidden_sizes=tuple(layer.hidden_size for layer in layers),
+        resampler=resampler,
+    )
+
+
+def initial_checkpoint(spec: AdapterSpec, unet: nn.Module, seed: int) -> Any:
+    """A fresh projection and ``to_k_ip``/``to_v_ip`` copied from each layer's ``to_k``/``to_v``."""
+    from ..adapter import cross_attention_layers
+    from ..checkpoint import Checkpoint
+    from ..projection import build_projection
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        projection = build_projection(spec)
+    ip_adapter = {}
+    for layer, layer_id in zip(cross_attention_layers(unet), spec.layer_ids, strict=True):
+        attn = unet.get_submodule(layer.name.removesuffix(".processor"))
+        ip_adapter[f"{layer_id}.to_k_ip.weight"] = attn.to_k.weight.detach().float().clone()
+        ip_adapter[f"{layer_id}.to_v_ip.weight"] = attn.to_v.weight.detach().float().clone()
+    image_proj = {k: v.detach().float().clone() for k, v in projection.state_dict().items()}
+    return Checkpoint(image_proj, ip_adapter, source="initialisation")
+
+
+class AdapterTrainModule(nn.Module):
+    """The trainable adapter and the frozen UNet it lives in: ``forward`` predicts the noise (or v)."""
+
+    def __init__(self, unet: nn.Module, projection: nn.Module, name: str) -> None:
+        super().__init__()
+        self.unet = unet
+        self.projection = projection
+        self.name = name
+
+    def forward(
+        self,
+        noisy: torch.Tensor,
+        timesteps: torch.Tensor,
+        text: torch.Tensor,
+        features: torch.Tensor,
+        added_cond_kwargs: dict[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        from ..conditioning import ImagePrompt
+
+        tokens = self.projection(features)  # (B, N, D)
+        prompt = ImagePrompt({self.name: tokens}, {self.name: tokens}, guidance=False)
+        return self.unet(
+            noisy,
+            timesteps,
+            encoder_hidden_states=text,
+            added_cond_kwargs=added_cond_kwargs,
+            cross_attention_kwargs={"image_prompt": prompt},
+        ).sample
+
+
+def trainable_state(handle: Any) -> Any:
+    """The adapter's current weights as an official-layout :class:`Checkpoint` (float32, CPU)."""
+    from ..checkpoint import Checkpoint
+
+    image_proj = {k: v.detach().float().cpu().clone() for k, v in handle.projection.state_dict().items()}
+    ids = dict(zip(handle._branches, handle.spec.layer_ids, strict=True))
+    ip_adapter = {}
+    for proc_name, branch in handle._branches.items():
+        for part in ("to_k_ip", "to_v_ip"):
+            weight = getattr(branch, part).weight
+            ip_adapter[f"{ids[proc_name]}.{part}.weight"] = weight.detach().float().cpu().clone()
+    return Checkpoint(image_proj, ip_adapter, source="training")
+
+
+def load_trainable(handle: Any, ckpt: Any) -> None:
+    """Put a checkpoint's weights into the attached adapter (same layout required)."""
+    handle.projection.load_state_dict(ckpt.image_proj, strict=True)  # copies into the existing dtype/device
+    ids = dict(zip(handle._branches, handle.spec.layer_ids, strict=True))
+    with torch.no_grad():
+        for proc_name, branch in handle._branches.items():
+            for part in ("to_k_ip", "to_v_ip"):
+                getattr(branch, part).weight.copy_(ckpt.ip_adapter[f"{ids[proc_name]}.{part}.weight"])
+
+
+def checkpoints(output: Path) -> list[Path]:
+    """The run's complete checkpoints, oldest first."""
+    folder = output / CHECKPOINTS
+    if not folder.is_dir():
+        return []
+    found = [
+        p
+        for p in folder.iterdir()
+        if p.is_dir() and p.name.startswith("step-") and (p / "state.json").is_file()
+    ]
+    return sorted(found, key=lambda p: int(p.name.removeprefix("step-")))
+
+
+class Trainer:
+    """One training run: set up (validating everything first), train, checkpoint, resume, export."""
+
+    def __init__(self, config: TrainConfig) -> None:
+        self.config = config
+        self.output = Path(config.output)
+        self.skipped: list[tuple[str, str]] = []
+
+    # -- setup -------------------------------------------------------------------------------------------
+    def _check_output(self) -> dict[str, Any] | None:
+        """The saved config when resuming (after checking it matches), else None."""
+        c = self.config
+        saved_path = self.output / CONFIG
+        if c.resume:
+            if not saved_path.is_file():
+                raise InputError(f"--resume: '{self.output}' holds no training run ({CONFIG} missing); "
+                                 "start a new run with --output")  # fmt: skip
+            saved = json.loads(saved_path.read_text())
+            diff = c.differences(saved)
+            if diff:
+                raise InputError(f"--resume: '{self.output}' was trained with another configuration ("
+                                 + "; ".join(diff) + "); resume with the same settings or start a new run")  # fmt: skip
+            return saved
+        if saved_path.is_file() or checkpoints(self.output):
+            raise InputError(f"output '{self.output}' already holds a training run; pass --resume to continue it "
+                             "or choose a new --output")  # fmt: skip
+        if self.output.exists() and not self.output.is_dir():
+            raise InputError(f"output '{self.output}' is a file; expected a folder for the run")
+        return None
+
+    def setup(self) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import ProjectConfiguration
+        from diffusers import DDPMScheduler
+
+        from ..adapter import attach
+        from ..checkpoint import load_checkpoint
+        from ..images import load_image
+        from ..pipelines import load_pipeline
+        from ..sources import load_image_encoder, resolve_adapter
+        from ..variants import detect
+        from .data import Transform, open_source
+
+        c = self.config
+        self._check_output()
+        self.source = open_source(c.data, image_column=c.image_column, text_column=c.text_column)
+        if c.validation_image:
+            self.validation_reference = load_image(c.validation_image, "validation image")
+
+        self.accelerator = Accelerator(
+            mixed_precision=c.mixed_precision,
+            gradient_accumulation_steps=1,  # accumulation is done explicitly, step by step
+            log_with=None if c.report_to == "none" else c.report_to,
+            project_config=ProjectConfiguration(
+                project_dir=str(self.output), logging_dir=str(self.output / "logs")
+            ),
+        )
+        acc = self.accelerator
+        weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(c.mixed_precision, torch.float32)
+        self.weight_dtype = weight_dtype
+        pipe = load_pipeline(c.base, dtype=torch.float32, device="cpu", base_config=c.base_config)
+        pipe.set_progress_bar_config(disable=True)
+        encoder_spec = c.image_encoder or default_training_encoder(pipe, c.variant)
+        encoder_model = load_image_encoder(encoder_spec)
+        spec = new_spec(c.variant, pipe.unet, encoder_model, c.tokens)
+        if c.init_adapter:
+            init = load_checkpoint(resolve_adapter(c.init_adapter))
+            init_spec = detect(init)
+            if (init_spec.layout, init_spec.feature_dim, init_spec.num_tokens) != (spec.layout, spec.feature_dim,
+                                                                                  spec.num_tokens):  # fmt: skip
+                raise IncompatibleModelError(
+                    f"--init-adapter '{c.init_adapter}' is a {init_spec.layout} adapter with {init_spec.num_tokens} "
+                    f"tokens from {init_spec.feature_dim}-dim features; this run trains a {spec.layout} adapter with "
+                    f"{spec.num_tokens} tokens from {spec.feature_dim}-dim features"
+                )
+            start = init
+        else:
+            start = initial_checkpoint(spec, pipe.unet, c.seed)
+        # attach validates the layout against the UNet and the encoder before anything changes
+        handle = attach(pipe, start, encoder_model, scale=1.0, name="train")
+        self.transform = Transform(resolution=c.resolution, clip_size=int(encoder_model.config.image_size),
+                                   random_crop=c.random_crop, random_flip=c.random_flip)  # fmt: skip
+
+        # Freeze everything, then unfreeze the adapter's weights (kept in float32).
+        for module in (pipe.unet, pipe.vae, encoder_model, *self._text_encoders(pipe)):
+            module.requires_grad_(False)
+            module.eval()
+        params = list(handle.projection.parameters()) + [
+            p for b in handle._branches.values() for p in b.parameters()
+        ]
+        device = acc.device
+        pipe.unet.to(device=device, dtype=weight_dtype)
+        for module in self._text_encoders(pipe):
+            module.to(device=device, dtype=weight_dtype)
+        encoder_model.to(device=device, dtype=weight_dtype)
+        pipe.vae.to(device=device, dtype=torch.float32)  # the SDXL VAE overflows in float16
+        for p in params:
+            p.data = p.data.to(device=device, dtype=torch.float32)
+            p.requires_grad_(True)
+        handle.projection.train()
+        if c.gradient_checkpointing:
+            pipe.unet.enable_gradient_checkpointing()
+        self.pipe, self.handle, self.encoder_model, self.spec = pipe, handle, encoder_model, spec
+        self.params = params
+        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+
+        module = AdapterTrainModule(pipe.unet, handle.projection, handle.name)
+        optimizer = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
+        lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: min(1.0, (step + 1) / c.warmup_steps) if c.warmup_steps else 1.0
+        )
+        self.module, self.optimizer = acc.prepare(module, optimizer)
+        self.lr_scheduler = lr_scheduler
+        self.step = 0
+        if c.resume:
+            self._load_latest()
+        if acc.is_main_process:
+            self.output.mkdir(parents=True, exist_ok=True)
+            (self.output / CONFIG).write_text(json.dumps(c.to_dict(), indent=2))
+        if c.report_to != "none":
+            acc.init_trackers("ipadapter", config={k: v for k, v in c.to_dict().items() if v is not None})
+
+    @staticmethod
+    def _text_encoders(pipe: Any) -> list[nn.Module]:
+        return [
+            m
+            for m in (getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None))
+            if m is not None
+        ]
+
+    # -- data --------------------------------------------------------------------------------------------
+    def _batches(self) -> Iterator[dict[str, Any]]:
+        """This rank's micro-batches from the run's current position onwards."""
+        from .data import StreamingDataset, collate
+
+        c, acc = self.config, self.accelerator
+        per_rank = c.batch_size
+        start = self.step * c.grad_accum * per_rank  # examples this rank has consumed
+        if self.source.streaming:
+            dataset = StreamingDataset(self.source, self.transform, seed=c.seed, rank=acc.process_index,
+                                       world_size=acc.num_processes, start=start)  # fmt: skip
+            loader = torch.utils.data.DataLoader(dataset, batch_size=per_rank, collate_fn=collate)
+            yield from loader
+            return
+        dataset = _EpochIndexed(self.source, self.transform, c.seed)
+        sampler = _RankPositions(
+            len(self.source), c.seed, acc.process_index, acc.num_processes, per_rank, start
+        )
+        loader = torch.utils.data.DataLoader(dataset, batch_size=per_rank, sampler=sampler, collate_fn=collate,
+                                             num_workers=c.num_workers)  # fmt: skip
+        yield from loader
+
+    # -- one step ----------------------------------------------------------------------------------------
+    def _encode_text(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        out = self.pipe.encode_prompt(
+            prompt=texts,
+            device=self.accelerator.device,
+            num_images_per_prompt=1,
+            do_classifier_free_guidance=False,
+        )
+        if len(out) == 4:  # SDXL: (embeds, negative, pooled, negative pooled)
+            return out[0], out[2]
+        return out[0], None
+
+    def _loss(self, batch: dict[str, Any], gen: torch.Generator) -> torch.Tensor:
+        c, device = self.config, self.accelerator.device
+        pixels = batch["pixel_values"].to(device)
+        n = pixels.shape[0]
+        # which examples lose their text, their image, or both (the official rule: one draw per example)
+        draw = torch.rand(n, generator=gen)
+        drop_image = draw < c.drop_image
+        drop_text = (draw >= c.drop_image) & (draw < c.drop_image + c.drop_text)
+        both = (draw >= c.drop_image + c.drop_text) & (draw < c.drop_image + c.drop_text + c.drop_both)
+        drop_image, drop_text = drop_image | both, drop_text | both
+        texts = ["" if d else t for t, d in zip(batch["texts"], drop_text.tolist(), strict=True)]
+        with torch.no_grad():
+            latents = self.pipe.vae.encode(pixels.float()).latent_dist.sample(generator=gen)
+            shift = getattr(self.pipe.vae.config, "shift_factor", None) or 0.0
+            latents = ((latents - shift) * self.pipe.vae.config.scaling_factor).to(self.weight_dtype)
+            text, pooled = self._encode_text(texts)
+            features = self._features(batch["clip_pixel_values"].to(device), drop_image.to(device))
+        noise = torch.randn(latents.shape, generator=gen).to(device=device, dtype=latents.dtype)
+        steps = self.noise_scheduler.config.num_train_timesteps
+        timesteps = torch.randint(0, steps, (n,), generator=gen).to(device)
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        if self.noise_scheduler.config.prediction_type == "v_prediction":
+            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            target = noise
+        added = None
+        if pooled is not None:  # SDXL micro-conditioning: original size, crop top-left, target size
+            target_size = torch.tensor([c.resolution, c.resolution]).expand(n, 2)
+            time_ids = torch.cat([batch["original_size"], batch["crop_top_left"], target_size], dim=1)
+            added = {"text_embeds": pooled, "time_ids": time_ids.to(device=device, dtype=text.dtype)}
+        with self.accelerator.autocast():
+            pred = self.module(noisy, timesteps, text, features, added)
+        return F.mse_loss(pred.float(), target.float())
+
+    def _features(self, clip: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
+        """Encoder features in float32; dropped images get the adapter's negative (zeros / encoder on zeros)."""
+        model = self.encoder_model
+        if self.spec.feature == "pooled":
+            feats = model(pixel_values=clip.to(self.weight_dtype)).image_embeds
+            feats = torch.where(dropped[:, None], torch.zeros_like(feats), feats)
+        else:
+            clip = torch.where(dropped[:, None, None, None], torch.zeros_like(clip), clip)
+            feats = model(pixel_values=clip.to(self.weight_dtype), output_hidden_states=True).hidden_states[
+                -2
+            ]
+        return feats.float()
+
+    # -- the loop ----------------------------------------------------------------------------------------
+    def train(self) -> Path:
+        from tqdm.auto import tqdm
+
+        c, acc = self.config, self.accelerator
+        batches = self._batches()
+        bar = tqdm(
+            total=c.max_steps, initial=self.step, disable=not acc.is_local_main_process, desc="training"
+        )
+        last_good: dict[str, Any] | None = None
+        started, seen = time.perf_counter(), 0
+        while self.step < c.max_steps:
+            total = 0.0
+            for micro in range(c.grad_accum):
+                batch = next(batches)
+                self.skipped.extend(batch.get("skipped", []))
+                if not batch["texts"]:  # every image of this micro-batch was unreadable: repeat the last one
+                    if last_good is None:
+                        continue
+                    batch = last_good
+                last_good = batch
+                gen = step_generator(c.seed, self.step, micro, acc.process_index)
+                loss = self._loss(batch, gen) / c.grad_accum
+                acc.backward(loss)
+                total += loss.detach().item()
+                seen += len(batch["texts"]) * acc.num_processes
+            if c.max_grad_norm:
+                acc.clip_grad_norm_(self.params, c.max_grad_norm)
+            self.optimizer.step()
+            self.lr_scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            rate = seen / max(time.perf_counter() - started, 1e-9)
+            lr = self.lr_scheduler.get_last_lr()[0]
+            bar.update(1)
+            bar.set_postfix(loss=f"{total:.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.2f}")
+            if self.step % c.log_every == 0 or self.step == c.max_steps:
+                acc.log({"loss": total, "lr": lr, "samples_per_second": rate}, step=self.step)
+            if self.step % c.checkpoint_every == 0 or self.step == c.max_steps:
+                self.save_checkpoint()
+            if c.validate_every and (self.step % c.validate_every == 0 or self.step == c.max_steps):
+                self.validate()
+        bar.close()
+        final = self.export(self.output / FINAL)
+        acc.end_training()
+        return final
+
+    # -- checkpoints -------------------------------------------------------------------------------------
+    def save_checkpoint(self) -> Path | None:
+        """``checkpoints/step-N``: adapter weights, optimizer, lr schedule, position; written atomically."""
+        from ..checkpoint import save_checkpoint
+
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        folder = self.output / CHECKPOINTS / f"step-{self.step:07d}"
+        if acc.is_main_process:
+            tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            ckpt = trainable_state(self.handle)
+            ckpt.metadata = self._metadata()
+            save_checkpoint(ckpt, tmp / "adapter.safetensors")
+            torch.save({"optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict()},
+                       tmp / "optimizer.pt")  # fmt: skip
+            state = {"step": self.step, "skipped": len(self.skipped), "config": self.config.to_dict()}
+            (tmp / "state.json").write_text(json.dumps(state, indent=2))
+            if folder.exists():
+                shutil.rmtree(folder)
+            os.replace(tmp, folder)  # a checkpoint exists whole or not at all
+            for old in checkpoints(self.output)[: -self.config.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
+        return folder
+
+    def _load_latest(self) -> None:
+        from ..checkpoint import load_checkpoint
+
+        found = checkpoints(self.output)
+        if not found:
+            return  # the run stopped before its first checkpoint: start from the beginning
+        folder = found[-1]
+        load_trainable(self.handle, load_checkpoint(folder / "adapter.safetensors"))
+        state = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        saved = json.loads((folder / "state.json").read_text())
+        self.step = int(saved["step"])
+
+    def _metadata(self) -> dict[str, str]:
+        c = self.config
+        return {"ipadapter.base": c.base, "ipadapter.image_encoder": str(c.image_encoder or ""),
+                "ipadapter.variant": c.variant, "ipadapter.steps": str(self.step),
+                "ipadapter.num_tokens": str(c.tokens), "ipadapter.resolution": str(c.resolution)}  # fmt: skip
+
+    # -- validation and export ---------------------------------------------------------------------------
+    def validate(self) -> Path | None:
+        """An image from the validation reference and prompt with the current weights (main process)."""
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        path = None
+        if acc.is_main_process:
+            c = self.config
+            self.handle.projection.eval()
+            with torch.no_grad(), acc.autocast():
+                image = self.handle(
+                    self.validation_reference,
+                    prompt=c.validation_prompt,
+                    num_inference_steps=30 if c.resolution >= 256 else 4,
+                    height=c.resolution,
+                    width=c.resolution,
+                    generator=torch.Generator("cpu").manual_seed(c.seed),
+                ).images[0]
+            self.handle.projection.train()
+            folder = self.output / "validation"
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / f"step-{self.step:07d}.png"
+            image.save(path)
+            for tracker in acc.trackers:
+                if tracker.name == "tensorboard":
+                    import numpy as np
+
+                    tracker.writer.add_image("validation", np.asarray(image), self.step, dataformats="HWC")
+        acc.wait_for_everyone()
+        return path
+
+    def export(self, path: Path) -> Path:
+        """The adapter as an official-format ``.safetensors`` in the export dtype, with run metadata."""
+        from ..checkpoint import save_checkpoint
+
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(
+                self.config.export_dtype, torch.float32
+            )
+            ckpt = trainable_state(self.handle)
+            ckpt.image_proj = {k: v.to(dtype) for k, v in ckpt.image_proj.items()}
+            ckpt.ip_adapter = {k: v.to(dtype) for k, v in ckpt.ip_adapter.items()}
+            ckpt.metadata = self._metadata()
+            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+            save_checkpoint(ckpt, tmp.with_suffix(".safetensors"))
+            os.replace(tmp.with_suffix(".safetensors"), path)
+            if self.skipped:
+                print(f"ipadapter: note: skipped {len(self.skipped)} unreadable image(s), e.g. "
+                      f"{self.skipped[0][0]}: {self.skipped[0][1]}", file=sys.stderr)  # fmt: skip
+        acc.wait_for_everyone()
+        return path
+
+
+def default_training_encoder(pipe: Any, variant: str) -> str:
+    """The official encoder a variant is trained with: ViT-H for SD1.5 and SDXL plus, bigG for SDXL basic."""
+    sdxl = pipe.unet.config.cross_attention_dim == 2048
+    sub = "sdxl_models/image_encoder" if sdxl and variant == "basic" else "models/image_encoder"
+    return f"h94/IP-Adapter/{sub}"
+
+
+class _EpochIndexed(torch.utils.data.Dataset):
+    """Map-style examples addressed by (epoch, index): crops/flips seeded from both, so resume repeats them."""
+
+    def __init__(self, source: Any, transform: Any, seed: int) -> None:
+        self.source, self.transform, self.seed = source, transform, seed
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
+        epoch, index = key
+        return self.transform(self.source[index], step_generator(self.seed, 7, epoch, index))
+
+
+class _RankPositions(torch.utils.data.Sampler):
+    """(epoch, index) keys of this rank's examples from ``start`` on, forever: each epoch a seeded permutation,
+    consecutive ``batch``-sized slices dealt round-robin to the ranks."""
+
+    def __init__(self, n: int, seed: int, rank: int, world: int, batch: int, start: int) -> None:
+        self.n, self.seed, self.rank, self.world, self.batch, self.start = n, seed, rank, world, batch, start
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        from .data import epoch_order
+
+        k = (
+            self.start
+        )  # this rank's k-th example is global example (k // batch * world + rank) * batch + k % batch
+        orders: dict[int, list[int]] = {}
+        while True:
+            q = (k // self.batch * self.world + self.rank) * self.batch + k % self.batch
+            epoch, pos = divmod(q, self.n)
+            if epoch not in orders:
+                orders = {epoch: epoch_order(self.n, self.seed, epoch)}
+            yield epoch, orders[epoch][pos]
+            k += 1
+
+    def __len__(self) -> int:  # endless; DataLoader only needs a number for its length hint
+        return 2**31
+
+
+def train(config: TrainConfig) -> Path:
+    """Run (or resume) training and return the exported adapter's path."""
+    trainer = Trainer(config)
+    trainer.setup()
+    return trainer.train()

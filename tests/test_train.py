@@ -1,0 +1,248 @@
+"""`ipadapter train`: the recipe learns, touches only the adapter, resumes exactly, exports for diffusers."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import CALL, load_pipe, reference_image, run
+from PIL import Image
+from safetensors import safe_open
+from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+from ipadapter import InputError, attach, load_checkpoint
+from ipadapter.cli import main
+from ipadapter.training.trainer import TrainConfig, Trainer, step_generator
+
+TOL = 2 / 255
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Eight image-caption pairs (blocky colour images, varied sizes) as a folder with .txt captions."""
+    folder = tmp_path_factory.mktemp("pairs")
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        w, h = (40, 32) if i % 2 else (32, 48)
+        blocks = rng.integers(0, 255, (4, 4, 3), dtype=np.uint8)
+        Image.fromarray(blocks).resize((w, h), Image.Resampling.NEAREST).save(folder / f"img{i}.png")
+        (folder / f"img{i}.txt").write_text(f"a picture number {i}")
+    return folder
+
+
+def config(models: dict, data: Path, out: Path, **overrides) -> TrainConfig:
+    values = dict(base=str(models["sd15"]), data=str(data), output=str(out), variant="basic",
+                  image_encoder=str(models["vit_h"]), resolution=32, batch_size=4, max_steps=4, lr=1e-3,
+                  checkpoint_every=2, report_to="none", log_every=1)  # fmt: skip
+    return TrainConfig(**{**values, **overrides})
+
+
+def adapter_tensors(path: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(path).flat()
+
+
+def fixed_loss(trainer: Trainer, batches: list[dict]) -> float:
+    """The training loss on fixed batches with fixed noise, drops off: comparable before and after."""
+    c = trainer.config
+    saved = (c.drop_text, c.drop_image, c.drop_both)
+    c.drop_text = c.drop_image = c.drop_both = 0.0
+    with torch.no_grad():
+        loss = sum(trainer._loss(b, step_generator(123, i)).item() for i, b in enumerate(batches))
+    c.drop_text, c.drop_image, c.drop_both = saved
+    return loss / len(batches)
+
+
+def test_loss_goes_down_and_only_the_adapter_changes(models: dict, pairs: Path, tmp_path: Path) -> None:
+    trainer = Trainer(config(models, pairs, tmp_path / "run", max_steps=50, checkpoint_every=50, lr=2e-3))
+    trainer.setup()
+    frozen = {
+        "unet": {k: v.clone() for k, v in trainer.pipe.unet.state_dict().items() if ".processor." not in k},
+        "vae": {k: v.clone() for k, v in trainer.pipe.vae.state_dict().items()},
+        "text": {k: v.clone() for k, v in trainer.pipe.text_encoder.state_dict().items()},
+        "image": {k: v.clone() for k, v in trainer.encoder_model.state_dict().items()},
+    }
+    batches = [next(trainer._batches()) for _ in range(1)]
+    before = fixed_loss(trainer, batches)
+    start = {k: v.clone() for k, v in trainer.handle.projection.state_dict().items()}
+    trainer.train()
+    after = fixed_loss(trainer, batches)
+    assert after < 0.8 * before, (before, after)
+    now = {"unet": trainer.pipe.unet.state_dict(), "vae": trainer.pipe.vae.state_dict(),
+           "text": trainer.pipe.text_encoder.state_dict(), "image": trainer.encoder_model.state_dict()}  # fmt: skip
+    for part, tensors in frozen.items():
+        for key, value in tensors.items():
+            assert torch.equal(now[part][key], value), f"{part} {key} changed"
+    assert any(not torch.equal(v, start[k]) for k, v in trainer.handle.projection.state_dict().items())
+    assert (tmp_path / "run" / "ip-adapter.safetensors").is_file()
+
+
+def test_branches_start_as_copies_of_the_layer_keys_and_values(
+    models: dict, pairs: Path, tmp_path: Path
+) -> None:
+    trainer = Trainer(config(models, pairs, tmp_path / "run"))
+    trainer.setup()
+    unet = trainer.pipe.unet
+    for name, branch in trainer.handle._branches.items():
+        attn = unet.get_submodule(name.removesuffix(".processor"))
+        assert torch.equal(branch.to_k_ip.weight, attn.to_k.weight.float())
+        assert torch.equal(branch.to_v_ip.weight, attn.to_v.weight.float())
+
+
+def test_resumed_run_ends_with_the_same_weights(models: dict, pairs: Path, tmp_path: Path) -> None:
+    whole = Trainer(config(models, pairs, tmp_path / "whole", max_steps=6, variant="plus", drop_image=0.3,
+                           random_crop=True, random_flip=True, batch_size=3))  # fmt: skip
+    whole.setup()
+    whole.train()
+    first = Trainer(config(models, pairs, tmp_path / "split", max_steps=4, variant="plus", drop_image=0.3,
+                           random_crop=True, random_flip=True, batch_size=3))  # fmt: skip
+    first.setup()
+    first.train()
+    resumed = Trainer(config(models, pairs, tmp_path / "split", max_steps=6, variant="plus", drop_image=0.3,
+                             random_crop=True, random_flip=True, batch_size=3, resume=True))  # fmt: skip
+    resumed.setup()
+    assert resumed.step == 4
+    resumed.train()
+    a, b = (
+        adapter_tensors(tmp_path / "whole" / "ip-adapter.safetensors"),
+        adapter_tensors(tmp_path / "split" / "ip-adapter.safetensors"),
+    )
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key].float(), b[key].float(), atol=1e-6), key
+    kept = sorted(p.name for p in (tmp_path / "split" / "checkpoints").iterdir())
+    assert kept == ["step-0000002", "step-0000004", "step-0000006"]
+
+
+def _train_argv(models: dict, data: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "train", "--base", str(models["sd15"]), "--image-encoder", str(models["vit_h"]), "--variant", "basic",
+        "--data", str(data), "--resolution", "32", "--batch-size", "2", "--lr", "1e-3", "--output", str(out),
+        "--report-to", "none", *extra,
+    ]  # fmt: skip
+
+
+def test_killed_run_resumes_to_the_same_weights(models: dict, pairs: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    steps = ["--max-steps", "16", "--checkpoint-every", "2", "--keep-checkpoints", "2"]
+    argv = [sys.executable, "-m", "ipadapter", *_train_argv(models, pairs, tmp_path / "killed", *steps)]
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoints = tmp_path / "killed" / "checkpoints"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (checkpoints.is_dir() and any(checkpoints.glob("step-*"))):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed" / "ip-adapter.safetensors").exists(), "the run ended before it was killed"
+    assert main(["train", "--resume", str(tmp_path / "killed"), "--json"]) == 0
+    assert main(_train_argv(models, pairs, tmp_path / "whole", *steps)) == 0
+    a = adapter_tensors(tmp_path / "killed" / "ip-adapter.safetensors")
+    b = adapter_tensors(tmp_path / "whole" / "ip-adapter.safetensors")
+    for key in a:
+        assert torch.allclose(a[key].float(), b[key].float(), atol=1e-6), key
+    assert not list(checkpoints.glob(".step-*"))  # no half-written checkpoint is left behind
+
+
+def test_export_loads_in_diffusers_with_the_same_image(models: dict, pairs: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    assert main(_train_argv(models, pairs, out, "--max-steps", "2", "--variant", "plus", "--export-dtype",
+                            "float32")) == 0  # fmt: skip
+    final = out / "ip-adapter.safetensors"
+    with safe_open(str(final), "pt") as f:
+        meta = f.metadata()
+        assert {k.split(".")[0] for k in f.keys()} == {"image_proj", "ip_adapter"}
+    assert meta["ipadapter.variant"] == "plus" and meta["ipadapter.steps"] == "2"
+    from diffusers import StableDiffusionPipeline
+
+    encoder = CLIPVisionModelWithProjection.from_pretrained(models["vit_h"])
+    theirs = StableDiffusionPipeline.from_pretrained(
+        models["sd15"], image_encoder=encoder, feature_extractor=CLIPImageProcessor(size=32, crop_size=32)
+    )
+    theirs.set_progress_bar_config(disable=True)
+    theirs.load_ip_adapter(str(out), subfolder="", weight_name=final.name, image_encoder_folder=None)
+    theirs.set_ip_adapter_scale(0.7)
+    expected = run(theirs, ip_adapter_image=reference_image())
+    ip = attach(load_pipe(models, "sd15"), final, models["vit_h"], scale=0.7)
+    assert np.abs(run(ip, reference_image()) - expected).max() <= TOL
+
+
+def test_sdxl_trains_and_exports(models: dict, pairs: Path, tmp_path: Path) -> None:
+    cfg = config(models, pairs, tmp_path / "xl", base=str(models["sdxl"]), image_encoder=str(models["big_g"]),
+                 max_steps=2, batch_size=2)  # fmt: skip
+    trainer = Trainer(cfg)
+    trainer.setup()
+    trainer.train()
+    ip = attach(load_pipe(models, "sdxl"), tmp_path / "xl" / "ip-adapter.safetensors", models["big_g"])
+    assert ip.spec.layout == "basic" and ip.spec.cross_attention_dim == 64
+    assert np.isfinite(run(ip, reference_image(), **{k: CALL[k] for k in ("height", "width")})).all()
+
+
+def test_bad_training_input_is_refused_before_training(
+    models: dict, pairs: Path, tmp_path: Path, capsys
+) -> None:
+    from test_cli import _fails
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    _fails(capsys, _train_argv(models, empty, tmp_path / "a"), "no images")
+    _fails(capsys, _train_argv(models, pairs, tmp_path / "a", "--resolution", "30"), "not a multiple of 8")
+    _fails(capsys, _train_argv(models, pairs, tmp_path / "a", "--drop-text", "0.7", "--drop-image", "0.7"),
+           "sum to at most 1")  # fmt: skip
+    _fails(capsys, ["train", "--data", str(pairs)], "missing --base", "--output")
+    _fails(capsys, ["train", "--resume", str(tmp_path / "nothing")], "holds no training run")
+    other = load_checkpoint(models["ckpt"]["plus_sd15", "safetensors"])  # 16 hidden-state tokens, not basic
+    _fails(capsys, _train_argv(models, pairs, tmp_path / "a", "--init-adapter",
+                               str(models["ckpt"]["plus_sd15", "safetensors"])), "is a plus adapter")  # fmt: skip
+    assert other.image_proj
+    out = tmp_path / "done"
+    assert main(_train_argv(models, pairs, out, "--max-steps", "1")) == 0
+    capsys.readouterr()
+    _fails(capsys, _train_argv(models, pairs, out, "--max-steps", "1"), "already holds a training run")
+    _fails(capsys, ["train", "--resume", str(out), "--lr", "5e-4"], "another configuration", "lr")
+    with pytest.raises(InputError, match="validation image"):
+        config(models, pairs, tmp_path / "b", validate_every=2)
+
+
+def test_corrupt_images_are_skipped_and_counted(models: dict, pairs: Path, tmp_path: Path, capsys) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    for p in pairs.iterdir():
+        (data / p.name).write_bytes(p.read_bytes())
+    (data / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (data / "broken.txt").write_text("a broken picture")
+    assert main(_train_argv(models, data, tmp_path / "run", "--max-steps", "3", "--json")) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["skipped"] >= 1
+    assert "skipped" in captured.err and "broken.png" in captured.err
+
+
+def test_validation_images_are_written(models: dict, pairs: Path, tmp_path: Path) -> None:
+    ref = tmp_path / "ref.png"
+    reference_image().save(ref)
+    trainer = Trainer(config(models, pairs, tmp_path / "run", max_steps=2, validate_every=1,
+                             validation_image=str(ref), validation_prompt="a picture"))  # fmt: skip
+    trainer.setup()
+    trainer.train()
+    images = sorted((tmp_path / "run" / "validation").glob("*.png"))
+    assert [p.name for p in images] == ["step-0000001.png", "step-0000002.png"]
+    assert Image.open(images[0]).size == (32, 32)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="gloo CPU launch tested on Linux")
+def test_two_process_cpu_run_writes_one_checkpoint(models: dict, pairs: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ddp"
+    argv = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines",
+            "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "ipadapter",
+            *_train_argv(models, pairs, out, "--max-steps", "2", "--checkpoint-every", "2")]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-0000002"]
+    assert (out / "ip-adapter.safetensors").is_file()
