@@ -180,6 +180,9 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--random-crop", action="store_true", default=None, help="random instead of centre crops")
     p.add_argument("--random-flip", action="store_true", default=None, help="random horizontal flips")
+    p.add_argument(
+        "--cache-dir", help="precompute VAE latents and image features here once (centre crops only)"
+    )
     p.add_argument("--checkpoint-every", type=_positive_int, help="steps between checkpoints (default 500)")
     p.add_argument("--keep-checkpoints", type=_positive_int, help="checkpoints kept (default 3)")
     p.add_argument("--validate-every", type=int, help="steps between validation images (default 0 = never)")

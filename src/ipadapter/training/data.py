@@ -702,7 +702,8 @@ def collate(examples: list[dict[str, Any]]) -> dict[str, Any]:
         "keys": [e["key"] for e in good],
         "skipped": [(e["key"], e["skipped"]) for e in examples if "skipped" in e],
     }
-    if good:
-        for name in ("pixel_values", "clip_pixel_values", "original_size", "crop_top_left"):
-            batch[name] = torch.stack([e[name] for e in good])
+    if good:  # every tensor field: images, or cached latents/features, and the SDXL size ids
+        for name, value in good[0].items():
+            if isinstance(value, torch.Tensor):
+                batch[name] = torch.stack([e[name] for e in good])
     return batch

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from torch import nn
 
 from ..errors import IncompatibleModelError, InputError
@@ -39,7 +40,7 @@ CONFIG = "train_config.json"
 # Fields that may change when a run is resumed (they do not change what the finished run computes).
 RESUMABLE_CHANGES = {"max_steps", "checkpoint_every", "keep_checkpoints", "validate_every", "validation_image",
                      "validation_prompt", "num_workers", "report_to", "log_every", "resume", "export_dtype",
-                     "output", "base_config"}  # fmt: skip
+                     "output", "base_config", "cache_dir"}  # fmt: skip
 
 
 @dataclass
@@ -70,6 +71,7 @@ class TrainConfig:
     max_grad_norm: float | None = None
     random_crop: bool = False
     random_flip: bool = False
+    cache_dir: str | None = None  # precomputed latents/features (centre crops only)
     image_column: str = "image"
     text_column: str = "text"
     checkpoint_every: int = 500
@@ -119,6 +121,10 @@ class TrainConfig:
             problems.append(f"export dtype '{self.export_dtype}' is not one of float16, float32, bfloat16")
         if self.report_to not in ("tensorboard", "none"):
             problems.append(f"report_to '{self.report_to}' is not one of tensorboard, none")
+        if self.cache_dir and (self.random_crop or self.random_flip):
+            problems.append(
+                "a feature cache stores centre crops; it cannot be used with random crops or flips"
+            )
         if self.validate_every and not self.validation_image:
             problems.append("validate_every is set but no validation image is given (--validation-image)")
         if problems:
@@ -271,6 +277,7 @@ class Trainer:
         self.config = config
         self.output = Path(config.output)
         self.skipped: list[tuple[str, str]] = []
+        self.losses: list[float] = []  # per optimizer step, this process
 
     # -- setup -------------------------------------------------------------------------------------------
     def _check_output(self) -> dict[str, Any] | None:
@@ -309,6 +316,12 @@ class Trainer:
 
         c = self.config
         self._check_output()
+        if c.report_to == "tensorboard":
+            from accelerate.utils import is_tensorboard_available
+
+            if not is_tensorboard_available():
+                raise InputError("TensorBoard logging needs the tensorboard package: `pip install tensorboard` "
+                                 "(or `pip install -e '.[train]'`), or pass --report-to none")  # fmt: skip
         self.source = open_source(c.data, image_column=c.image_column, text_column=c.text_column)
         if c.validation_image:
             self.validation_reference = load_image(c.validation_image, "validation image")
@@ -370,6 +383,9 @@ class Trainer:
         self.params = params
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
 
+        self.cache = None
+        if c.cache_dir:
+            self._build_cache(encoder_spec)
         module = AdapterTrainModule(pipe.unet, handle.projection, handle.name)
         optimizer = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
         lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -408,7 +424,12 @@ class Trainer:
             loader = torch.utils.data.DataLoader(dataset, batch_size=per_rank, collate_fn=collate)
             yield from loader
             return
-        dataset = _EpochIndexed(self.source, self.transform, c.seed)
+        if self.cache is not None:
+            from .cache import CachedExamples
+
+            dataset = CachedExamples(self.cache, self.source)
+        else:
+            dataset = _EpochIndexed(self.source, self.transform, c.seed)
         sampler = _RankPositions(
             len(self.source), c.seed, acc.process_index, acc.num_processes, per_rank, start
         )
@@ -430,8 +451,8 @@ class Trainer:
 
     def _loss(self, batch: dict[str, Any], gen: torch.Generator) -> torch.Tensor:
         c, device = self.config, self.accelerator.device
-        pixels = batch["pixel_values"].to(device)
-        n = pixels.shape[0]
+        pixels = batch.get("pixel_values")
+        n = len(batch["texts"])
         # which examples lose their text, their image, or both (the official rule: one draw per example)
         draw = torch.rand(n, generator=gen)
         drop_image = draw < c.drop_image
@@ -440,11 +461,17 @@ class Trainer:
         drop_image, drop_text = drop_image | both, drop_text | both
         texts = ["" if d else t for t, d in zip(batch["texts"], drop_text.tolist(), strict=True)]
         with torch.no_grad():
-            latents = self.pipe.vae.encode(pixels.float()).latent_dist.sample(generator=gen)
+            if "moments" in batch:  # cached: sample the stored latent distribution with this step's generator
+                latents = DiagonalGaussianDistribution(batch["moments"].to(device)).sample(generator=gen)
+            else:
+                latents = self.pipe.vae.encode(pixels.to(device).float()).latent_dist.sample(generator=gen)
             shift = getattr(self.pipe.vae.config, "shift_factor", None) or 0.0
             latents = ((latents - shift) * self.pipe.vae.config.scaling_factor).to(self.weight_dtype)
             text, pooled = self._encode_text(texts)
-            features = self._features(batch["clip_pixel_values"].to(device), drop_image.to(device))
+            if "features" in batch:
+                features = self._dropped(batch["features"].to(device), drop_image.to(device))
+            else:
+                features = self._features(batch["clip_pixel_values"].to(device), drop_image.to(device))
         noise = torch.randn(latents.shape, generator=gen).to(device=device, dtype=latents.dtype)
         steps = self.noise_scheduler.config.num_train_timesteps
         timesteps = torch.randint(0, steps, (n,), generator=gen).to(device)
@@ -462,18 +489,78 @@ class Trainer:
             pred = self.module(noisy, timesteps, text, features, added)
         return F.mse_loss(pred.float(), target.float())
 
-    def _features(self, clip: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
-        """Encoder features in float32; dropped images get the adapter's negative (zeros / encoder on zeros)."""
+    def _raw_features(self, clip: torch.Tensor) -> torch.Tensor:
+        """Encoder features in the dtype the encoder runs in: pooled image_embeds or penultimate states."""
         model = self.encoder_model
         if self.spec.feature == "pooled":
-            feats = model(pixel_values=clip.to(self.weight_dtype)).image_embeds
-            feats = torch.where(dropped[:, None], torch.zeros_like(feats), feats)
-        else:
-            clip = torch.where(dropped[:, None, None, None], torch.zeros_like(clip), clip)
-            feats = model(pixel_values=clip.to(self.weight_dtype), output_hidden_states=True).hidden_states[
-                -2
-            ]
-        return feats.float()
+            return model(pixel_values=clip.to(self.weight_dtype)).image_embeds
+        return model(pixel_values=clip.to(self.weight_dtype), output_hidden_states=True).hidden_states[-2]
+
+    def _features(self, clip: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
+        """Features (float32); dropped images get the adapter's negative (zeros / encoder on zeros)."""
+        if self.spec.feature == "pooled":
+            feats = self._raw_features(clip)
+            return torch.where(dropped[:, None], torch.zeros_like(feats), feats).float()
+        clip = torch.where(dropped[:, None, None, None], torch.zeros_like(clip), clip)
+        return self._raw_features(clip).float()
+
+    def _dropped(self, feats: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
+        """Cached features with the dropped rows replaced by the cached negative."""
+        negative = self.negative.to(device=feats.device, dtype=feats.dtype).expand_as(feats)
+        mask = dropped.view(-1, *([1] * (feats.ndim - 1)))
+        return torch.where(mask, negative, feats).float()
+
+    def _build_cache(self, encoder_spec: str) -> None:
+        """Compute the missing cache shards (ranks share them), then read the negative features."""
+        from .cache import SHARD, FeatureCache
+        from .data import collate
+
+        c, acc = self.config, self.accelerator
+        if self.source.streaming:
+            raise InputError(f"--cache-dir needs data with random access; '{c.data}' is streamed (hub dataset or "
+                             "tar shards): drop --cache-dir")  # fmt: skip
+        n = len(self.source)
+        fingerprint = {"data": c.data, "examples": n, "base": c.base, "image_encoder": encoder_spec,
+                       "feature": self.spec.feature, "resolution": c.resolution, "dtype": str(self.weight_dtype)}  # fmt: skip
+        cache = FeatureCache(c.cache_dir, fingerprint)
+        if acc.is_main_process and not (cache.folder / "index.json").is_file():
+            size = int(self.encoder_model.config.image_size)
+            with torch.no_grad():
+                if self.spec.feature == "pooled":
+                    negative = torch.zeros(self.spec.feature_dim, dtype=self.weight_dtype)
+                else:
+                    zeros = torch.zeros(1, 3, size, size, device=acc.device)
+                    negative = self._raw_features(zeros)[0]
+            cache.write_index(negative)  # first: shards are only ever read under a matching fingerprint
+        acc.wait_for_everyone()
+        for shard in cache.missing_shards(n)[acc.process_index :: acc.num_processes]:
+            tensors: dict[str, torch.Tensor] = {}
+            skipped: dict[int, str] = {}
+            indices = list(range(shard * SHARD, min(n, (shard + 1) * SHARD)))
+            for chunk in range(0, len(indices), c.batch_size):
+                part = indices[chunk : chunk + c.batch_size]
+                examples = [self.transform(self.source[i]) for i in part]
+                for i, e in zip(part, examples, strict=True):
+                    if "skipped" in e:
+                        skipped[i] = e["skipped"]
+                good = [(i, e) for i, e in zip(part, examples, strict=True) if "skipped" not in e]
+                if not good:
+                    continue
+                batch = collate([e for _, e in good])
+                with torch.no_grad():
+                    moments = self.pipe.vae.encode(
+                        batch["pixel_values"].to(acc.device)
+                    ).latent_dist.parameters
+                    feats = self._raw_features(batch["clip_pixel_values"].to(acc.device))
+                for row, (i, _) in enumerate(good):
+                    tensors[f"{i}.moments"] = moments[row].float()
+                    tensors[f"{i}.features"] = feats[row]
+                    tensors[f"{i}.original_size"] = batch["original_size"][row]
+                    tensors[f"{i}.crop_top_left"] = batch["crop_top_left"][row]
+            cache.write_shard(shard, tensors, skipped)
+        acc.wait_for_everyone()
+        self.cache = cache
+        self.negative = cache.negative()
 
     # -- the loop ----------------------------------------------------------------------------------------
     def train(self) -> Path:
@@ -507,6 +594,7 @@ class Trainer:
             self.lr_scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
+            self.losses.append(total)
             rate = seen / max(time.perf_counter() - started, 1e-9)
             lr = self.lr_scheduler.get_last_lr()[0]
             bar.update(1)

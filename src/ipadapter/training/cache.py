@@ -1,0 +1,92 @@
+"""Precomputed VAE latent moments and image-encoder features, so epochs skip the frozen encoders.
+
+Only centre crops can be cached (a random crop or flip changes the latents every epoch). The cache keeps
+the latent *distribution* (its moments), and the step samples from it with the step's own generator, so a
+cached run draws the same latents as an uncached one. Features are stored in the dtype the encoder ran in.
+Files: ``index.json`` (what the cache was built from), ``negative.safetensors`` (the adapter's negative
+features), ``shard-NNNNN.safetensors`` (256 examples each, written whole or not at all).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ..errors import InputError
+
+SHARD = 256
+VERSION = 1
+
+
+class FeatureCache:
+    """Per-example ``moments``, ``features``, ``original_size``, ``crop_top_left`` for a map-style source."""
+
+    def __init__(self, folder: str | Path, fingerprint: dict[str, Any]) -> None:
+        self.folder = Path(folder)
+        self.fingerprint = {"version": VERSION, **fingerprint}
+        index = self.folder / "index.json"
+        if index.is_file():
+            saved = json.loads(index.read_text())
+            if saved != self.fingerprint:
+                diff = [
+                    f"{k}: {saved.get(k)!r} vs {v!r}"
+                    for k, v in self.fingerprint.items()
+                    if saved.get(k) != v
+                ]
+                raise InputError(
+                    f"cache '{self.folder}' was built for other settings ({'; '.join(diff)}); choose another "
+                    "--cache-dir or delete that folder"
+                )
+
+    def shard_path(self, shard: int) -> Path:
+        return self.folder / f"shard-{shard:05d}.safetensors"
+
+    def missing_shards(self, n: int) -> list[int]:
+        return [s for s in range((n + SHARD - 1) // SHARD) if not self.shard_path(s).is_file()]
+
+    def write_shard(self, shard: int, tensors: dict[str, torch.Tensor], skipped: dict[int, str]) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.shard_path(shard)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        meta = {"skipped": json.dumps({str(k): v for k, v in skipped.items()})}
+        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=meta)
+        os.replace(tmp, path)
+
+    def write_index(self, negative: torch.Tensor) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        save_file({"negative": negative.contiguous().cpu()}, str(self.folder / "negative.safetensors"))
+        (self.folder / "index.json").write_text(json.dumps(self.fingerprint, indent=2))
+
+    def negative(self) -> torch.Tensor:
+        with safe_open(str(self.folder / "negative.safetensors"), "pt") as f:
+            return f.get_tensor("negative")
+
+    def example(self, i: int) -> dict[str, Any]:
+        """The cached tensors of example ``i``, or ``{"skipped": reason}`` if its image was unreadable."""
+        with safe_open(str(self.shard_path(i // SHARD)), "pt") as f:
+            skipped = json.loads(f.metadata().get("skipped", "{}"))
+            if str(i) in skipped:
+                return {"skipped": skipped[str(i)]}
+            return {name: f.get_tensor(f"{i}.{name}") for name in ("moments", "features", "original_size",
+                                                                    "crop_top_left")}  # fmt: skip
+
+
+class CachedExamples(torch.utils.data.Dataset):
+    """Map-style examples addressed by (epoch, index), read from a :class:`FeatureCache` (texts from the source)."""
+
+    def __init__(self, cache: FeatureCache, source: Any) -> None:
+        self.cache, self.source = cache, source
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
+        _, index = key
+        sample = self.source[index]
+        return {"key": sample.key, "text": sample.text, **self.cache.example(index)}
