@@ -279,3 +279,63 @@ def test_cached_run_matches_the_uncached_one(models: dict, pairs: Path, tmp_path
         ).setup()
     with pytest.raises(InputError, match="random crops"):
         config(models, pairs, tmp_path / "x", cache_dir=str(cache), random_crop=True)
+
+
+def test_sdxl_gets_size_and_crop_ids_and_v_prediction_targets_velocity(
+    models: dict, pairs: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    base = tmp_path / "sdxl_v"
+    shutil.copytree(models["sdxl"], base)
+    sched = base / "scheduler" / "scheduler_config.json"
+    sched.write_text(json.dumps({**json.loads(sched.read_text()), "prediction_type": "v_prediction"}))
+    trainer = Trainer(config(models, pairs, tmp_path / "run", base=str(base), image_encoder=str(models["big_g"]),
+                             batch_size=2, random_crop=True))  # fmt: skip
+    trainer.setup()
+    seen: dict = {}
+    trainer.pipe.unet.register_forward_pre_hook(
+        lambda m, a, kw: seen.update(kw["added_cond_kwargs"]), with_kwargs=True
+    )
+    velocity = trainer.noise_scheduler.get_velocity
+    calls = []
+    trainer.noise_scheduler.get_velocity = lambda *a: calls.append(1) or velocity(*a)
+    batch = next(trainer._batches())
+    trainer._loss(batch, step_generator(0, 0))
+    want = torch.cat([batch["original_size"], batch["crop_top_left"], torch.tensor([[32, 32]] * 2)], dim=1)
+    assert torch.equal(seen["time_ids"].cpu(), want.float())
+    assert seen["text_embeds"].shape == (2, 32)  # the second text encoder's pooled projection
+    assert calls == [1]  # the base predicts v, so the target is the velocity
+
+
+def test_streamed_tar_shards_train_and_resume_exactly(models: dict, pairs: Path, tmp_path: Path) -> None:
+    import tarfile
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    images = sorted(pairs.glob("*.png"))
+    for s in range(2):
+        with tarfile.open(shards / f"data-{s:03d}.tar", "w") as tar:
+            for img in images[s * 4 : (s + 1) * 4]:
+                tar.add(img, arcname=img.name)
+                tar.add(img.with_suffix(".txt"), arcname=img.with_suffix(".txt").name)
+    data = str(shards / "data-{000..001}.tar")
+    whole = Trainer(
+        config(models, data, tmp_path / "whole", max_steps=4, batch_size=3, export_dtype="float32")
+    )
+    whole.setup()
+    assert whole.source.streaming
+    whole.train()
+    first = Trainer(
+        config(models, data, tmp_path / "split", max_steps=2, batch_size=3, export_dtype="float32")
+    )
+    first.setup()
+    first.train()
+    resumed = Trainer(config(models, data, tmp_path / "split", max_steps=4, batch_size=3, export_dtype="float32",
+                             resume=True))  # fmt: skip
+    resumed.setup()
+    resumed.train()
+    assert np.allclose(whole.losses[2:], resumed.losses, rtol=1e-6)
+    a = adapter_tensors(tmp_path / "whole" / "ip-adapter.safetensors")
+    b = adapter_tensors(tmp_path / "split" / "ip-adapter.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -233,7 +233,9 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     final = trainer.train()
     if not args.json:
         print(f"wrote {final} after {trainer.step} steps")
-    return {"output": str(final), "steps": trainer.step, "skipped": len(trainer.skipped)}
+    train_s = trainer.seconds["train"]
+    return {"output": str(final), "steps": trainer.step, "skipped": len(trainer.skipped), "seconds": trainer.seconds,
+            "samples_per_second": trainer.samples / train_s if train_s else None}  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -278,6 +278,8 @@ class Trainer:
         self.output = Path(config.output)
         self.skipped: list[tuple[str, str]] = []
         self.losses: list[float] = []  # per optimizer step, this process
+        self.seconds = {"setup": 0.0, "cache": 0.0, "train": 0.0}
+        self.samples = 0  # examples trained on in this session, all processes
 
     # -- setup -------------------------------------------------------------------------------------------
     def _check_output(self) -> dict[str, Any] | None:
@@ -314,6 +316,7 @@ class Trainer:
         from ..variants import detect
         from .data import Transform, open_source
 
+        started = time.perf_counter()
         c = self.config
         self._check_output()
         if c.report_to == "tensorboard":
@@ -385,7 +388,9 @@ class Trainer:
 
         self.cache = None
         if c.cache_dir:
+            cache_started = time.perf_counter()
             self._build_cache(encoder_spec)
+            self.seconds["cache"] = time.perf_counter() - cache_started
         module = AdapterTrainModule(pipe.unet, handle.projection, handle.name)
         optimizer = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
         lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -399,6 +404,7 @@ class Trainer:
         if acc.is_main_process:
             self.output.mkdir(parents=True, exist_ok=True)
             (self.output / CONFIG).write_text(json.dumps(c.to_dict(), indent=2))
+        self.seconds["setup"] = time.perf_counter() - started
         if c.report_to != "none":
             acc.init_trackers("ipadapter", config={k: v for k, v in c.to_dict().items() if v is not None})
 
@@ -606,6 +612,7 @@ class Trainer:
             if c.validate_every and (self.step % c.validate_every == 0 or self.step == c.max_steps):
                 self.validate()
         bar.close()
+        self.seconds["train"], self.samples = time.perf_counter() - started, seen
         final = self.export(self.output / FINAL)
         acc.end_training()
         return final
