@@ -339,3 +339,21 @@ def test_streamed_tar_shards_train_and_resume_exactly(models: dict, pairs: Path,
     a = adapter_tensors(tmp_path / "whole" / "ip-adapter.safetensors")
     b = adapter_tensors(tmp_path / "split" / "ip-adapter.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_engine_options_gradient_checkpointing_accumulation_bf16(
+    models: dict, pairs: Path, tmp_path: Path
+) -> None:
+    common = dict(max_steps=2, variant="plus", batch_size=2, export_dtype="float32")
+    runs = {}
+    for name, extra in {"plain": {}, "ckpt": {"gradient_checkpointing": True},
+                        "accum": {"grad_accum": 2}, "bf16": {"mixed_precision": "bf16"}}.items():  # fmt: skip
+        trainer = Trainer(config(models, pairs, tmp_path / name, **common, **extra))
+        trainer.setup()
+        trainer.train()
+        runs[name] = (trainer, adapter_tensors(tmp_path / name / "ip-adapter.safetensors"))
+    plain, ckpt = runs["plain"][1], runs["ckpt"][1]
+    assert all(torch.allclose(plain[k], ckpt[k], atol=1e-6) for k in plain)  # recomputation, same result
+    assert runs["accum"][0].samples == 2 * runs["plain"][0].samples  # two micro-batches per step
+    assert np.isfinite(runs["bf16"][0].losses).all() and runs["bf16"][0].weight_dtype == torch.bfloat16
+    assert all(v.dtype == torch.float32 for v in runs["bf16"][1].values())

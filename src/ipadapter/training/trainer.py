@@ -329,6 +329,11 @@ class Trainer:
         if c.validation_image:
             self.validation_reference = load_image(c.validation_image, "validation image")
 
+        from accelerate.state import AcceleratorState
+
+        # A second run in the same process (a notebook, tests) may use another precision: accelerate keeps
+        # that in a process-wide singleton. Reset it; the distributed PartialState is kept.
+        AcceleratorState._reset_state()
         self.accelerator = Accelerator(
             mixed_precision=c.mixed_precision,
             gradient_accumulation_steps=1,  # accumulation is done explicitly, step by step
