@@ -6,8 +6,10 @@ Light on purpose (PIL and numpy only), so the command line can check every input
 from __future__ import annotations
 
 import hashlib
+import io
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
@@ -15,7 +17,7 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 from .errors import InputError
 
 MAX_IMAGE_PIXELS = 8192 * 8192  # larger images are refused as possible decompression bombs
-ImageInput = Image.Image | str | Path
+ImageInput = Image.Image | str | Path | bytes
 
 
 def load_image(image: ImageInput, what: str = "reference image", convert=None) -> Image.Image:  # noqa: ANN001
@@ -28,30 +30,37 @@ def load_image(image: ImageInput, what: str = "reference image", convert=None) -
     convert = convert or to_rgb
     if isinstance(image, Image.Image):
         return convert(image)
+    if isinstance(image, bytes | bytearray | memoryview):  # encoded file contents (datasets, tar shards)
+        data = bytes(image)
+        if not data:
+            raise InputError(f"{what}: empty (0 bytes); expected a PNG, JPEG or WebP image")
+        return _decode(io.BytesIO(data), what, "data", convert)
     path = Path(image)
     if not path.is_file():
         raise InputError(f"{what} '{path}': no such file")
     if path.stat().st_size == 0:
         raise InputError(f"{what} '{path}': the file is empty (0 bytes); expected a PNG, JPEG or WebP image")
+    return _decode(path, f"{what} '{path}'", "file", convert)
+
+
+def _decode(source: Any, label: str, kind: str, convert: Any) -> Image.Image:
     old_limit, old_truncated = Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES
     Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = MAX_IMAGE_PIXELS, False
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(source) as img:
                 img.load()
                 return convert(img)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise InputError(
-            f"{what} '{path}' is too large to decode safely ({e}); the limit is {MAX_IMAGE_PIXELS:,} pixels: "
+            f"{label} is too large to decode safely ({e}); the limit is {MAX_IMAGE_PIXELS:,} pixels: "
             "downscale it first"
         ) from None
     except UnidentifiedImageError:
-        raise InputError(
-            f"{what} '{path}': not a readable image; expected a PNG, JPEG or WebP file"
-        ) from None
+        raise InputError(f"{label}: not a readable image; expected a PNG, JPEG or WebP {kind}") from None
     except (OSError, SyntaxError, ValueError) as e:
-        raise InputError(f"{what} '{path}': could not be decoded ({e}); the file may be truncated") from None
+        raise InputError(f"{label}: could not be decoded ({e}); the {kind} may be truncated") from None
     finally:
         Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = old_limit, old_truncated
 
