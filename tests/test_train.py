@@ -248,6 +248,7 @@ def test_two_process_cpu_run_writes_one_checkpoint(models: dict, pairs: Path, tm
     done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-0000002"]
+    assert done.stdout.count("wrote ") == 1  # one report, from the main process
     assert (out / "ip-adapter.safetensors").is_file()
 
 

@@ -197,7 +197,7 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
-def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
+def cmd_train(args: argparse.Namespace) -> dict[str, Any] | None:
     """Train (or resume) an adapter; the result is an ordinary official-format adapter file."""
     from .errors import InputError
 
@@ -231,6 +231,8 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     trainer = Trainer(config)
     trainer.setup()
     final = trainer.train()
+    if not trainer.accelerator.is_main_process:
+        return None  # one report per run, from the main process
     if not args.json:
         print(f"wrote {final} after {trainer.step} steps")
     train_s = trainer.seconds["train"]
@@ -539,7 +541,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.quiet and args.command in ("inspect", "convert"):
             _quiet_libraries()
         result = COMMANDS[args.command](args)
-        if getattr(args, "json", False):
+        if getattr(args, "json", False) and result is not None:
             print(json.dumps(result, indent=2))
         return 0
     except (CLIError, IPAdapterError) as e:

@@ -376,11 +376,9 @@ class Trainer:
             p for b in handle._branches.values() for p in b.parameters()
         ]
         device = acc.device
-        pipe.unet.to(device=device, dtype=weight_dtype)
-        for module in self._text_encoders(pipe):
-            module.to(device=device, dtype=weight_dtype)
-        encoder_model.to(device=device, dtype=weight_dtype)
-        pipe.vae.to(device=device, dtype=torch.float32)  # the SDXL VAE overflows in float16
+        for module in (pipe.unet, *self._text_encoders(pipe), encoder_model):
+            _place(module, device, weight_dtype)
+        _place(pipe.vae, device, torch.float32)  # the SDXL VAE overflows in float16
         for p in params:
             p.data = p.data.to(device=device, dtype=torch.float32)
             p.requires_grad_(True)
@@ -722,6 +720,13 @@ class Trainer:
                       f"{self.skipped[0][0]}: {self.skipped[0][1]}", file=sys.stderr)  # fmt: skip
         acc.wait_for_everyone()
         return path
+
+
+def _place(module: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Move a frozen model; cast only when needed (diffusers warns about every cast)."""
+    if next(module.parameters()).dtype != dtype:
+        module.to(dtype=dtype)
+    module.to(device)
 
 
 def default_training_encoder(pipe: Any, variant: str) -> str:
