@@ -8,7 +8,6 @@ Dims are chosen so that every mismatch the library must catch is representable:
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -32,6 +31,7 @@ from transformers import (
 )
 
 from ipadapter.checkpoint import Checkpoint, save_checkpoint
+from ipadapter.mini.tokenizer import build_tokenizer
 from ipadapter.projection import build_projection
 from ipadapter.variants import AdapterSpec, ResamplerConfig
 
@@ -40,29 +40,8 @@ VIT_H = {"pooled": 24, "hidden": 32}
 BIG_G = {"pooled": 40, "hidden": 48}
 
 
-def _bytes_to_unicode() -> list[str]:
-    """The 256 byte-level characters of the CLIP/GPT-2 BPE alphabet."""
-    bs = (
-        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
-    )
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
-
-
 def make_tokenizer(folder: Path) -> CLIPTokenizer:
-    folder.mkdir(parents=True, exist_ok=True)
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for ch in _bytes_to_unicode():
-        vocab.setdefault(ch, len(vocab))
-        vocab.setdefault(ch + "</w>", len(vocab))
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
+    return build_tokenizer(folder)
 
 
 def _text_config(hidden_size: int = 32, projection_dim: int = 32) -> CLIPTextConfig:

@@ -1,0 +1,313 @@
+"""Build the miniature model family from nothing: shapes data -> mini CLIP -> VAE -> UNet -> IP-Adapters.
+
+Every stage writes a standard diffusers/transformers folder under ``out`` and a marker with its losses, so a
+build resumes stage by stage. The adapters are trained by :mod:`ipadapter.training` — the code path users run.
+Layout of ``out`` (the pieces the rest of the toolkit loads):
+
+    data/train, data/eval          shapes pairs (images + .txt captions + metadata.jsonl)
+    clip/                          the mini CLIP (CLIPModel: text + vision towers), also the scorer
+    pipeline/                      StableDiffusionPipeline folder: tokenizer, text_encoder, vae, unet, scheduler
+    models/image_encoder/          the CLIP vision tower (CLIPVisionModelWithProjection), h94-style layout
+    models/ip-adapter_mini.safetensors, models/ip-adapter-plus_mini.safetensors
+    build_record.json              command, seeds, budgets, per-stage losses and seconds
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+STAGES = ("data", "clip", "vae", "unet", "pipeline", "adapters")
+RECORD = "build_record.json"
+
+
+@dataclass
+class BuildConfig:
+    """Sizes and budgets of the build. The defaults are the shipped model's; tests shrink them."""
+
+    out: str
+    seed: int = 0
+    size: int = 64  # image side
+    train_images: int = 20000
+    eval_images: int = 500
+    width: int = 128  # CLIP hidden size = UNet cross-attention dim
+    clip_layers: int = 4
+    patch: int = 8  # CLIP vision patch side
+    vae_channels: tuple[int, ...] = (32, 64, 64)  # len - 1 = downsamplings (latent side = size / 2**that)
+    unet_channels: tuple[int, ...] = (64, 128, 128)
+    clip_steps: int = 3000
+    clip_batch: int = 128
+    vae_steps: int = 3000
+    vae_batch: int = 32
+    unet_steps: int = 12000
+    unet_batch: int = 64
+    adapter_steps: int = 3000
+    adapter_batch: int = 32
+    lr: float = 5e-4
+    threads: int = 2
+    log: Callable[[str], None] | None = field(default=None, repr=False, compare=False)
+
+
+def _say(config: BuildConfig, text: str) -> None:
+    (config.log or print)(text)
+
+
+def _record(out: Path) -> dict[str, Any]:
+    path = out / RECORD
+    return json.loads(path.read_text()) if path.is_file() else {"stages": {}}
+
+
+def _finish(out: Path, stage: str, info: dict[str, Any]) -> None:
+    record = _record(out)
+    record["stages"][stage] = info
+    (out / RECORD).write_text(json.dumps(record, indent=2))
+
+
+def _losses(history: list[float], points: int = 20) -> list[float]:
+    """A short loss curve for the record: means over ``points`` equal spans."""
+    if not history:
+        return []
+    spans = np.array_split(np.asarray(history, dtype=np.float64), min(points, len(history)))
+    return [round(float(s.mean()), 5) for s in spans]
+
+
+# -- data ----------------------------------------------------------------------------------------------------
+def stage_data(c: BuildConfig, out: Path) -> dict[str, Any]:
+    from .shapes import write_dataset
+
+    write_dataset(
+        out / "data" / "train", c.train_images, seed=c.seed, size=c.size, split="train", overwrite=True
+    )
+    write_dataset(
+        out / "data" / "eval", c.eval_images, seed=c.seed + 1, size=c.size, split="eval", overwrite=True
+    )
+    return {"train": c.train_images, "eval": c.eval_images}
+
+
+def _load_pairs(folder: Path) -> tuple[torch.Tensor, list[str]]:
+    """All images of a shapes folder as a (N, 3, S, S) tensor in [-1, 1], and their captions."""
+    rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines() if line.strip()]
+    images = np.stack([np.asarray(Image.open(folder / r["image"]).convert("RGB")) for r in rows])
+    pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    return pixels, [r["text"] for r in rows]
+
+
+# -- mini CLIP -----------------------------------------------------------------------------------------------
+def _tokenizer(out: Path) -> Any:
+    from .tokenizer import build_tokenizer
+
+    return build_tokenizer(out / "tokenizer")
+
+
+def stage_clip(c: BuildConfig, out: Path) -> dict[str, Any]:
+    """A small CLIP trained contrastively on the captions; towers saved for the pipeline and the adapter."""
+    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
+
+    tok = _tokenizer(out)
+    pixels, texts = _load_pairs(out / "data" / "train")
+    text_cfg = CLIPTextConfig(vocab_size=len(tok), hidden_size=c.width, intermediate_size=4 * c.width,
+                              num_hidden_layers=c.clip_layers, num_attention_heads=4, max_position_embeddings=77,
+                              projection_dim=c.width, bos_token_id=tok.bos_token_id,
+                              eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)  # fmt: skip
+    vision_cfg = CLIPVisionConfig(hidden_size=c.width, intermediate_size=4 * c.width, num_hidden_layers=c.clip_layers,
+                                  num_attention_heads=4, image_size=c.size, patch_size=c.patch,
+                                  projection_dim=c.width)  # fmt: skip
+    torch.manual_seed(c.seed)
+    model = CLIPModel(CLIPConfig(text_config=text_cfg.to_dict(), vision_config=vision_cfg.to_dict(),
+                                 projection_dim=c.width))  # fmt: skip
+    ids = tok(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+    clip_pixels = (
+        (pixels + 1) / 2 - mean
+    ) / std  # CLIP normalisation (the encoder's processor does the same)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=0.01)
+    gen = torch.Generator().manual_seed(c.seed)
+    history = _train_loop(
+        c.clip_steps, optimizer, gen, len(texts), c.clip_batch,
+        lambda idx: model(input_ids=ids[idx], pixel_values=clip_pixels[idx], return_loss=True).loss,
+    )  # fmt: skip
+    model.save_pretrained(out / "clip")
+    tok.save_pretrained(out / "clip")
+    return {"steps": c.clip_steps, "loss": _losses(history)}
+
+
+def _train_loop(steps: int, optimizer: Any, gen: torch.Generator, n: int, batch: int,
+                loss_fn: Callable[[torch.Tensor], torch.Tensor]) -> list[float]:  # fmt: skip
+    """Minibatch SGD over random index batches with a cosine learning-rate decay; returns the losses."""
+    base = [g["lr"] for g in optimizer.param_groups]
+    history = []
+    for step in range(steps):
+        for g, lr in zip(optimizer.param_groups, base, strict=True):
+            g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / max(1, steps)))
+        idx = torch.randint(0, n, (min(batch, n),), generator=gen)
+        loss = loss_fn(idx)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 1.0)
+        optimizer.step()
+        history.append(loss.item())
+    return history
+
+
+# -- VAE -----------------------------------------------------------------------------------------------------
+def stage_vae(c: BuildConfig, out: Path) -> dict[str, Any]:
+    """A small KL autoencoder (4x down, 4 latent channels); its scaling factor makes latents unit-variance."""
+    from diffusers import AutoencoderKL
+
+    pixels, _ = _load_pairs(out / "data" / "train")
+    torch.manual_seed(c.seed)
+    blocks = len(c.vae_channels)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=tuple(c.vae_channels),
+                        layers_per_block=1, down_block_types=("DownEncoderBlock2D",) * blocks,
+                        up_block_types=("UpDecoderBlock2D",) * blocks, norm_num_groups=min(32, c.vae_channels[0]),
+                        sample_size=c.size)  # fmt: skip
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=c.lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(c.seed + 1)
+
+    def loss_fn(idx: torch.Tensor) -> torch.Tensor:
+        x = pixels[idx]
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample(generator=gen)).sample
+        return F.mse_loss(recon, x) + 1e-6 * posterior.kl().mean()
+
+    history = _train_loop(c.vae_steps, optimizer, gen, len(pixels), c.vae_batch, loss_fn)
+    with torch.no_grad():
+        sample = pixels[: min(512, len(pixels))]
+        std = float(vae.encode(sample).latent_dist.mode().std())
+    vae.register_to_config(scaling_factor=1.0 / std)
+    vae.save_pretrained(out / "vae")
+    return {"steps": c.vae_steps, "loss": _losses(history), "scaling_factor": 1.0 / std}
+
+
+# -- UNet ----------------------------------------------------------------------------------------------------
+def stage_unet(c: BuildConfig, out: Path) -> dict[str, Any]:
+    """A small text-conditioned UNet trained on the VAE's latents (epsilon, 10 % empty captions for CFG)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    pixels, texts = _load_pairs(out / "data" / "train")
+    tok = _tokenizer(out)
+    text_model = CLIPTextModel.from_pretrained(out / "clip").eval()
+    vae = AutoencoderKL.from_pretrained(out / "vae").eval()
+    with torch.no_grad():
+        latents = torch.cat(
+            [vae.encode(pixels[i : i + 256]).latent_dist.mode() for i in range(0, len(pixels), 256)]
+        )
+        latents = latents * vae.config.scaling_factor
+        unique = sorted(set(texts)) + [""]
+        ids = tok(unique, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        table = torch.cat([text_model(ids[i : i + 256])[0] for i in range(0, len(ids), 256)])
+    which = torch.tensor([unique.index(t) for t in texts])
+    empty = len(unique) - 1
+    torch.manual_seed(c.seed)
+    n = len(c.unet_channels)
+    unet = UNet2DConditionModel(sample_size=c.size // 2 ** (len(c.vae_channels) - 1), in_channels=4, out_channels=4,
+                                block_out_channels=tuple(c.unet_channels), layers_per_block=1,
+                                down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
+                                up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
+                                cross_attention_dim=c.width, attention_head_dim=8,
+                                norm_num_groups=min(32, c.unet_channels[0]))  # fmt: skip
+    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              num_train_timesteps=1000, clip_sample=False)  # fmt: skip
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=c.lr, weight_decay=0.01)
+    gen = torch.Generator().manual_seed(c.seed + 2)
+
+    def loss_fn(idx: torch.Tensor) -> torch.Tensor:
+        x0 = latents[idx]
+        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(0, 1000, (len(idx),), generator=gen)
+        drop = torch.rand(len(idx), generator=gen) < 0.1
+        cond = table[torch.where(drop, torch.full_like(which[idx], empty), which[idx])]
+        pred = unet(scheduler.add_noise(x0, noise, t), t, encoder_hidden_states=cond).sample
+        return F.mse_loss(pred, noise)
+
+    history = _train_loop(c.unet_steps, optimizer, gen, len(latents), c.unet_batch, loss_fn)
+    unet.save_pretrained(out / "unet")
+    scheduler.save_pretrained(out / "scheduler")
+    return {"steps": c.unet_steps, "loss": _losses(history)}
+
+
+# -- assembly and adapters -----------------------------------------------------------------------------------
+def stage_pipeline(c: BuildConfig, out: Path) -> dict[str, Any]:
+    """The standard pipeline folder, plus the vision tower where the h94 layout puts the image encoder."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPModel, CLIPTextModel, CLIPVisionModelWithProjection
+
+    clip = CLIPModel.from_pretrained(out / "clip")
+    scheduler = DDIMScheduler.from_pretrained(out / "scheduler")
+    scheduler.register_to_config(set_alpha_to_one=False, steps_offset=1)
+    pipe = StableDiffusionPipeline(
+        vae=AutoencoderKL.from_pretrained(out / "vae"),
+        text_encoder=CLIPTextModel.from_pretrained(out / "clip"),
+        tokenizer=_tokenizer(out),
+        unet=UNet2DConditionModel.from_pretrained(out / "unet"),
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.to(torch.float16).save_pretrained(out / "pipeline")  # half the bytes; loaders upcast on request
+    vision = CLIPVisionModelWithProjection(clip.config.vision_config)
+    vision.vision_model.load_state_dict(clip.vision_model.state_dict())
+    vision.visual_projection.load_state_dict(clip.visual_projection.state_dict())
+    vision.to(torch.float16).save_pretrained(out / "models" / "image_encoder")
+    return {"pipeline": str(out / "pipeline")}
+
+
+def stage_adapters(c: BuildConfig, out: Path) -> dict[str, Any]:
+    """Basic and plus adapters, trained by ``ipadapter.training`` on the same data."""
+    from ..training.trainer import TrainConfig, Trainer
+
+    info = {}
+    for variant, name in (("basic", "ip-adapter_mini"), ("plus", "ip-adapter-plus_mini")):
+        run = out / "runs" / name
+        config = TrainConfig(base=str(out / "pipeline"), data=str(out / "data" / "train"), output=str(run),
+                             variant=variant, image_encoder=str(out / "models" / "image_encoder"),
+                             resolution=c.size, batch_size=c.adapter_batch, max_steps=c.adapter_steps,
+                             lr=1e-4 * max(1.0, 32 / c.adapter_batch) * 2, seed=c.seed,
+                             checkpoint_every=max(1, c.adapter_steps // 4), keep_checkpoints=1,
+                             report_to="none", export_dtype="float16",
+                             resume=(run / "train_config.json").is_file())  # fmt: skip
+        trainer = Trainer(config)
+        trainer.setup()
+        final = trainer.train()
+        target = out / "models" / f"{name}.safetensors"
+        target.write_bytes(final.read_bytes())
+        info[variant] = {"steps": trainer.step, "loss": _losses(trainer.losses)}
+    return info
+
+
+RUNNERS = {"data": stage_data, "clip": stage_clip, "vae": stage_vae, "unet": stage_unet,
+           "pipeline": stage_pipeline, "adapters": stage_adapters}  # fmt: skip
+
+
+def build(config: BuildConfig, stages: tuple[str, ...] = STAGES) -> Path:
+    """Run the missing stages (a stage recorded as done is skipped) and return ``out``."""
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(config.threads)
+    record = _record(out)
+    record.setdefault("config", {k: v for k, v in asdict(config).items() if k != "log"})  # the first run's
+    (out / RECORD).write_text(json.dumps(record, indent=2))
+    for stage in stages:
+        if stage in _record(out)["stages"]:
+            _say(config, f"mini build: {stage} already done")
+            continue
+        _say(config, f"mini build: {stage}...")
+        started = time.perf_counter()
+        info = RUNNERS[stage](config, out)
+        info["seconds"] = round(time.perf_counter() - started, 1)
+        _finish(out, stage, info)
+        _say(config, f"mini build: {stage} done in {info['seconds']} s")
+    return out
