@@ -45,3 +45,31 @@ def test_the_built_pipeline_and_adapters_load_and_generate(toy_build: Path) -> N
     sizes = sum(p.stat().st_size for p in (*(toy_build / "pipeline").rglob("*.safetensors"),
                                            *(toy_build / "models").rglob("*.safetensors")))  # fmt: skip
     assert sizes < 30 * 2**20  # the shipped family must stay under 30 MB
+
+
+def test_evaluation_scores_every_mode(toy_build: Path) -> None:
+    from ipadapter.mini.evaluate import MODES, Scorer, evaluate, markdown, references
+
+    pipe = StableDiffusionPipeline.from_pretrained(toy_build / "pipeline", dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    ip = attach(pipe, toy_build / "models" / "ip-adapter_mini.safetensors")
+    refs = references(toy_build / "data" / "eval", 3)
+    results = evaluate(ip, Scorer(toy_build / "clip"), refs, steps=2, batch=2)
+    assert list(results) == list(MODES)
+    for r in results.values():
+        assert r["n"] == 3 and -1 <= r["clip_i"] <= 1 and -1 <= r["clip_t"] <= 1
+        assert all(0 <= r[k] <= 1 for k in ("color", "shape", "background"))
+    assert "| image+text |" in markdown(results)
+
+
+def test_eval_command_writes_a_report(toy_build: Path, tmp_path: Path, capsys) -> None:
+    from ipadapter.cli import main
+
+    report = tmp_path / "report.json"
+    argv = ["eval", "--base", str(toy_build / "pipeline"), "--adapter",
+            str(toy_build / "models" / "ip-adapter-plus_mini.safetensors"), "--count", "2", "--steps", "2",
+            "--output", str(report), "--device", "cpu"]  # fmt: skip
+    assert main(argv) == 0
+    assert "| image+text |" in capsys.readouterr().out  # the scorer and references come from the build
+    assert set(json.loads(report.read_text())) == {"text", "image", "image+text"}
+    assert main([*argv[:-4], "--output", str(tmp_path / "r.txt")]) == 2

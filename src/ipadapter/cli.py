@@ -240,6 +240,75 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any] | None:
             "samples_per_second": trainer.samples / train_s if train_s else None}  # fmt: skip
 
 
+def _add_eval_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base", required=True, help="base model (diffusers folder, hub id or single file)")
+    p.add_argument("--adapter", required=True, help="adapter file or hub path")
+    p.add_argument("--image-encoder", help="CLIP vision model (default: from the adapter's layout)")
+    p.add_argument(
+        "--scorer", help="CLIPModel folder/hub id for CLIP-I/CLIP-T (default: a mini build's clip/)"
+    )
+    p.add_argument("--references", help="shapes folder with metadata.jsonl (default: a mini build's data/eval, "
+                                        "else generated held-out shapes)")  # fmt: skip
+    p.add_argument("--count", type=_positive_int, default=50, help="references (default 50)")
+    p.add_argument("--steps", type=_positive_int, default=20, help="denoising steps (default 20)")
+    p.add_argument("--guidance", type=_finite, default=5.0, help="classifier-free guidance (default 5)")
+    p.add_argument("--scale", type=_scale, default=0.6, help="image prompt scale (default 0.6)")
+    p.add_argument("--size", type=_size, help="generation size (default: the model's)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first generation (default 0)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--output", help="write the report here (.md or .json)")
+    p.add_argument("--json", action="store_true", help="print the scores as JSON")
+
+
+def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
+    """Text only vs image prompt vs image prompt + text on held-out shapes: CLIP-I, CLIP-T, attributes."""
+    import tempfile
+
+    from .errors import InputError
+
+    base = Path(args.base)
+    build_root = base.parent if (base / "model_index.json").is_file() else None
+    scorer = args.scorer or (
+        str(build_root / "clip") if build_root and (build_root / "clip").is_dir() else None
+    )
+    if scorer is None:
+        raise InputError(
+            "no CLIP scorer: pass --scorer with a CLIPModel folder or hub id (a mini build has clip/)"
+        )
+    refs_folder = args.references
+    if refs_folder is None and build_root and (build_root / "data" / "eval" / "metadata.jsonl").is_file():
+        refs_folder = str(build_root / "data" / "eval")
+    if refs_folder is not None and not (Path(refs_folder) / "metadata.jsonl").is_file():
+        raise InputError(f"--references '{refs_folder}' has no metadata.jsonl; expected a shapes folder")
+    output = Path(args.output) if args.output else None
+    if output is not None and output.suffix.lower() not in (".md", ".json"):
+        raise InputError(f"--output '{output}' must end in .md or .json")
+    if args.quiet:
+        _quiet_libraries()
+    from .adapter import attach
+    from .mini.evaluate import Scorer, evaluate, markdown, references
+    from .mini.shapes import write_dataset
+    from .pipelines import load_pipeline, pick_device, pick_dtype
+
+    device = pick_device(args.device)
+    pipe = load_pipeline(args.base, dtype=pick_dtype(None, device), device=device)
+    pipe.set_progress_bar_config(disable=True)
+    ip = attach(pipe, args.adapter, args.image_encoder, scale=args.scale)
+    with tempfile.TemporaryDirectory() as tmp:
+        if refs_folder is None:
+            refs_folder = str(write_dataset(Path(tmp) / "eval", args.count, seed=args.seed, size=args.size or 64,
+                                            split="eval"))  # fmt: skip
+        refs = references(refs_folder, args.count)
+        results = evaluate(ip, Scorer(scorer), refs, steps=args.steps, guidance=args.guidance, scale=args.scale,
+                           seed=args.seed, size=args.size)  # fmt: skip
+    table = markdown(results)
+    if output is not None:
+        output.write_text(json.dumps(results, indent=2) if output.suffix.lower() == ".json" else table + "\n")
+    if not args.json:
+        print(table)
+    return {"results": results, "references": refs_folder, "scorer": scorer}
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -269,6 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
         _add_generation_options(sub.add_parser(command, help=help_text), command)
     _add_train_options(
         sub.add_parser("train", help="train an adapter on image-text pairs (accelerate-ready)")
+    )
+    _add_eval_options(
+        sub.add_parser("eval", help="CLIP-I / CLIP-T / attribute scores: text vs image vs both")
     )
     return parser
 
@@ -524,7 +596,8 @@ def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
 
 
 COMMANDS = {"inspect": cmd_inspect, "convert": cmd_convert, "generate": cmd_generate, "img2img": cmd_generate,
-            "inpaint": cmd_generate, "video": cmd_generate, "train": cmd_train}  # fmt: skip
+            "inpaint": cmd_generate, "video": cmd_generate, "train": cmd_train,
+            "eval": cmd_eval}  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:

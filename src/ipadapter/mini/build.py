@@ -136,6 +136,7 @@ def stage_clip(c: BuildConfig, out: Path) -> dict[str, Any]:
     history = _train_loop(
         c.clip_steps, optimizer, gen, len(texts), c.clip_batch,
         lambda idx: model(input_ids=ids[idx], pixel_values=clip_pixels[idx], return_loss=True).loss,
+        c.log, "clip",
     )  # fmt: skip
     model.save_pretrained(out / "clip")
     tok.save_pretrained(out / "clip")
@@ -143,11 +144,16 @@ def stage_clip(c: BuildConfig, out: Path) -> dict[str, Any]:
 
 
 def _train_loop(steps: int, optimizer: Any, gen: torch.Generator, n: int, batch: int,
-                loss_fn: Callable[[torch.Tensor], torch.Tensor]) -> list[float]:  # fmt: skip
+                loss_fn: Callable[[torch.Tensor], torch.Tensor], log: Callable[[str], None] | None = None,
+                name: str = "") -> list[float]:  # fmt: skip
     """Minibatch SGD over random index batches with a cosine learning-rate decay; returns the losses."""
     base = [g["lr"] for g in optimizer.param_groups]
     history = []
+    started = time.perf_counter()
     for step in range(steps):
+        if log and step and step % max(1, steps // 10) == 0:
+            recent = float(np.mean(history[-max(1, steps // 10) :]))
+            log(f"  {name} step {step}/{steps}: loss {recent:.4f}, {time.perf_counter() - started:.0f} s")
         for g, lr in zip(optimizer.param_groups, base, strict=True):
             g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / max(1, steps)))
         idx = torch.randint(0, n, (min(batch, n),), generator=gen)
@@ -181,7 +187,7 @@ def stage_vae(c: BuildConfig, out: Path) -> dict[str, Any]:
         recon = vae.decode(posterior.sample(generator=gen)).sample
         return F.mse_loss(recon, x) + 1e-6 * posterior.kl().mean()
 
-    history = _train_loop(c.vae_steps, optimizer, gen, len(pixels), c.vae_batch, loss_fn)
+    history = _train_loop(c.vae_steps, optimizer, gen, len(pixels), c.vae_batch, loss_fn, c.log, "vae")
     with torch.no_grad():
         sample = pixels[: min(512, len(pixels))]
         std = float(vae.encode(sample).latent_dist.mode().std())
@@ -232,7 +238,7 @@ def stage_unet(c: BuildConfig, out: Path) -> dict[str, Any]:
         pred = unet(scheduler.add_noise(x0, noise, t), t, encoder_hidden_states=cond).sample
         return F.mse_loss(pred, noise)
 
-    history = _train_loop(c.unet_steps, optimizer, gen, len(latents), c.unet_batch, loss_fn)
+    history = _train_loop(c.unet_steps, optimizer, gen, len(latents), c.unet_batch, loss_fn, c.log, "unet")
     unet.save_pretrained(out / "unet")
     scheduler.save_pretrained(out / "scheduler")
     return {"steps": c.unet_steps, "loss": _losses(history)}
