@@ -73,3 +73,20 @@ def test_eval_command_writes_a_report(toy_build: Path, tmp_path: Path, capsys) -
     assert "| image+text |" in capsys.readouterr().out  # the scorer and references come from the build
     assert set(json.loads(report.read_text())) == {"text", "image", "image+text"}
     assert main([*argv[:-4], "--output", str(tmp_path / "r.txt")]) == 2
+
+
+def test_mini_names_resolve_to_the_shipped_folder(
+    toy_build: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    import ipadapter.mini.shipped as shipped
+    from ipadapter.cli import main
+
+    argv = ["generate", "--base", "mini", "--adapter", "mini", "--image", str(toy_build / "data/eval/000000.png"),
+            "--steps", "2", "--output", "x.png", "--device", "cpu"]  # fmt: skip
+    monkeypatch.setattr(shipped.base_folder, "__defaults__", (toy_build / "absent",))
+    assert main(argv) == 2
+    assert "miniature base model is not in this installation" in capsys.readouterr().err
+    monkeypatch.setattr(shipped.base_folder, "__defaults__", (toy_build,))
+    monkeypatch.setattr(shipped.adapter_file, "__defaults__", (toy_build,))
+    monkeypatch.chdir(toy_build)
+    assert main(argv) == 0 and (toy_build / "x.png").is_file()

@@ -28,7 +28,7 @@ from .encoder import ImageEncoder
 from .errors import CheckpointError, IncompatibleModelError, InputError
 from .images import ImageInput, load_image, load_mask
 from .projection import build_projection
-from .sources import default_encoder, load_image_encoder, resolve_adapter
+from .sources import default_encoder, load_image_encoder, resolve_adapter, split_hub_path
 from .variants import AdapterSpec, detect, family
 
 STATE_ATTR = "_ipadapter_attachment"
@@ -329,7 +329,12 @@ def attach(
         ckpt, source = adapter, adapter.source
     else:
         source = str(adapter)
-        ckpt = load_checkpoint(resolve_adapter(adapter))
+        resolved = resolve_adapter(adapter)
+        ckpt = load_checkpoint(resolved)
+        if (
+            source != str(resolved) and split_hub_path(source) is None
+        ):  # a name ("mini"): look beside the file
+            source = str(resolved)
     spec = detect(ckpt)
     _check_supported(spec, source)
     layers = cross_attention_layers(unet)

@@ -117,6 +117,10 @@ def load_pipeline(
     ``base_config``: for single-file checkpoints, a diffusers folder or hub id of the same family whose
     configs describe the model (needed offline: otherwise diffusers fetches them from the hub).
     """
+    from .mini.shipped import BASE_NAMES, base_folder
+
+    if str(base) in BASE_NAMES and not Path(base).exists():  # the shipped miniature base
+        base = base_folder()
     path = Path(base).expanduser()
     try:
         if path.is_file():

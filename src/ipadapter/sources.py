@@ -51,6 +51,10 @@ def resolve_adapter(spec: str | Path) -> Path:
     path = Path(spec).expanduser()
     if path.is_file():
         return path
+    from .mini.shipped import ADAPTER_FILES, adapter_file
+
+    if str(spec) in ADAPTER_FILES:  # the shipped miniature adapters ("mini", "mini-plus")
+        return adapter_file(str(spec))
     hub = split_hub_path(str(spec))
     if hub is None or path.suffix.lower() not in {".safetensors", ".bin", ".pt", ".pth"}:
         raise InputError(
