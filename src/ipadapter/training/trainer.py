@@ -650,6 +650,9 @@ class Trainer:
     def _load_latest(self) -> None:
         from ..checkpoint import load_checkpoint
 
+        if self.accelerator.is_main_process:  # a run killed while writing leaves its temporary folder
+            for stale in (self.output / CHECKPOINTS).glob(".step-*.tmp-*"):
+                shutil.rmtree(stale, ignore_errors=True)
         found = checkpoints(self.output)
         if not found:
             return  # the run stopped before its first checkpoint: start from the beginning
