@@ -144,10 +144,11 @@ def test_killed_run_resumes_to_the_same_weights(models: dict, pairs: Path, tmp_p
     (checkpoints / ".step-0000099.tmp-1").mkdir(parents=True, exist_ok=True)  # as a kill mid-write leaves
     assert main(["train", "--resume", str(tmp_path / "killed"), "--json"]) == 0
     assert main(_train_argv(models, pairs, tmp_path / "whole", *steps)) == 0
-    a = adapter_tensors(tmp_path / "killed" / "ip-adapter.safetensors")
-    b = adapter_tensors(tmp_path / "whole" / "ip-adapter.safetensors")
+    # the float32 weights of the last checkpoint (the float16 export could flip a last bit either way)
+    a = adapter_tensors(tmp_path / "killed" / "checkpoints" / "step-0000016" / "adapter.safetensors")
+    b = adapter_tensors(tmp_path / "whole" / "checkpoints" / "step-0000016" / "adapter.safetensors")
     for key in a:
-        assert torch.allclose(a[key].float(), b[key].float(), atol=1e-6), key
+        assert torch.allclose(a[key], b[key], atol=1e-6), key
     assert not list(checkpoints.glob(".step-*"))  # no half-written checkpoint is left behind
 
 

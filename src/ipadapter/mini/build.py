@@ -302,7 +302,16 @@ def build(config: BuildConfig, stages: tuple[str, ...] = STAGES) -> Path:
     """Run the missing stages (a stage recorded as done is skipped) and return ``out``."""
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
+    threads = torch.get_num_threads()
     torch.set_num_threads(config.threads)
+    try:
+        _run_stages(config, out, stages)
+    finally:
+        torch.set_num_threads(threads)  # leave the caller's process as it was
+    return out
+
+
+def _run_stages(config: BuildConfig, out: Path, stages: tuple[str, ...]) -> None:
     record = _record(out)
     record.setdefault("config", {k: v for k, v in asdict(config).items() if k != "log"})  # the first run's
     (out / RECORD).write_text(json.dumps(record, indent=2))
@@ -316,4 +325,3 @@ def build(config: BuildConfig, stages: tuple[str, ...] = STAGES) -> Path:
         info["seconds"] = round(time.perf_counter() - started, 1)
         _finish(out, stage, info)
         _say(config, f"mini build: {stage} done in {info['seconds']} s")
-    return out
