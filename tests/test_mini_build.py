@@ -90,3 +90,13 @@ def test_mini_names_resolve_to_the_shipped_folder(
     monkeypatch.setattr(shipped.adapter_file, "__defaults__", (toy_build,))
     monkeypatch.chdir(toy_build)
     assert main(argv) == 0 and (toy_build / "x.png").is_file()
+
+
+def test_build_entry_point_resumes_and_checks_overrides(toy_build: Path, capsys) -> None:
+    from ipadapter.mini.build import main
+
+    assert main(["--out", str(toy_build), "--set", "unet_steps=3"]) == toy_build
+    assert capsys.readouterr().out.count("already done") == len(STAGES)
+    for bad in (["--set", "nonsense=1"], ["--set", "size=abc"], ["--stages", "clip,paint"]):
+        with pytest.raises(SystemExit):
+            main(["--out", str(toy_build), *bad])

@@ -325,3 +325,40 @@ def _run_stages(config: BuildConfig, out: Path, stages: tuple[str, ...]) -> None
         info["seconds"] = round(time.perf_counter() - started, 1)
         _finish(out, stage, info)
         _say(config, f"mini build: {stage} done in {info['seconds']} s")
+
+
+def main(argv: list[str] | None = None) -> Path:
+    """``python -m ipadapter.mini.build --out DIR [--set name=value ...]``: build (or finish) a family."""
+    import argparse
+    import ast
+
+    parser = argparse.ArgumentParser(
+        prog="python -m ipadapter.mini.build", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--out", required=True, help="folder of the build (resumes the stages it has)")
+    parser.add_argument("--stages", default=",".join(STAGES), help=f"comma list (default {','.join(STAGES)})")
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                        help="override a BuildConfig field, e.g. --set size=32 --set unet_steps=4000")  # fmt: skip
+    args = parser.parse_args(argv)
+    fields = BuildConfig.__dataclass_fields__
+    overrides: dict[str, Any] = {}
+    for item in args.set:
+        name, _, value = item.partition("=")
+        if name not in fields or name in ("out", "log"):
+            parser.error(f"--set {item}: unknown field '{name}'; expected one of {', '.join(sorted(fields))}")
+        try:
+            overrides[name] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            parser.error(f"--set {item}: '{value}' is not a Python literal (numbers, tuples in parentheses)")
+    stages = tuple(s for s in args.stages.split(",") if s)
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        parser.error(f"unknown stage(s) {', '.join(unknown)}; expected {', '.join(STAGES)}")
+    config = BuildConfig(
+        out=args.out, **overrides, log=lambda s: print(time.strftime("%H:%M:%S"), s, flush=True)
+    )
+    return build(config, stages)
+
+
+if __name__ == "__main__":
+    main()
