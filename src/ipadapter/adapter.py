@@ -77,7 +77,6 @@ class _Attachment:
     originals: dict[str, Any]
     processors: dict[str, IPAttnProcessor]
     hook: Any
-    current: dict[str, Any] = field(default_factory=dict)  # every processor as installed
     adapters: dict[str, IPAdapter] = field(default_factory=dict)
 
 
@@ -181,13 +180,13 @@ class IPAdapter:
                 f"{type(pipe).__name__} does not share the UNet adapter '{self.name}' is attached to (a video "
                 "pipeline builds its own); attach the adapter to the pipeline you call"
             )
-        pipe_kwargs = check_call(pipe, pipe_kwargs)
+        frames = num_frames(pipe, pipe_kwargs)
+        pipe_kwargs = check_call(pipe, pipe_kwargs, frames)
         prompt = pipe_kwargs.get("prompt")
         embeds = pipe_kwargs.get("prompt_embeds")
         num_prompts = (
             len(prompt) if isinstance(prompt, list) else embeds.shape[0] if embeds is not None else 1
         )
-        frames = num_frames(pipe, pipe_kwargs)
         kwargs = dict(pipe_kwargs.pop("cross_attention_kwargs", None) or {})
         kwargs["image_prompt"] = self.image_prompt(reference, num_prompts, frames)
         return pipe(cross_attention_kwargs=kwargs, **pipe_kwargs)
@@ -217,11 +216,11 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def check_call(pipe: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+def check_call(pipe: Any, kwargs: dict[str, Any], frames: int | None = None) -> dict[str, Any]:
     """Refuse call arguments that diffusers would accept silently or fail on deep inside the loop.
 
     Returns the arguments to use: an inpainting mask given as an image or path is checked (greyscale) and
-    fitted to the init image's size, with a warning saying so.
+    fitted to the init image's size, with a warning saying so. ``frames``: what :func:`num_frames` says.
     """
     strength = kwargs.get("strength")
     if strength is not None and not (_is_number(strength) and 0 < strength <= 1):
@@ -235,10 +234,9 @@ def check_call(pipe: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
     ):
         raise InputError(f"num_frames {frames!r} is not usable; expected a whole number of frames >= 1")
     limit = getattr(getattr(pipe.unet, "config", None), "motion_max_seq_length", None)
-    wanted = num_frames(pipe, kwargs)
-    if isinstance(limit, int) and isinstance(wanted, int) and wanted > limit:
+    if isinstance(limit, int) and isinstance(frames, int) and frames > limit:
         raise InputError(
-            f"{wanted} frames asked but the motion adapter handles at most {limit} per clip; ask for fewer frames"
+            f"{frames} frames asked but the motion adapter handles at most {limit} per clip; ask for fewer frames"
         )
     mask, init = kwargs.get("mask_image"), kwargs.get("image")
     if isinstance(mask, (Image.Image, str, Path)):
@@ -396,7 +394,7 @@ def _install(pipe: Any, layers: list[CrossLayer]) -> _Attachment:
             prompt.guidance = guidance  # the pipeline knows whether negatives lead the batch
 
     hook = unet.register_forward_pre_hook(before_unet, with_kwargs=True)
-    state = _Attachment(originals, cross, hook, new)
+    state = _Attachment(originals, cross, hook)
     setattr(unet, STATE_ATTR, state)
     return state
 

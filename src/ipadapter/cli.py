@@ -265,13 +265,9 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     import tempfile
 
     from .errors import InputError
-    from .mini.shipped import BASE_NAMES, MODEL_DIR
+    from .mini.shipped import resolve_base
 
-    base = (
-        MODEL_DIR / "pipeline"
-        if args.base in BASE_NAMES and not Path(args.base).exists()
-        else Path(args.base)
-    )
+    base = Path(resolve_base(args.base))
     build_root = base.parent if (base / "model_index.json").is_file() else None
     scorer = args.scorer or (
         str(build_root / "clip") if build_root and (build_root / "clip").is_dir() else None

@@ -117,10 +117,9 @@ def load_pipeline(
     ``base_config``: for single-file checkpoints, a diffusers folder or hub id of the same family whose
     configs describe the model (needed offline: otherwise diffusers fetches them from the hub).
     """
-    from .mini.shipped import BASE_NAMES, base_folder
+    from .mini.shipped import resolve_base
 
-    if str(base) in BASE_NAMES and not Path(base).exists():  # the shipped miniature base
-        base = base_folder()
+    base = resolve_base(base)  # "mini": the shipped miniature base
     path = Path(base).expanduser()
     try:
         if path.is_file():
@@ -255,13 +254,14 @@ def mode_pipeline(
         extra = {"controlnet": net} if net is not None else {}
         # The motion UNet copies the 2D UNet's weights; attached adapters' weights must not come along.
         state = getattr(unet, STATE_ATTR, None)
+        installed = dict(unet.attn_processors) if state is not None else None
         if state is not None:
             unet.set_attn_processor(dict(state.originals))
         try:
             video = cls.from_pipe(pipe, motion_adapter=motion_adapter, **extra)
         finally:
-            if state is not None:
-                unet.set_attn_processor(dict(state.current))
+            if installed is not None:
+                unet.set_attn_processor(installed)
         if video.unet.device != unet.device:  # the motion UNet is built on the CPU
             video.unet.to(unet.device)
         return video

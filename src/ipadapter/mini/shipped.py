@@ -34,3 +34,10 @@ def adapter_file(name: str, root: Path = MODEL_DIR) -> Path:
     if not path.is_file():
         raise _missing(f"adapter '{name}'", path)
     return path
+
+
+def resolve_base(base: str | Path) -> str | Path:
+    """``mini`` (when no such local path exists) -> the shipped pipeline folder; anything else unchanged."""
+    if str(base) in BASE_NAMES and not Path(base).exists():
+        return base_folder()
+    return base
