@@ -18,6 +18,8 @@ from ipadapter.mini.shapes import (
     HELD_OUT_BACKGROUND,
     HELD_OUT_COLOR,
     MARGIN,
+    MAX_SIDE,
+    MIN_SIDE,
     NAMED_COLORS,
     SHAPES,
     TEXTURES,
@@ -132,7 +134,7 @@ def test_box_is_inside_and_sized(size: int) -> None:
         left, top, right, bottom = e.box
         assert all(isinstance(v, int) for v in e.box)
         assert right - left == bottom - top  # every shape fills a square box
-        assert 0.3 * size <= right - left <= 0.7 * size
+        assert MIN_SIDE * size <= right - left <= MAX_SIDE * size
         assert margin <= left and margin <= top and right <= size - margin and bottom <= size - margin
         # outside the box (beyond the resampling halo) the image is background only
         pixels = np.asarray(e.image).astype(int)
