@@ -82,6 +82,18 @@ def test_encoder_runs_once_per_reference_and_negative_once(models: dict) -> None
     assert len(calls) == 3  # only the new image was encoded
 
 
+def test_more_distinct_references_than_the_cache_holds(models: dict) -> None:
+    """One call with 40 different references (the encoder cache keeps 32) still gets each its own tokens."""
+    pipe = load_pipe(models, "sd15")
+    ip = attach(pipe, models["ckpt"]["plus_sd15", "safetensors"])
+    refs = [reference_image(seed=i) for i in range(40)]
+    tokens, _ = ip.tokens(refs)
+    assert tokens.shape[0] == 40
+    alone, _ = ip.tokens(refs[5])
+    torch.testing.assert_close(tokens[5], alone[0])
+    assert not torch.equal(tokens[4], tokens[5])
+
+
 def test_fp16_checkpoint_weights_take_the_model_dtype(models: dict) -> None:
     pipe = load_pipe(models, "sd15")
     assert load_checkpoint(models["ckpt"]["sd15", "bin"]).image_proj["proj.weight"].dtype == torch.float16

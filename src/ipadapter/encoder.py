@@ -63,13 +63,18 @@ class ImageEncoder:
         """Features of several RGB images, encoded in one batch; repeated images come from the cache."""
         keys = [(image_key(img), feature, self.dtype, str(self.device)) for img in images]
         todo = [i for i, k in enumerate(keys) if k not in self._cache]
+        fresh: dict[tuple, torch.Tensor] = {}
         if todo:
-            fresh = self._run(self.pixels([images[i] for i in todo]), feature)
-            for row, i in enumerate(todo):
-                self._remember(keys[i], fresh[row])
-        for k in keys:
-            self._cache.move_to_end(k)
-        return torch.stack([self._cache[k] for k in keys])
+            encoded = self._run(self.pixels([images[i] for i in todo]), feature)
+            fresh = {keys[i]: encoded[row] for row, i in enumerate(todo)}
+        rows = []
+        for k in keys:  # read before remembering: a batch larger than the cache must not evict itself
+            if k not in fresh:
+                self._cache.move_to_end(k)
+            rows.append(fresh.get(k, self._cache.get(k)))
+        for k, value in fresh.items():
+            self._remember(k, value)
+        return torch.stack(rows)
 
     def negative_features(self, feature: str) -> torch.Tensor:
         """The unconditional features, as the reference makes them (DESIGN.md §3.1), computed once.
