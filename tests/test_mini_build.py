@@ -40,7 +40,7 @@ def test_the_built_pipeline_and_adapters_load_and_generate(toy_build: Path) -> N
         ip = attach(pipe, toy_build / "models" / f"{name}.safetensors", scale=0.5)
         reference = toy_build / "data" / "eval" / "000000.png"
         image = ip(reference, prompt="a red circle", num_inference_steps=2, output_type="np").images[0]
-        assert image.shape == (64, 64, 3) and np.isfinite(image).all()
+        assert image.shape == (BuildConfig.size, BuildConfig.size, 3) and np.isfinite(image).all()
         ip.detach()
     sizes = sum(p.stat().st_size for p in (*(toy_build / "pipeline").rglob("*.safetensors"),
                                            *(toy_build / "models").rglob("*.safetensors")))  # fmt: skip
@@ -100,3 +100,20 @@ def test_build_entry_point_resumes_and_checks_overrides(toy_build: Path, capsys)
     for bad in (["--set", "nonsense=1"], ["--set", "size=abc"], ["--stages", "clip,paint"]):
         with pytest.raises(SystemExit):
             main(["--out", str(toy_build), *bad])
+
+
+def test_install_copies_only_the_shipped_pieces(toy_build: Path, tmp_path: Path) -> None:
+    from ipadapter.mini.build import install
+    from ipadapter.mini.shipped import adapter_file, base_folder
+
+    dest = install(toy_build, tmp_path / "model")
+    assert sorted(p.name for p in dest.iterdir()) == ["build_record.json", "clip", "models", "pipeline"]
+    assert base_folder(dest).name == "pipeline" and adapter_file("mini-plus", dest).is_file()
+    (dest / "pipeline" / "stale.txt").write_text("from an earlier install")
+    install(toy_build, dest)  # replaces the folder as a whole
+    assert not (dest / "pipeline" / "stale.txt").exists()
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    with pytest.raises(ValueError, match="has not finished"):
+        install(unfinished, tmp_path / "other")
+    assert not (tmp_path / "other").exists()

@@ -37,23 +37,28 @@ class BuildConfig:
 
     out: str
     seed: int = 0
-    size: int = 64  # image side
-    train_images: int = 20000
-    eval_images: int = 500
-    width: int = 128  # CLIP hidden size = UNet cross-attention dim
-    clip_layers: int = 4
-    patch: int = 8  # CLIP vision patch side
-    vae_channels: tuple[int, ...] = (32, 64, 64)  # len - 1 = downsamplings (latent side = size / 2**that)
-    unet_channels: tuple[int, ...] = (64, 128, 128)
-    clip_steps: int = 3000
+    size: int = 32  # image side
+    train_images: int = 12000
+    eval_images: int = 300
+    width: int = 64  # CLIP hidden size = UNet cross-attention dim
+    clip_layers: int = 3
+    patch: int = 4  # CLIP vision patch side
+    clip_group: int = 4  # CLIP batches are groups this big sharing colour + background (shape hard negatives)
+    vae_channels: tuple[int, ...] = (16, 32, 32)  # len - 1 = downsamplings (latent side = size / 2**that)
+    vae_attention: bool = False  # self-attention in the VAE's mid block (costly, little use at this size)
+    unet_channels: tuple[int, ...] = (64, 128)
+    clip_steps: int = 1200
     clip_batch: int = 128
-    vae_steps: int = 3000
+    vae_steps: int = 2000
     vae_batch: int = 32
-    unet_steps: int = 12000
+    unet_steps: int = 2500
     unet_batch: int = 64
-    adapter_steps: int = 3000
+    adapter_steps: int = 1500
     adapter_batch: int = 32
-    lr: float = 5e-4
+    adapter_lr: float = 5e-4
+    adapter_drop_text: float = 0.25  # image-only batches teach the adapter to carry the whole picture
+    adapter_scene_only: float = 0.5  # share of adapter captions cut to their background phrase
+    lr: float = 1e-3
     threads: int = 2
     log: Callable[[str], None] | None = field(default=None, repr=False, compare=False)
 
@@ -94,9 +99,13 @@ def stage_data(c: BuildConfig, out: Path) -> dict[str, Any]:
     return {"train": c.train_images, "eval": c.eval_images}
 
 
+def _rows(folder: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines() if line.strip()]
+
+
 def _load_pairs(folder: Path) -> tuple[torch.Tensor, list[str]]:
     """All images of a shapes folder as a (N, 3, S, S) tensor in [-1, 1], and their captions."""
-    rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines() if line.strip()]
+    rows = _rows(folder)
     images = np.stack([np.asarray(Image.open(folder / r["image"]).convert("RGB")) for r in rows])
     pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     return pixels, [r["text"] for r in rows]
@@ -134,7 +143,7 @@ def stage_clip(c: BuildConfig, out: Path) -> dict[str, Any]:
     optimizer = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=0.01)
     gen = torch.Generator().manual_seed(c.seed)
     history = _train_loop(
-        c.clip_steps, optimizer, gen, len(texts), c.clip_batch,
+        c.clip_steps, optimizer, gen, _grouped(_rows(out / "data" / "train"), c.clip_batch, c.clip_group),
         lambda idx: model(input_ids=ids[idx], pixel_values=clip_pixels[idx], return_loss=True).loss,
         c.log, "clip",
     )  # fmt: skip
@@ -143,10 +152,37 @@ def stage_clip(c: BuildConfig, out: Path) -> dict[str, Any]:
     return {"steps": c.clip_steps, "loss": _losses(history)}
 
 
-def _train_loop(steps: int, optimizer: Any, gen: torch.Generator, n: int, batch: int,
+def _uniform(n: int, batch: int) -> Callable[[torch.Generator], torch.Tensor]:
+    """Batches of ``batch`` indices drawn uniformly from ``range(n)``."""
+    return lambda gen: torch.randint(0, n, (min(batch, n),), generator=gen)
+
+
+def _grouped(rows: list[dict[str, Any]], batch: int, group: int) -> Callable[[torch.Generator], torch.Tensor]:
+    """Batches made of groups of ``group`` examples sharing object colour and background.
+
+    Within a group the captions differ mostly in the shape word, so the contrastive loss cannot be
+    lowered by colour and background alone: these in-batch hard negatives are what teach CLIP shape.
+    """
+    keys: dict[tuple[str, str], list[int]] = {}
+    for i, r in enumerate(rows):
+        keys.setdefault((r["color"], r["background"]), []).append(i)
+    pools = [torch.tensor(v) for v in keys.values()]
+    sizes = torch.tensor([len(v) for v in pools], dtype=torch.float64)
+
+    def sample(gen: torch.Generator) -> torch.Tensor:
+        picks = []
+        for key in torch.multinomial(sizes, max(1, batch // group), replacement=True, generator=gen).tolist():
+            pool = pools[key]
+            picks.append(pool[torch.randperm(len(pool), generator=gen)[:group]])
+        return torch.cat(picks)
+
+    return sample
+
+
+def _train_loop(steps: int, optimizer: Any, gen: torch.Generator, sample: Callable[[torch.Generator], torch.Tensor],
                 loss_fn: Callable[[torch.Tensor], torch.Tensor], log: Callable[[str], None] | None = None,
                 name: str = "") -> list[float]:  # fmt: skip
-    """Minibatch SGD over random index batches with a cosine learning-rate decay; returns the losses."""
+    """Minibatch AdamW over ``sample(gen)`` index batches with a cosine learning-rate decay; returns the losses."""
     base = [g["lr"] for g in optimizer.param_groups]
     history = []
     started = time.perf_counter()
@@ -156,8 +192,7 @@ def _train_loop(steps: int, optimizer: Any, gen: torch.Generator, n: int, batch:
             log(f"  {name} step {step}/{steps}: loss {recent:.4f}, {time.perf_counter() - started:.0f} s")
         for g, lr in zip(optimizer.param_groups, base, strict=True):
             g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / max(1, steps)))
-        idx = torch.randint(0, n, (min(batch, n),), generator=gen)
-        loss = loss_fn(idx)
+        loss = loss_fn(sample(gen))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 1.0)
@@ -177,7 +212,7 @@ def stage_vae(c: BuildConfig, out: Path) -> dict[str, Any]:
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=tuple(c.vae_channels),
                         layers_per_block=1, down_block_types=("DownEncoderBlock2D",) * blocks,
                         up_block_types=("UpDecoderBlock2D",) * blocks, norm_num_groups=min(32, c.vae_channels[0]),
-                        sample_size=c.size)  # fmt: skip
+                        mid_block_add_attention=c.vae_attention, sample_size=c.size)  # fmt: skip
     optimizer = torch.optim.AdamW(vae.parameters(), lr=c.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(c.seed + 1)
 
@@ -187,7 +222,9 @@ def stage_vae(c: BuildConfig, out: Path) -> dict[str, Any]:
         recon = vae.decode(posterior.sample(generator=gen)).sample
         return F.mse_loss(recon, x) + 1e-6 * posterior.kl().mean()
 
-    history = _train_loop(c.vae_steps, optimizer, gen, len(pixels), c.vae_batch, loss_fn, c.log, "vae")
+    history = _train_loop(
+        c.vae_steps, optimizer, gen, _uniform(len(pixels), c.vae_batch), loss_fn, c.log, "vae"
+    )
     with torch.no_grad():
         sample = pixels[: min(512, len(pixels))]
         std = float(vae.encode(sample).latent_dist.mode().std())
@@ -238,7 +275,9 @@ def stage_unet(c: BuildConfig, out: Path) -> dict[str, Any]:
         pred = unet(scheduler.add_noise(x0, noise, t), t, encoder_hidden_states=cond).sample
         return F.mse_loss(pred, noise)
 
-    history = _train_loop(c.unet_steps, optimizer, gen, len(latents), c.unet_batch, loss_fn, c.log, "unet")
+    history = _train_loop(
+        c.unet_steps, optimizer, gen, _uniform(len(latents), c.unet_batch), loss_fn, c.log, "unet"
+    )
     unet.save_pretrained(out / "unet")
     scheduler.save_pretrained(out / "scheduler")
     return {"steps": c.unet_steps, "loss": _losses(history)}
@@ -271,19 +310,40 @@ def stage_pipeline(c: BuildConfig, out: Path) -> dict[str, Any]:
     return {"pipeline": str(out / "pipeline")}
 
 
+def _adapter_manifest(c: BuildConfig, folder: Path) -> Path:
+    """The adapters' captions: the full caption, or only its background phrase ("on a striped blue background").
+
+    The base model only ever saw full captions. Half the adapter examples name the background alone, so the
+    image tokens learn to bring the object while the text brings the scene: the combination ("this object,
+    on a green background") the paper calls text compatible. Empty texts come from ``adapter_drop_text``.
+    """
+    rng = np.random.default_rng([c.seed, 5])
+    lines = []
+    for row in _rows(folder):
+        text = row["text"]
+        if rng.random() < c.adapter_scene_only:
+            text = text[text.index(" on ") + 1 :]
+        lines.append(json.dumps({"image": row["image"], "text": text}))
+    path = folder / "adapter_captions.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 def stage_adapters(c: BuildConfig, out: Path) -> dict[str, Any]:
     """Basic and plus adapters, trained by ``ipadapter.training`` on the same data."""
     from ..training.trainer import TrainConfig, Trainer
 
+    manifest = _adapter_manifest(c, out / "data" / "train")
     info = {}
     for variant, name in (("basic", "ip-adapter_mini"), ("plus", "ip-adapter-plus_mini")):
         run = out / "runs" / name
-        config = TrainConfig(base=str(out / "pipeline"), data=str(out / "data" / "train"), output=str(run),
+        config = TrainConfig(base=str(out / "pipeline"), data=str(manifest), output=str(run),
                              variant=variant, image_encoder=str(out / "models" / "image_encoder"),
                              resolution=c.size, batch_size=c.adapter_batch, max_steps=c.adapter_steps,
-                             lr=1e-4 * max(1.0, 32 / c.adapter_batch) * 2, seed=c.seed,
+                             lr=c.adapter_lr, seed=c.seed,
                              checkpoint_every=max(1, c.adapter_steps // 4), keep_checkpoints=1,
-                             report_to="none", export_dtype="float16",
+                             report_to="none", export_dtype="float16", drop_text=c.adapter_drop_text,
+                             cache_dir=str(out / "cache" / variant),
                              resume=(run / "train_config.json").is_file())  # fmt: skip
         trainer = Trainer(config)
         trainer.setup()
@@ -313,7 +373,8 @@ def build(config: BuildConfig, stages: tuple[str, ...] = STAGES) -> Path:
 
 def _run_stages(config: BuildConfig, out: Path, stages: tuple[str, ...]) -> None:
     record = _record(out)
-    record.setdefault("config", {k: v for k, v in asdict(config).items() if k != "log"})  # the first run's
+    # the latest run's settings: the stages it runs use them (a resumed build keeps its earlier stages)
+    record["config"] = {k: v for k, v in asdict(config).items() if k != "log"}
     (out / RECORD).write_text(json.dumps(record, indent=2))
     for stage in stages:
         if stage in _record(out)["stages"]:
@@ -325,6 +386,43 @@ def _run_stages(config: BuildConfig, out: Path, stages: tuple[str, ...]) -> None
         info["seconds"] = round(time.perf_counter() - started, 1)
         _finish(out, stage, info)
         _say(config, f"mini build: {stage} done in {info['seconds']} s")
+
+
+SHIPPED = ("pipeline", "models", "clip", RECORD)  # what the package carries; data, runs and caches stay out
+
+
+def install(out: str | Path, dest: str | Path | None = None) -> Path:
+    """Copy a finished build's shipped pieces into ``dest`` (default: the package's ``mini/model``), replacing it.
+
+    The new folder is assembled beside ``dest`` and swapped in, so a failed copy leaves the old model whole.
+    """
+    import shutil
+
+    from .shipped import MODEL_DIR
+
+    out, dest = Path(out), Path(dest or MODEL_DIR)
+    done = _record(out)["stages"]
+    missing = [s for s in STAGES if s not in done]
+    if missing:
+        raise ValueError(
+            f"the build in {out} has not finished (missing stages: {', '.join(missing)}); run it first"
+        )
+    staging = dest.with_name(dest.name + ".new")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    for name in SHIPPED:
+        source = out / name
+        if source.is_dir():
+            shutil.copytree(source, staging / name)
+        else:
+            shutil.copy2(source, staging / name)
+    old = dest.with_name(dest.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if dest.exists():
+        dest.rename(old)
+    staging.rename(dest)
+    shutil.rmtree(old, ignore_errors=True)
+    return dest
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -339,6 +437,8 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--stages", default=",".join(STAGES), help=f"comma list (default {','.join(STAGES)})")
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                         help="override a BuildConfig field, e.g. --set size=32 --set unet_steps=4000")  # fmt: skip
+    parser.add_argument("--install", action="store_true",
+                        help="when every stage is done, copy the result into the package (what --base mini loads)")  # fmt: skip
     args = parser.parse_args(argv)
     fields = BuildConfig.__dataclass_fields__
     overrides: dict[str, Any] = {}
@@ -357,7 +457,13 @@ def main(argv: list[str] | None = None) -> Path:
     config = BuildConfig(
         out=args.out, **overrides, log=lambda s: print(time.strftime("%H:%M:%S"), s, flush=True)
     )
-    return build(config, stages)
+    out = build(config, stages)
+    if args.install:
+        try:
+            print(f"installed the miniature family into {install(out)}")
+        except ValueError as e:
+            parser.error(str(e))
+    return out
 
 
 if __name__ == "__main__":
