@@ -52,6 +52,9 @@ class BuildConfig:
     vae_steps: int = 2000
     vae_batch: int = 32
     unet_steps: int = 2500
+    unet_partial: float = (
+        0.15  # share of UNet examples conditioned on the scene phrase only (and again: object only)
+    )
     unet_batch: int = 64
     adapter_steps: int = 1500
     adapter_batch: int = 32
@@ -235,7 +238,13 @@ def stage_vae(c: BuildConfig, out: Path) -> dict[str, Any]:
 
 # -- UNet ----------------------------------------------------------------------------------------------------
 def stage_unet(c: BuildConfig, out: Path) -> dict[str, Any]:
-    """A small text-conditioned UNet trained on the VAE's latents (epsilon, 10 % empty captions for CFG)."""
+    """A small text-conditioned UNet trained on the VAE's latents (epsilon prediction).
+
+    Each example is conditioned on its full caption, or (``unet_partial`` of the time each) on only its scene
+    phrase ("on a striped blue background") or only its object phrase ("a red circle"), or on the empty text
+    (10 %, for classifier-free guidance). Partial texts make a prompt like "on a green background" mean
+    something to the base model, which the image prompt then completes with the object.
+    """
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel
 
@@ -243,16 +252,20 @@ def stage_unet(c: BuildConfig, out: Path) -> dict[str, Any]:
     tok = _tokenizer(out)
     text_model = CLIPTextModel.from_pretrained(out / "clip").eval()
     vae = AutoencoderKL.from_pretrained(out / "vae").eval()
+    variants = [(t, _scene(t), t[: t.index(" on ")]) for t in texts]  # full, scene only, object only
     with torch.no_grad():
         latents = torch.cat(
             [vae.encode(pixels[i : i + 256]).latent_dist.mode() for i in range(0, len(pixels), 256)]
         )
         latents = latents * vae.config.scaling_factor
-        unique = sorted(set(texts)) + [""]
+        unique = sorted({v for row in variants for v in row}) + [""]
         ids = tok(unique, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
         table = torch.cat([text_model(ids[i : i + 256])[0] for i in range(0, len(ids), 256)])
-    which = torch.tensor([unique.index(t) for t in texts])
-    empty = len(unique) - 1
+    position = {t: i for i, t in enumerate(unique)}
+    which = torch.tensor([[position[v] for v in row] + [len(unique) - 1] for row in variants])  # (N, 4)
+    # cumulative bounds of a uniform draw: empty, scene only, object only, else full
+    bounds = torch.tensor([0.1, 0.1 + c.unet_partial, 0.1 + 2 * c.unet_partial])
+    pick_of = torch.tensor([3, 1, 2, 0])  # column of ``which`` for each interval
     torch.manual_seed(c.seed)
     n = len(c.unet_channels)
     unet = UNet2DConditionModel(sample_size=c.size // 2 ** (len(c.vae_channels) - 1), in_channels=4, out_channels=4,
@@ -270,8 +283,8 @@ def stage_unet(c: BuildConfig, out: Path) -> dict[str, Any]:
         x0 = latents[idx]
         noise = torch.randn(x0.shape, generator=gen)
         t = torch.randint(0, 1000, (len(idx),), generator=gen)
-        drop = torch.rand(len(idx), generator=gen) < 0.1
-        cond = table[torch.where(drop, torch.full_like(which[idx], empty), which[idx])]
+        column = pick_of[torch.bucketize(torch.rand(len(idx), generator=gen), bounds, right=True)]
+        cond = table[which[idx, column]]
         pred = unet(scheduler.add_noise(x0, noise, t), t, encoder_hidden_states=cond).sample
         return F.mse_loss(pred, noise)
 
@@ -310,6 +323,11 @@ def stage_pipeline(c: BuildConfig, out: Path) -> dict[str, Any]:
     return {"pipeline": str(out / "pipeline")}
 
 
+def _scene(caption: str) -> str:
+    """The scene phrase of a caption: "a red circle on a striped blue background" -> "on a striped blue background"."""
+    return caption[caption.index(" on ") + 1 :]
+
+
 def _adapter_manifest(c: BuildConfig, folder: Path) -> Path:
     """The adapters' captions: the full caption, or only its background phrase ("on a striped blue background").
 
@@ -322,7 +340,7 @@ def _adapter_manifest(c: BuildConfig, folder: Path) -> Path:
     for row in _rows(folder):
         text = row["text"]
         if rng.random() < c.adapter_scene_only:
-            text = text[text.index(" on ") + 1 :]
+            text = _scene(text)
         lines.append(json.dumps({"image": row["image"], "text": text}))
     path = folder / "adapter_captions.jsonl"
     path.write_text("\n".join(lines) + "\n")
