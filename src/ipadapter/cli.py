@@ -240,24 +240,49 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any] | None:
             "samples_per_second": trainer.samples / train_s if train_s else None}  # fmt: skip
 
 
-def _add_eval_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--base", required=True, help="base model (diffusers folder, hub id or single file)")
-    p.add_argument("--adapter", required=True, help="adapter file or hub path")
+def _add_model_run_options(p: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:
+    """eval / demo: which model and adapter, and how to generate."""
+    for flag, what in (("--base", "base model (diffusers folder, hub id or single file)"),
+                       ("--adapter", "adapter file or hub path")):  # fmt: skip
+        name = flag[2:]
+        if name in defaults:
+            p.add_argument(flag, default=defaults[name], help=f"{what} (default: {defaults[name]})")
+        else:
+            p.add_argument(flag, required=True, help=what)
     p.add_argument("--image-encoder", help="CLIP vision model (default: from the adapter's layout)")
+    p.add_argument("--steps", type=_positive_int, default=20, help="denoising steps (default 20)")
+    p.add_argument("--guidance", type=_finite, default=5.0, help="classifier-free guidance (default 5)")
+    p.add_argument("--scale", type=_scale, default=defaults.get("scale", 0.6),
+                   help=f"image prompt scale (default {defaults.get('scale', 0.6)})")  # fmt: skip
+    p.add_argument("--size", type=_size, help="generation size (default: the model's)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first generation (default 0)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+
+
+def _add_eval_options(p: argparse.ArgumentParser) -> None:
+    _add_model_run_options(p, {})
     p.add_argument(
         "--scorer", help="CLIPModel folder/hub id for CLIP-I/CLIP-T (default: a mini build's clip/)"
     )
     p.add_argument("--references", help="shapes folder with metadata.jsonl (default: a mini build's data/eval, "
                                         "else generated held-out shapes)")  # fmt: skip
     p.add_argument("--count", type=_positive_int, default=50, help="references (default 50)")
-    p.add_argument("--steps", type=_positive_int, default=20, help="denoising steps (default 20)")
-    p.add_argument("--guidance", type=_finite, default=5.0, help="classifier-free guidance (default 5)")
-    p.add_argument("--scale", type=_scale, default=0.6, help="image prompt scale (default 0.6)")
-    p.add_argument("--size", type=_size, help="generation size (default: the model's)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the first generation (default 0)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--output", help="write the report here (.md or .json)")
     p.add_argument("--json", action="store_true", help="print the scores as JSON")
+
+
+def _attached(args: argparse.Namespace) -> tuple[Any, int]:
+    """eval / demo: the base with the adapter attached, and the image side to generate at."""
+    if args.quiet:
+        _quiet_libraries()
+    from .adapter import attach
+    from .pipelines import load_pipeline, native_size, pick_device, pick_dtype
+
+    device = pick_device(args.device)
+    pipe = load_pipeline(args.base, dtype=pick_dtype(None, device), device=device)
+    pipe.set_progress_bar_config(disable=True)
+    ip = attach(pipe, args.adapter, args.image_encoder, scale=args.scale)
+    return ip, args.size or native_size(pipe)
 
 
 def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
@@ -284,30 +309,52 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     output = Path(args.output) if args.output else None
     if output is not None and output.suffix.lower() not in (".md", ".json"):
         raise InputError(f"--output '{output}' must end in .md or .json")
-    if args.quiet:
-        _quiet_libraries()
-    from .adapter import attach
+    ip, size = _attached(args)
     from .mini.evaluate import Scorer, evaluate, markdown, references
     from .mini.shapes import write_dataset
-    from .pipelines import load_pipeline, pick_device, pick_dtype
 
-    device = pick_device(args.device)
-    pipe = load_pipeline(args.base, dtype=pick_dtype(None, device), device=device)
-    pipe.set_progress_bar_config(disable=True)
-    ip = attach(pipe, args.adapter, args.image_encoder, scale=args.scale)
     with tempfile.TemporaryDirectory() as tmp:
         if refs_folder is None:
-            refs_folder = str(write_dataset(Path(tmp) / "eval", args.count, seed=args.seed, size=args.size or 64,
+            refs_folder = str(write_dataset(Path(tmp) / "eval", args.count, seed=args.seed, size=size,
                                             split="eval"))  # fmt: skip
         refs = references(refs_folder, args.count)
         results = evaluate(ip, Scorer(scorer), refs, steps=args.steps, guidance=args.guidance, scale=args.scale,
-                           seed=args.seed, size=args.size)  # fmt: skip
+                           seed=args.seed, size=size)  # fmt: skip
     table = markdown(results)
     if output is not None:
         output.write_text(json.dumps(results, indent=2) if output.suffix.lower() == ".json" else table + "\n")
     if not args.json:
         print(table)
     return {"results": results, "references": refs_folder, "scorer": scorer}
+
+
+def _add_demo_options(p: argparse.ArgumentParser) -> None:
+    _add_model_run_options(
+        p, {"base": "mini", "adapter": "mini", "scale": 0.8}
+    )  # the mini model's best balance
+    p.add_argument("--output", default="demo.png", help="the contact sheet, a .png (default ./demo.png)")
+    p.add_argument("--json", action="store_true", help="print what was written as JSON")
+
+
+def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
+    """reference | text only | image prompt | image + text, for a few held-out shapes, as one picture."""
+    from .errors import InputError
+
+    output = Path(args.output)
+    if output.suffix.lower() != ".png":
+        raise InputError(f"--output '{output}' must be a .png file")
+    if not output.parent.is_dir():
+        raise InputError(
+            f"output folder '{output.parent}' does not exist; create it or choose another --output"
+        )
+    ip, size = _attached(args)
+    from .mini.demo import contact_sheet, run_demo
+
+    rows = run_demo(ip, size=size, steps=args.steps, guidance=args.guidance, seed=args.seed)
+    contact_sheet(rows).save(output)
+    if not args.json:
+        print(f"wrote {output}: {len(rows)} references x (text only | image prompt | image + text)")
+    return {"output": str(output), "rows": len(rows)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -342,6 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_eval_options(
         sub.add_parser("eval", help="CLIP-I / CLIP-T / attribute scores: text vs image vs both")
+    )
+    _add_demo_options(
+        sub.add_parser("demo", help="contact sheet of the shipped miniature model: text vs image vs both")
     )
     return parser
 
@@ -598,7 +648,7 @@ def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
 
 COMMANDS = {"inspect": cmd_inspect, "convert": cmd_convert, "generate": cmd_generate, "img2img": cmd_generate,
             "inpaint": cmd_generate, "video": cmd_generate, "train": cmd_train,
-            "eval": cmd_eval}  # fmt: skip
+            "eval": cmd_eval, "demo": cmd_demo}  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:

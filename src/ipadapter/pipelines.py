@@ -52,6 +52,11 @@ def pick_device(device: str = "auto") -> str:
     return device
 
 
+def native_size(pipe: Any) -> int:
+    """The image side a pipeline's UNet was built for (its default height and width)."""
+    return int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+
+
 def pick_dtype(dtype: str | None, device: str) -> torch.dtype:
     """No hidden policy: float16 on CUDA, float32 elsewhere, unless asked otherwise."""
     names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
