@@ -256,7 +256,7 @@ def stage_unet(c: BuildConfig, out: Path) -> dict[str, Any]:
     tok = _tokenizer(out)
     text_model = CLIPTextModel.from_pretrained(out / "clip").eval()
     vae = AutoencoderKL.from_pretrained(out / "vae").eval()
-    variants = [(t, _scene(t), t[: t.index(" on ")]) for t in texts]  # full, scene only, object only
+    variants = [(t, *_phrases(t)[::-1]) for t in texts]  # full, scene only, object only
     with torch.no_grad():
         latents = torch.cat(
             [vae.encode(pixels[i : i + 256]).latent_dist.mode() for i in range(0, len(pixels), 256)]
@@ -327,9 +327,10 @@ def stage_pipeline(c: BuildConfig, out: Path) -> dict[str, Any]:
     return {"pipeline": str(out / "pipeline")}
 
 
-def _scene(caption: str) -> str:
-    """The scene phrase of a caption: "a red circle on a striped blue background" -> "on a striped blue background"."""
-    return caption[caption.index(" on ") + 1 :]
+def _phrases(caption: str) -> tuple[str, str]:
+    """A caption's object and scene phrases: "a red circle on a blue background" -> ("a red circle", "on a blue background")."""
+    cut = caption.index(" on ")
+    return caption[:cut], caption[cut + 1 :]
 
 
 def _adapter_manifest(c: BuildConfig, folder: Path) -> Path:
@@ -344,7 +345,7 @@ def _adapter_manifest(c: BuildConfig, folder: Path) -> Path:
     for row in _rows(folder):
         text = row["text"]
         if rng.random() < c.adapter_scene_only:
-            text = _scene(text)
+            text = _phrases(text)[1]
         lines.append(json.dumps({"image": row["image"], "text": text}))
     path = folder / "adapter_captions.jsonl"
     path.write_text("\n".join(lines) + "\n")
