@@ -28,6 +28,8 @@ from .encoder import ImageEncoder
 from .errors import CheckpointError, IncompatibleModelError, InputError
 from .images import ImageInput, load_image, load_mask
 from .projection import build_projection
+from .recipe import Control, Recipe
+from .references import Prepared, control_tokens, prepare
 from .sources import default_encoder, load_image_encoder, resolve_adapter, split_hub_path
 from .variants import AdapterSpec, detect, family
 
@@ -100,6 +102,7 @@ class IPAdapter:
         self.encoder = encoder
         self.source = source
         self._branches = branches  # processor name -> this adapter's branch in that layer
+        self.encoder_key: Any = ("object", id(encoder))  # adapters with equal keys share the encoder
         self._scale = 1.0
 
     @property
@@ -163,33 +166,28 @@ class IPAdapter:
         return ImagePrompt({self.name: pos}, {self.name: neg.contiguous()})
 
     def __call__(
-        self, reference: ImageInput | Sequence[ImageInput], /, *, pipeline: Any = None, **pipe_kwargs: Any
+        self,
+        reference: ImageInput | Sequence[ImageInput] | Control,
+        /,
+        *,
+        pipeline: Any = None,
+        **pipe_kwargs: Any,
     ) -> Any:
         """Run the pipeline with ``reference`` as the image prompt; other arguments go to the pipeline.
 
-        ``reference`` is positional so that the pipeline's own ``image`` (init or control image) passes
-        through. ``pipeline``: another pipeline sharing this adapter's UNet (e.g. made with ``from_pipe``
-        for another mode); by default the one the adapter was attached to. For a video pipeline,
-        ``reference`` may hold one reference per frame.
+        ``reference``: an image (path, PIL image, bytes), a list of them (one per prompt, or for a video one
+        per frame), or a :class:`~ipadapter.recipe.Control` (several weighted references, masks, a step
+        window, layer weights...). It is positional so that the pipeline's own ``image`` (init or control
+        image) passes through. ``pipeline``: another pipeline sharing this adapter's UNet (e.g. made with
+        ``from_pipe`` for another mode); by default the one the adapter was attached to.
         """
-        if not self.attached:
-            raise InputError(f"adapter '{self.name}' is detached; attach it again before generating")
-        pipe = self.pipe if pipeline is None else pipeline
-        if getattr(pipe, "unet", None) is not self.pipe.unet:
-            raise InputError(
-                f"{type(pipe).__name__} does not share the UNet adapter '{self.name}' is attached to (a video "
-                "pipeline builds its own); attach the adapter to the pipeline you call"
-            )
-        frames = num_frames(pipe, pipe_kwargs)
-        pipe_kwargs = check_call(pipe, pipe_kwargs, frames)
-        prompt = pipe_kwargs.get("prompt")
-        embeds = pipe_kwargs.get("prompt_embeds")
-        num_prompts = (
-            len(prompt) if isinstance(prompt, list) else embeds.shape[0] if embeds is not None else 1
-        )
-        kwargs = dict(pipe_kwargs.pop("cross_attention_kwargs", None) or {})
-        kwargs["image_prompt"] = self.image_prompt(reference, num_prompts, frames)
-        return pipe(cross_attention_kwargs=kwargs, **pipe_kwargs)
+        if isinstance(reference, Control):
+            return run(self.pipe if pipeline is None else pipeline, [(self, reference)], **pipe_kwargs)
+
+        def build(num_prompts: int, frames: int | None) -> ImagePrompt:
+            return self.image_prompt(reference, num_prompts, frames)
+
+        return _call(pipeline or self.pipe, [self], build, pipe_kwargs)
 
     def detach(self) -> None:
         """Remove this adapter; the last one out restores the UNet's original processors exactly."""
@@ -198,6 +196,93 @@ class IPAdapter:
     def __repr__(self) -> str:
         names = "/".join(self.spec.names) or "custom"
         return f"IPAdapter(name={self.name!r}, layout={self.spec.layout!r}, names={names!r}, scale={self._scale})"
+
+
+def run(pipe: Any, entries: Sequence[tuple[IPAdapter, Control]], /, **pipe_kwargs: Any) -> Any:
+    """Call ``pipe`` with several attached adapters at once, each with its own :class:`Control`.
+
+    Every input is read and checked before the pipeline runs. The image tokens of all adapters go to every
+    prompt (and every frame of a video).
+    """
+    prepared = [(ip, prepare(ip, control, f"adapter '{ip.name}' ")) for ip, control in entries]
+    return _call(pipe, [ip for ip, _ in entries], lambda n, _frames: _prompt(prepared, n), pipe_kwargs)
+
+
+def _prompt(prepared: Sequence[tuple[IPAdapter, Prepared]], num_prompts: int) -> ImagePrompt:
+    tokens, negative, controls = {}, {}, {}
+    for ip, ready in prepared:
+        pos, neg, control = control_tokens(ip, ready)  # (1, N, D)
+        tokens[ip.name] = pos.expand(num_prompts, *pos.shape[1:])
+        negative[ip.name] = neg.expand(num_prompts, *neg.shape[1:]).contiguous()
+        controls[ip.name] = control
+    return ImagePrompt(tokens, negative, controls=controls)
+
+
+def _call(pipe: Any, adapters: Sequence[IPAdapter], build: Any, pipe_kwargs: dict[str, Any]) -> Any:
+    """The one way a pipeline runs with image prompts: check, build the prompt, pass it, call."""
+    for ip in adapters:
+        if not ip.attached:
+            raise InputError(f"adapter '{ip.name}' is detached; attach it again before generating")
+        if getattr(pipe, "unet", None) is not ip.pipe.unet:
+            raise InputError(
+                f"{type(pipe).__name__} does not share the UNet adapter '{ip.name}' is attached to (a video "
+                "pipeline builds its own); attach the adapter to the pipeline you call"
+            )
+    frames = num_frames(pipe, pipe_kwargs)
+    pipe_kwargs = check_call(pipe, pipe_kwargs, frames)
+    prompt = pipe_kwargs.get("prompt")
+    embeds = pipe_kwargs.get("prompt_embeds")
+    num_prompts = len(prompt) if isinstance(prompt, list) else embeds.shape[0] if embeds is not None else 1
+    kwargs = dict(pipe_kwargs.pop("cross_attention_kwargs", None) or {})
+    kwargs["image_prompt"] = build(num_prompts, frames)
+    return pipe(cross_attention_kwargs=kwargs, **pipe_kwargs)
+
+
+class RecipeRun:
+    """The adapters of a :class:`~ipadapter.recipe.Recipe`, attached to one pipeline, ready to call."""
+
+    def __init__(
+        self, pipe: Any, recipe: Recipe, adapters: list[IPAdapter], prepared: list[Prepared]
+    ) -> None:
+        self.pipe = pipe
+        self.recipe = recipe
+        self.adapters = adapters
+        self._prepared = prepared
+
+    def __call__(self, *, pipeline: Any = None, **pipe_kwargs: Any) -> Any:
+        """Run the pipeline (or another one sharing its UNet) with the recipe's image prompt."""
+        pairs = list(zip(self.adapters, self._prepared, strict=True))
+        return _call(pipeline or self.pipe, self.adapters, lambda n, _frames: _prompt(pairs, n), pipe_kwargs)
+
+    def detach(self) -> None:
+        """Remove the recipe's adapters (the UNet is restored when none is left)."""
+        for ip in self.adapters:
+            if ip.attached:
+                ip.detach()
+
+
+def apply(pipe: Any, recipe: Recipe) -> RecipeRun:
+    """Attach every adapter of ``recipe`` to ``pipe`` and read all its inputs; all or nothing.
+
+    Files are checked first, then each adapter is attached and its references read; if anything fails,
+    the adapters attached so far are detached again and the error is raised.
+    """
+    recipe.check_files()
+    taken = set(attached(pipe))
+    names = [n for n in (f"adapter{i}" for i in range(len(taken) + len(recipe.adapters))) if n not in taken]
+    adapters: list[IPAdapter] = []
+    prepared: list[Prepared] = []
+    try:
+        for i, (entry, name) in enumerate(zip(recipe.adapters, names, strict=False)):
+            scale = 1.0 if entry.scale is None else entry.scale
+            ip = attach(pipe, entry.path, entry.image_encoder, scale=scale, name=name)
+            adapters.append(ip)
+            prepared.append(prepare(ip, entry, f"adapter[{i}]."))
+    except BaseException:
+        for ip in adapters:
+            ip.detach()
+        raise
+    return RecipeRun(pipe, recipe, adapters, prepared)
 
 
 def num_frames(pipe: Any, kwargs: dict[str, Any]) -> int | None:
@@ -338,7 +423,8 @@ def attach(
     layers = cross_attention_layers(unet)
     param = next(unet.parameters())
     device, dtype = param.device, param.dtype
-    encoder = _encoder(image_encoder, spec, source, device, dtype)
+    shared = {ip.encoder_key: ip.encoder for ip in state.adapters.values()} if state is not None else {}
+    encoder, encoder_key = _encoder(image_encoder, spec, source, device, dtype, shared)
     _check_fit(spec, layers, encoder, source)
 
     projection = build_projection(spec)
@@ -355,6 +441,7 @@ def attach(
     if state is None:
         state = _install(pipe, layers)
     handle = IPAdapter(pipe, name, spec, projection, encoder, branches, source)
+    handle.encoder_key = encoder_key
     handle._scale = scale
     for proc_name, branch in branches.items():
         state.processors[proc_name].add_branch(name, branch)
@@ -368,13 +455,20 @@ def _encoder(
     source: str,
     device: torch.device,
     dtype: torch.dtype,
-) -> ImageEncoder:
+    shared: dict[Any, ImageEncoder],
+) -> tuple[ImageEncoder, Any]:
+    """The adapter's encoder and a key naming it; adapters of one UNet with the same key share one encoder
+    (one copy in memory, one feature cache: a reference used by both is encoded once)."""
     if isinstance(given, ImageEncoder):
-        return given
+        return given, ("object", id(given))
     if isinstance(given, nn.Module):
-        return ImageEncoder(given)
+        key = ("module", id(given))
+        return shared.get(key) or ImageEncoder(given), key
     where = given if given is not None else default_encoder(source, spec)
-    return ImageEncoder(load_image_encoder(where, dtype=dtype, device=device))
+    key = ("source", str(where), str(device), dtype)
+    if key in shared:
+        return shared[key], key
+    return ImageEncoder(load_image_encoder(where, dtype=dtype, device=device)), key
 
 
 def _install(pipe: Any, layers: list[CrossLayer]) -> _Attachment:
@@ -389,9 +483,21 @@ def _install(pipe: Any, layers: list[CrossLayer]) -> _Attachment:
         prompt = (kwargs.get("cross_attention_kwargs") or {}).get("image_prompt")
         if not isinstance(prompt, ImagePrompt):
             return
-        guidance = getattr(running_pipeline(module), "do_classifier_free_guidance", None)
+        pipe = running_pipeline(module)
+        guidance = getattr(pipe, "do_classifier_free_guidance", None)
         if isinstance(guidance, bool):
             prompt.guidance = guidance  # the pipeline knows whether negatives lead the batch
+        sample = args[0] if args else kwargs.get("sample")
+        timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
+        if isinstance(sample, torch.Tensor):
+            prompt.latent_size = (int(sample.shape[-2]), int(sample.shape[-1]))
+        prompt.vae_scale = int(getattr(pipe, "vae_scale_factor", 8) or 8)
+        if timestep is not None:
+            t = float(timestep.flatten()[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
+            total = getattr(
+                getattr(getattr(pipe, "scheduler", None), "config", None), "num_train_timesteps", None
+            )
+            prompt.progress = min(max(1.0 - t / float(total or 1000), 0.0), 1.0)
 
     hook = unet.register_forward_pre_hook(before_unet, with_kwargs=True)
     state = _Attachment(originals, cross, hook)

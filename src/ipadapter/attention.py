@@ -113,8 +113,10 @@ class IPAttnProcessor(nn.Module):
         self, out: torch.Tensor, query: torch.Tensor, prompt: ImagePrompt, heads: int, batch: int, inner: int
     ) -> torch.Tensor:
         for name, branch in self.named_branches():
-            if branch.scale == 0:
-                continue  # exactly the model without this adapter
+            control = prompt.control(name)
+            scale = control.layer_scale(self.layer, branch.scale)
+            if scale == 0 or not control.active(prompt.progress):
+                continue  # exactly the model without this adapter (at this layer / step)
 
             def project(
                 name: str = name, branch: IPBranch = branch
@@ -125,14 +127,36 @@ class IPAttnProcessor(nn.Module):
                 tokens = tokens.to(device=query.device, dtype=branch.to_k_ip.weight.dtype)
                 k_ip = _split_heads(branch.to_k_ip(tokens), batch, heads)  # (B, heads, N, d)
                 v_ip = _split_heads(branch.to_v_ip(tokens), batch, heads)
+                weights = prompt.control(name).value_weights
+                if weights is not None:  # weighted references attended together: scale their values
+                    v_ip = v_ip * weights.to(device=v_ip.device, dtype=v_ip.dtype)[:, None]
                 return k_ip.to(query.dtype), v_ip.to(query.dtype)
 
             kv = prompt.cached((self.layer, name, batch, prompt.guidance), project)
             if kv is None:
                 continue
-            ip_out = F.scaled_dot_product_attention(query, kv[0], kv[1], dropout_p=0.0)
-            out = out + branch.scale * ip_out.transpose(1, 2).reshape(batch, -1, inner).to(query.dtype)
+            if control.groups is None:
+                out = out + scale * _attend(query, *kv, batch, inner)
+                continue
+            # One attention per reference, each on its own region (diffusers' ip_adapter_masks semantics)
+            start = 0
+            for group, count in enumerate(control.groups):
+                k_g, v_g = kv[0][:, :, start : start + count], kv[1][:, :, start : start + count]
+                start += count
+                part = _attend(query, k_g, v_g, batch, inner)  # (B, L, inner)
+                mask = prompt.mask_rows(name, group, part.shape[1], part)
+                if mask is not None:
+                    part = part * mask
+                weight = 1.0 if control.group_weights is None else control.group_weights[group]
+                out = out + (scale * weight) * part
         return out
+
+
+def _attend(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, batch: int, inner: int
+) -> torch.Tensor:
+    ip_out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0)  # (B, heads, L, d)
+    return ip_out.transpose(1, 2).reshape(batch, -1, inner).to(query.dtype)  # (B, L, inner)
 
 
 class PassThroughProcessor:

@@ -86,14 +86,15 @@ def _add_generation_options(p: argparse.ArgumentParser, command: str) -> None:
     p.add_argument(
         "--base-config", help="for a single-file base: a diffusers folder/hub id of the same family"
     )
-    p.add_argument("--adapter", required=True, help="adapter file, or owner/repo/path/in/repo.safetensors")
+    p.add_argument("--adapter", help="adapter file, or owner/repo/path/in/repo.safetensors (or use --recipe)")
     p.add_argument(
         "--image-encoder", help="CLIP vision model folder or hub path (default: from the adapter's repo)"
     )
     if video:
-        p.add_argument("--image", required=True, action="append",
-                       help="reference image: once for all frames, once per frame (repeat it), or a folder of "
-                            "one image per frame (sorted by name)")  # fmt: skip
+        p.add_argument("--image", action="append", default=[],
+                       help="reference image PATH[:WEIGHT]: once for all frames, once per frame (repeat it), or a "
+                            "folder of one image per frame (sorted by name); with --combine, several references "
+                            "combined for every frame")  # fmt: skip
         p.add_argument("--motion-adapter", required=True, help="AnimateDiff motion adapter: folder or hub id")
         p.add_argument("--frames", type=_positive_int, default=16, help="number of frames (default 16)")
         p.add_argument("--fps", type=_positive_float, default=8.0, help="frames per second (default 8)")
@@ -101,7 +102,9 @@ def _add_generation_options(p: argparse.ArgumentParser, command: str) -> None:
         p.add_argument("--cpu-offload", action="store_true",
                        help="keep idle models in CPU memory (CUDA only; much less GPU memory, a bit slower)")  # fmt: skip
     else:
-        p.add_argument("--image", required=True, help="the reference image")
+        p.add_argument("--image", action="append", default=[],
+                       help="reference image PATH[:WEIGHT]; repeat for several references (see --combine)")  # fmt: skip
+    _add_control_options(p)
     if command in ("img2img", "inpaint"):
         p.add_argument("--init", required=True, help="the image to start from (its size is the output size)")
         default = 1.0 if command == "inpaint" else 0.8
@@ -118,7 +121,7 @@ def _add_generation_options(p: argparse.ArgumentParser, command: str) -> None:
                    help="ControlNet strength: once for all or once per --controlnet (default 1.0)")  # fmt: skip
     p.add_argument("--prompt", default="", help="text prompt (default: empty)")
     p.add_argument("--negative-prompt", default=None, help="negative text prompt")
-    p.add_argument("--scale", type=_scale, default=1.0, help="image prompt strength, >= 0 (default 1.0)")
+    p.add_argument("--scale", type=_scale, help="image prompt strength, >= 0 (default 1.0)")
     p.add_argument("--steps", type=_positive_int, help="denoising steps (default: the pipeline's)")
     p.add_argument("--guidance", type=_finite, help="classifier-free guidance (default: the pipeline's)")
     p.add_argument(
@@ -141,6 +144,161 @@ def _add_generation_options(p: argparse.ArgumentParser, command: str) -> None:
             "--output", default="output.png", help="PNG path; with several images, -1, -2... are added"
         )
     p.add_argument("--json", action="store_true", help="print the written files and parameters as JSON")
+
+
+def _add_control_options(p: argparse.ArgumentParser) -> None:
+    """How the image prompt is used: the single-adapter shorthand of a recipe (README: Fine control)."""
+    from .layers import CURVE_NAMES, PRESET_NAMES
+    from .recipe import COMBINE_MODES, CROP_MODES
+
+    g = p.add_argument_group("image prompt control")
+    g.add_argument("--recipe", help="a recipe file (.toml or .json): adapters, references and their options; "
+                                    "replaces --adapter/--image and the options below")  # fmt: skip
+    g.add_argument("--embeds", action="append", default=[],
+                   help="reference from an `ipadapter embed` file, FILE[:WEIGHT]; repeatable")  # fmt: skip
+    g.add_argument("--image-mask", action="append", default=[],
+                   help="regional mask per reference (white = where it acts), in the order of --image then "
+                        "--embeds")  # fmt: skip
+    g.add_argument("--combine", choices=COMBINE_MODES, help="how several references combine (default concat)")
+    g.add_argument("--crop", choices=CROP_MODES, help="how a non-square reference is fitted (default center)")
+    g.add_argument("--negative-image", help="image whose tokens replace the unconditional image tokens")
+    g.add_argument("--layer-weights", help='weight per transformer block, e.g. "t3=0.5,t6=1.0" (unlisted: 0)')
+    g.add_argument("--preset", choices=PRESET_NAMES, help="blocks for style / composition (SD1.5 and SDXL)")
+    g.add_argument(
+        "--composition-weight", type=_scale, help="composition blocks' weight in style+composition"
+    )
+    g.add_argument("--curve", choices=CURVE_NAMES, help="weight curve over the transformer blocks")
+    g.add_argument("--start", type=_finite, help="denoising progress at which the image prompt starts (0-1)")
+    g.add_argument("--end", type=_finite, help="denoising progress at which it ends (0-1)")
+
+
+CONTROL_FLAGS = ("embeds", "image_mask", "combine", "crop", "negative_image", "layer_weights", "preset",
+                 "composition_weight", "curve", "start", "end")  # fmt: skip
+
+
+def _weighted(value: str) -> tuple[str, float]:
+    """PATH[:WEIGHT] -> (path, weight); a colon followed by something that is not a number is part of the path."""
+    path, sep, tail = value.rpartition(":")
+    if sep and path:
+        try:
+            return path, float(tail)
+        except ValueError:
+            pass
+    return value, 1.0
+
+
+def _recipe(args: argparse.Namespace, video: bool) -> Any:
+    """The recipe this command runs: --recipe, or one adapter made of the flags. None: legacy per-frame video."""
+    from .errors import InputError
+    from .layers import parse_layer_weights
+    from .recipe import AdapterRecipe, Recipe, Reference
+
+    flags = [f for f in CONTROL_FLAGS if getattr(args, f) not in (None, [])]
+    if args.recipe:
+        named = [f for f in ("adapter", "image_encoder", "image") if getattr(args, f)] + flags
+        clash = [f"--{f.replace('_', '-')}" for f in named]
+        if args.scale is not None:
+            clash.append("--scale")
+        if clash:
+            raise InputError(
+                f"--recipe replaces {', '.join(clash)}: put them in the recipe file or drop --recipe"
+            )
+        recipe = Recipe.load(args.recipe)
+        recipe.check_files()
+        return recipe
+    if not args.adapter:
+        raise InputError("no adapter: give --adapter (an adapter file or hub path) or --recipe")
+    if not args.image and not args.embeds:
+        raise InputError("no reference: give --image (or --embeds, or --recipe)")
+    if video and not flags and all(_weighted(v)[0] == v for v in args.image):
+        return None  # plain --image for a video: one reference for all frames, or one per frame
+    refs = [(*_weighted(v), "path") for v in args.image] + [(*_weighted(v), "embeds") for v in args.embeds]
+    masks = args.image_mask
+    if masks and len(masks) != len(refs):
+        raise InputError(
+            f"{len(masks)} --image-mask for {len(refs)} references; give one mask per reference (--image then "
+            "--embeds order) or none"
+        )
+    crop = args.crop or "center"
+    references = [
+        Reference(**{kind: path}, weight=weight, mask=masks[i] if masks else None, crop=crop)
+        for i, (path, weight, kind) in enumerate(refs)
+    ]
+    options = {
+        "combine": args.combine or "concat",
+        "start": 0.0 if args.start is None else args.start,
+        "end": 1.0 if args.end is None else args.end,
+        "preset": args.preset,
+        "curve": args.curve,
+        "negative_image": args.negative_image,
+        "layer_weights": parse_layer_weights(args.layer_weights) if args.layer_weights else None,
+    }
+    if args.composition_weight is not None:
+        options["composition_weight"] = args.composition_weight
+    entry = AdapterRecipe(path=args.adapter, image_encoder=args.image_encoder,
+                          scale=1.0 if args.scale is None else args.scale, images=references, **options)  # fmt: skip
+    recipe = Recipe([entry])
+    recipe.check_files()
+    return recipe
+
+
+def _add_embed_options(p: argparse.ArgumentParser) -> None:
+    from .recipe import CROP_MODES
+
+    p.add_argument(
+        "--adapter", required=True, help="the adapter the embeddings are for (file, hub path or name)"
+    )
+    p.add_argument("--image-encoder", help="CLIP vision model (default: from the adapter's repo)")
+    p.add_argument("--image", required=True, help="the reference image")
+    p.add_argument("--output", required=True, help="the .safetensors file to write")
+    p.add_argument("--crop", choices=CROP_MODES, default="center", help="how a non-square image is fitted")
+    p.add_argument("--force", action="store_true", help="overwrite OUTPUT if it exists")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
+    p.add_argument("--json", action="store_true", help="print what was written as JSON")
+
+
+def cmd_embed(args: argparse.Namespace) -> dict[str, Any]:
+    """Encode a reference once and store its features, for --embeds / `embeds =` in a recipe."""
+    from .errors import IncompatibleModelError, InputError
+    from .images import image_key, load_image
+
+    output = Path(args.output)
+    if output.suffix != ".safetensors":
+        raise InputError(f"--output '{output}' must end in .safetensors")
+    if output.exists() and not args.force:
+        raise InputError(f"output '{output}' exists; pass --force to overwrite it")
+    if not output.parent.is_dir():
+        raise InputError(
+            f"output folder '{output.parent}' does not exist; create it or choose another --output"
+        )
+    image = load_image(args.image)
+    if args.quiet:
+        _quiet_libraries()
+    from .checkpoint import load_checkpoint
+    from .embeds import save_embeds
+    from .encoder import ImageEncoder
+    from .pipelines import pick_device, pick_dtype
+    from .sources import default_encoder, load_image_encoder, resolve_adapter, split_hub_path
+    from .variants import detect
+
+    resolved = resolve_adapter(args.adapter)
+    spec = detect(load_checkpoint(resolved))
+    source = args.adapter if split_hub_path(args.adapter) is not None else str(resolved)
+    where = args.image_encoder or default_encoder(source, spec)
+    device = pick_device(args.device)
+    encoder = ImageEncoder(load_image_encoder(where, dtype=pick_dtype(None, device), device=device))
+    if encoder.feature_dim(spec.feature) != spec.feature_dim:
+        raise IncompatibleModelError(
+            f"adapter '{args.adapter}' needs {spec.feature_dim}-dim features but image encoder '{where}' gives "
+            f"{encoder.feature_dim(spec.feature)}; pass the encoder it was trained with via --image-encoder"
+        )
+    features = encoder.features([image], spec.feature, args.crop)[0]
+    variant = "/".join(spec.names) or spec.layout
+    save_embeds(output, features, encoder.negative_features(spec.feature), feature=spec.feature, encoder=encoder,
+                encoder_name=str(where), crop=args.crop, variant=variant, image_sha1=image_key(image))  # fmt: skip
+    if not args.json:
+        print(f"wrote {output} ({spec.feature} features {list(features.shape)} for {variant})")
+    return {"output": str(output), "feature": spec.feature, "shape": list(features.shape), "variant": variant}
 
 
 def _add_train_options(p: argparse.ArgumentParser) -> None:
@@ -383,6 +541,9 @@ def build_parser() -> argparse.ArgumentParser:
     }
     for command, help_text in modes.items():
         _add_generation_options(sub.add_parser(command, help=help_text), command)
+    _add_embed_options(
+        sub.add_parser("embed", help="store a reference's encoder features for reuse (--embeds FILE)")
+    )
     _add_train_options(
         sub.add_parser("train", help="train an adapter on image-text pairs (accelerate-ready)")
     )
@@ -515,6 +676,25 @@ def _controls(args: argparse.Namespace, frames: int | None) -> tuple[list[Any], 
     return controls, scale
 
 
+def _check_references(recipe: Any) -> list[str]:
+    """Decode every reference, mask and negative image of ``recipe`` now: a bad file fails before models load.
+
+    Returns the references' content hashes (for the output's metadata)."""
+    from .images import image_key, load_image, load_mask
+
+    hashes = []
+    for a, entry in enumerate(recipe.adapters):
+        where = f"adapter[{a}]." if len(recipe.adapters) > 1 else ""
+        for i, ref in enumerate(entry.images):
+            if ref.path is not None:
+                hashes.append(image_key(load_image(ref.path, f"{where}image[{i}] reference image")))
+            if ref.mask is not None:
+                load_mask(ref.mask)
+        if entry.negative_image is not None:
+            load_image(entry.negative_image, f"{where}negative image")
+    return hashes
+
+
 def _init_image(args: argparse.Namespace) -> Any:
     """The init image at the requested size, cropped to multiples of 8 (what the VAE needs)."""
     from PIL import Image
@@ -532,19 +712,26 @@ def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
     """generate / img2img / inpaint / video: one flow, the mode picks the pipeline and its inputs."""
     from . import __version__
     from .errors import InputError
-    from .images import image_key, load_image, load_mask
+    from .images import image_key, load_mask
     from .media import VIDEO_SUFFIXES, save_images, save_video
 
     mode = MODE_OF[args.command]
     video = mode == "video"
     # Cheap checks first: nothing is loaded until every input is known to be usable.
     frames = args.frames if video else None
-    references = _image_list(args.image, "reference image") if video else [load_image(args.image)]
-    if video and len(references) not in (1, frames):
-        raise InputError(
-            f"{len(references)} reference images for {frames} frames; give one reference for all frames or "
-            "one per frame (--image repeated, or a folder)"
-        )
+    recipe = _recipe(args, video)
+    references: list[Any] = []
+    hashes: list[str] = []
+    if recipe is None:  # video: one reference for all frames or one per frame
+        references = _image_list(args.image, "reference image")
+        if len(references) not in (1, frames):
+            raise InputError(
+                f"{len(references)} reference images for {frames} frames; give one reference for all frames "
+                "or one per frame (--image repeated, or a folder)"
+            )
+        hashes = [image_key(r) for r in references]
+    else:
+        hashes = _check_references(recipe)
     call: dict[str, Any] = {"prompt": args.prompt}
     if mode in ("img2img", "inpaint"):
         init = _init_image(args)
@@ -571,7 +758,7 @@ def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
         _quiet_libraries()
     import torch
 
-    from .adapter import attach
+    from .adapter import apply, attach
     from .pipelines import (
         load_controlnet,
         load_motion_adapter,
@@ -593,7 +780,12 @@ def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
     nets = [load_controlnet(name, dtype=dtype, device=device) for name in args.controlnet]
     motion = load_motion_adapter(args.motion_adapter, dtype=dtype, device=device) if video else None
     pipe = mode_pipeline(pipe, mode, controlnet=nets or None, motion_adapter=motion)
-    ip = attach(pipe, args.adapter, args.image_encoder, scale=args.scale)
+    if recipe is None:
+        ip = attach(pipe, args.adapter, args.image_encoder, scale=1.0 if args.scale is None else args.scale)
+        adapters = [ip]
+    else:
+        runner = apply(pipe, recipe)
+        adapters = runner.adapters
     if video and args.vae_slicing:
         pipe.vae.enable_slicing()
     if video and args.cpu_offload:
@@ -611,17 +803,22 @@ def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
         call["num_images_per_prompt"] = args.num_images
     if args.seed is not None:
         call["generator"] = torch.Generator("cpu").manual_seed(args.seed)
-    result = ip(references if video else references[0], **call)
+    result = ip(references, **call) if recipe is None else runner(**call)
 
     params = {
-        "tool": f"ipadapter {__version__}", "mode": mode, "base": args.base, "adapter": args.adapter,
-        "variant": "/".join(ip.spec.names) or ip.spec.layout, "image": args.image,
-        "image_sha1": [image_key(r) for r in references] if video else image_key(references[0]),
-        "prompt": args.prompt, "negative_prompt": args.negative_prompt, "scale": args.scale,
+        "tool": f"ipadapter {__version__}", "mode": mode, "base": args.base,
+        "adapter": args.adapter if recipe is None else [a.path for a in recipe.adapters],
+        "variant": "+".join("/".join(ip.spec.names) or ip.spec.layout for ip in adapters),
+        "image": args.image if video or len(args.image) != 1 else args.image[0],
+        "image_sha1": hashes[0] if len(hashes) == 1 and not video else hashes,
+        "prompt": args.prompt, "negative_prompt": args.negative_prompt,
+        "scale": [ip.scale for ip in adapters] if len(adapters) > 1 else adapters[0].scale,
         "steps": args.steps, "guidance": args.guidance, "seed": args.seed,
         "scheduler": args.scheduler or type(pipe.scheduler).__name__,
         "dtype": str(dtype).removeprefix("torch."), "device": device,
     }  # fmt: skip
+    if recipe is not None:
+        params["recipe"] = recipe.to_dict()
     if mode in ("img2img", "inpaint"):
         params.update(init=args.init, strength=args.strength)
     if mode == "inpaint":
@@ -647,7 +844,7 @@ def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
 
 COMMANDS = {"inspect": cmd_inspect, "convert": cmd_convert, "generate": cmd_generate, "img2img": cmd_generate,
             "inpaint": cmd_generate, "video": cmd_generate, "train": cmd_train,
-            "eval": cmd_eval, "demo": cmd_demo}  # fmt: skip
+            "eval": cmd_eval, "demo": cmd_demo, "embed": cmd_embed}  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,7 +1,9 @@
 """Reference images -> CLIP vision features, with the reference's preprocessing and a content cache.
 
 Preprocessing (as the reference): resize the shortest side to the encoder's configured image size (bicubic),
-centre crop, scale to [0, 1], normalise with the CLIP mean/std. Features: ``pooled`` = the projected
+centre crop, scale to [0, 1], normalise with the CLIP mean/std. Two other ways to fit a non-square reference
+(``crop``): ``pad`` letterboxes the whole image onto a square of its average edge colour; ``stretch`` resizes
+it to a square, ignoring its aspect ratio. Features: ``pooled`` = the projected
 ``image_embeds`` (B, F); ``hidden`` = the penultimate hidden states (B, S, F).
 """
 
@@ -9,11 +11,36 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+import numpy as np
 import torch
 from PIL import Image
 from transformers import CLIPImageProcessorPil, CLIPVisionModelWithProjection
 
+from .errors import InputError
 from .images import image_key
+
+CROP_MODES = ("center", "pad", "stretch")
+
+
+def fit_square(image: Image.Image, crop: str, size: int) -> Image.Image:
+    """``image`` prepared for a square encoder input by ``crop`` (center: left to CLIP's own centre crop)."""
+    if crop == "center":
+        return image
+    if crop == "stretch":
+        return image.resize((size, size), Image.Resampling.BICUBIC)
+    if crop == "pad":
+        w, h = image.size
+        if w == h:
+            return image
+        edges = np.concatenate(
+            [np.asarray(image)[[0, -1]].reshape(-1, 3), np.asarray(image)[:, [0, -1]].reshape(-1, 3)]
+        )
+        colour = tuple(int(c) for c in edges.mean(axis=0).round())
+        side = max(w, h)
+        canvas = Image.new("RGB", (side, side), colour)
+        canvas.paste(image, ((side - w) // 2, (side - h) // 2))
+        return canvas
+    raise InputError(f"crop '{crop}' is not one of {', '.join(CROP_MODES)}")
 
 
 class ImageEncoder:
@@ -59,13 +86,23 @@ class ImageEncoder:
             return self.model(pixels).image_embeds  # (B, F)
         return self.model(pixels, output_hidden_states=True).hidden_states[-2]  # (B, S, F)
 
-    def features(self, images: list[Image.Image], feature: str) -> torch.Tensor:
-        """Features of several RGB images, encoded in one batch; repeated images come from the cache."""
-        keys = [(image_key(img), feature, self.dtype, str(self.device)) for img in images]
+    def features(
+        self, images: list[Image.Image], feature: str, crop: str | list[str] = "center"
+    ) -> torch.Tensor:
+        """Features of several RGB images, encoded in one batch; repeated images come from the cache.
+
+        ``crop``: how each image is fitted to the square input (one mode for all, or one per image).
+        """
+        crops = [crop] * len(images) if isinstance(crop, str) else list(crop)
+        keys = [
+            (image_key(img), c, feature, self.dtype, str(self.device))
+            for img, c in zip(images, crops, strict=True)
+        ]
         todo = [i for i, k in enumerate(keys) if k not in self._cache]
         fresh: dict[tuple, torch.Tensor] = {}
         if todo:
-            encoded = self._run(self.pixels([images[i] for i in todo]), feature)
+            fitted = [fit_square(images[i], crops[i], self.image_size) for i in todo]
+            encoded = self._run(self.pixels(fitted), feature)
             fresh = {keys[i]: encoded[row] for row, i in enumerate(todo)}
         rows = []
         for k in keys:  # read before remembering: a batch larger than the cache must not evict itself
@@ -90,6 +127,17 @@ class ImageEncoder:
                 value = self._run(zeros, feature)[0]
             self._remember(key, value)
         return self._cache[key]
+
+    def seed_negative(self, feature: str, value: torch.Tensor) -> None:
+        """Use ``value`` (e.g. stored beside embeddings of this encoder) as the negative features."""
+        self._remember(
+            ("<negative>", feature, self.dtype, str(self.device)), value.to(self.device, self.dtype)
+        )
+
+    def probe(self) -> torch.Tensor:
+        """A few of the model's weights (float32): tells encoders apart whatever dtype they were loaded in."""
+        weight = self.model.visual_projection.weight
+        return weight.detach().flatten()[:64].float().cpu()
 
     def _remember(self, key: tuple, value: torch.Tensor) -> None:
         self._cache[key] = value

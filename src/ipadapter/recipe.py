@@ -1,0 +1,586 @@
+"""The recipe: one description of a whole image prompt (adapters, their references and how each is used).
+
+The same schema serves three readers: the Python API (the typed dataclasses below), the command line
+(``--recipe ip.toml``, TOML or JSON) and a server's JSON body. A file looks like::
+
+    [[adapter]]
+    path = "h94/IP-Adapter/models/ip-adapter-plus_sd15.safetensors"
+    scale = 0.7
+    combine = "average"
+      [[adapter.image]]
+      path = "a.png"
+      weight = 1.0
+
+Light on purpose (no torch/diffusers/transformers): the command line checks a recipe before loading models.
+Every problem raises :class:`~ipadapter.errors.InputError` with a one-line message naming the place (file and
+key path, e.g. ``ip.toml: adapter[1].image[0].weight``; indices count from 0), what was received, what is
+expected and what to do. The dataclasses validate in ``__post_init__``, so objects built in Python are checked
+too (their messages name the class and field, e.g. ``Reference.weight``). Objects are checked when built;
+changing a field afterwards is not re-checked.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import difflib
+import json
+import math
+import numbers
+import re
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NoReturn
+
+from PIL import Image
+
+from .errors import InputError
+from .layers import CURVE_NAMES, PRESET_NAMES
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
+__all__ = ["COMBINE_MODES", "CROP_MODES", "AdapterRecipe", "Control", "Recipe", "Reference"]
+
+COMBINE_MODES = ("concat", "average", "norm-average", "add", "subtract")
+CROP_MODES = ("center", "pad", "stretch")
+
+# Keys of each table in a recipe file, in the order to_dict writes them.
+_REFERENCE_KEYS = ("path", "embeds", "weight", "mask", "crop")
+_ADAPTER_KEYS = (
+    "path", "image_encoder", "scale", "combine", "start", "end", "preset", "composition_weight",
+    "layer_weights", "curve", "negative_image", "image",
+)  # fmt: skip
+_RECIPE_KEYS = ("adapter",)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Where an error is: a file's key path (set by the parser) or the class being built in Python.
+
+
+@dataclass(frozen=True)
+class _Where:
+    where: str  # e.g. "ip.toml: adapter[0]" or "Control.images[1]"
+    file: bool  # file key names ("image") and TOML examples, or Python field names ("images")
+
+
+_HERE: contextvars.ContextVar[_Where | None] = contextvars.ContextVar("ipadapter_recipe_where", default=None)
+
+
+@contextmanager
+def _at(where: str, file: bool) -> Iterator[None]:
+    """Build objects inside this block as if they sat at ``where`` (their errors say so)."""
+    token = _HERE.set(_Where(where, file))
+    try:
+        yield
+    finally:
+        _HERE.reset(token)
+
+
+def _here(obj: object) -> _Where:
+    """The place being built: the parser's, or the object's class name when built directly in Python."""
+    here = _HERE.get()
+    _HERE.set(None)  # nested objects built later (outside an _at block) must not inherit it
+    return here if here is not None else _Where(type(obj).__name__, False)
+
+
+def _loc(where: str, key: str) -> str:
+    return where if not key else f"{where}{key}" if key.startswith("[") else f"{where}.{key}"
+
+
+def _fail(loc: str, message: str) -> NoReturn:
+    """Raise the one-line InputError ``<loc>: <message>``."""
+    raise InputError(re.sub(r"[\r\n]+", " ", f"{loc}: {message}"))
+
+
+def _show(value: Any) -> str:
+    """A short one-line picture of a received value and its type."""
+    if isinstance(value, Image.Image):
+        return f"a PIL image ({value.mode}, {value.width}x{value.height})"
+    if isinstance(value, bytes | bytearray):
+        return f"{len(value)} bytes"
+    text = repr(value)
+    text = text if len(text) <= 60 else text[:57] + "..."
+    kind = {bool: "a boolean", str: "a string", int: "an integer", float: "a number"}.get(type(value))
+    if kind is None:
+        kind = (
+            "a table" if isinstance(value, Mapping) else "a list" if isinstance(value, list | tuple) else None
+        )
+    return f"{text} ({kind or type(value).__name__})" if value is not None else "null/None"
+
+
+def _example(here: _Where, key: str, value: str) -> str:
+    return f"{key} = {value}" if here.file else f"{key}={value}"
+
+
+def _names(names: tuple[str, ...]) -> str:
+    return ", ".join(names)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Field checks shared by the dataclasses.
+
+
+def _number(value: Any, here: _Where, key: str, example: str) -> float:
+    """A finite real number (not a bool) as float."""
+    loc = _loc(here.where, key)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        _fail(loc, f"got {_show(value)}; expected a number; write e.g. {_example(here, key, example)}")
+    try:
+        number = float(value)
+    except (OverflowError, ValueError):
+        number = math.inf
+    if not math.isfinite(number):
+        _fail(loc, f"got {value!r}; expected a finite number; write e.g. {_example(here, key, example)}")
+    return number
+
+
+def _weight(value: Any, here: _Where, key: str, example: str = "0.8") -> float:
+    """A finite number >= 0 as float."""
+    number = _number(value, here, key, example)
+    if number < 0:
+        _fail(_loc(here.where, key), f"got {value!r}; expected a number >= 0; write e.g. {_example(here, key, example)}")  # fmt: skip
+    return number
+
+
+def _choice(value: Any, names: tuple[str, ...], here: _Where, key: str, optional: bool) -> Any:
+    if (value is None and optional) or (isinstance(value, str) and value in names):
+        return value
+    leave = " (or leave it out)" if optional else ""
+    _fail(_loc(here.where, key), f"got {_show(value)}; expected one of {_names(names)}{leave}; use one of those names")  # fmt: skip
+
+
+def _file_value(value: Any, here: _Where, key: str, *, image: bool = False, data: bool = False) -> Any:
+    """A file reference: a non-empty path (str/Path); in Python also a PIL image (``image``) or bytes (``data``)."""
+    loc = _loc(here.where, key)
+    ok: tuple[type, ...] = (str, Path)
+    if not here.file:
+        ok += (Image.Image,) * image + (bytes, bytearray) * data
+    if not isinstance(value, ok):
+        if here.file:
+            expected = "a file path (a string)"
+        else:
+            expected = (
+                "a file path (str or Path)" + ", a PIL image" * image + " or bytes (encoded image)" * data
+            )
+        _fail(loc, f"got {_show(value)}; expected {expected}")
+    empty = (
+        not value.strip() if isinstance(value, str) else isinstance(value, bytes | bytearray) and not value
+    )
+    if empty:
+        _fail(
+            loc,
+            "got an empty path; expected a file path; give the file's path or leave the key out",
+        )
+    return value
+
+
+def _optional_file(value: Any, here: _Where, key: str, *, image: bool = False) -> Any:
+    return None if value is None else _file_value(value, here, key, image=image)
+
+
+def _layer_weights(value: Any, here: _Where, key: str = "layer_weights") -> dict[str, float] | None:
+    """``{"t3": 0.5, ...}`` from keys ``"t3"`` / ``"3"`` / ``3`` and finite weights >= 0."""
+    if value is None:
+        return None
+    loc = _loc(here.where, key)
+    example = "{ t3 = 1.0, t6 = 0.5 }" if here.file else "{'t3': 1.0, 't6': 0.5}"
+    if not isinstance(value, Mapping):
+        _fail(loc, f"got {_show(value)}; expected a table of transformer-block weights like {example}")
+    if not value:
+        _fail(loc, f"is empty; expected at least one block weight like {example}, or leave {key} out")
+    out: dict[str, float] = {}
+    for raw, weight in value.items():
+        match = re.fullmatch(r"[tT]?(\d+)", raw.strip()) if isinstance(raw, str) else None
+        if isinstance(raw, int) and not isinstance(raw, bool) and raw >= 0:
+            index = raw
+        elif match is not None:
+            index = int(match.group(1))
+        else:
+            _fail(loc, f"key {raw!r} is not a transformer-block index; expected keys like 't3' or '3' (block index >= 0), e.g. {example}")  # fmt: skip
+        name = f"t{index}"
+        if name in out:
+            _fail(loc, f"block {name} is given twice (key {raw!r}); give each block once")
+        sub = f"{key}.{raw}" if isinstance(raw, str) and re.fullmatch(r"[\w-]+", raw) else f"{key}[{raw!r}]"
+        out[name] = _weight(weight, here, sub, "1.0")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The dataclasses.
+
+
+@dataclass
+class Reference:
+    """One reference: an image (or its precomputed embeddings) with a weight, an optional mask and a crop.
+
+    - ``path``: the image (file path, PIL image or encoded bytes). Exactly one of ``path`` / ``embeds``.
+    - ``embeds``: a file of precomputed image embeddings (skips the image encoder).
+    - ``weight``: finite number >= 0 (default 1.0): the reference's share when references are combined.
+    - ``mask``: where this reference acts (white = here), as a file path or PIL image; only with
+      ``combine = "concat"`` (each reference drives its own region).
+    - ``crop``: how the image is fitted to the encoder's square input: ``center`` (default) | ``pad`` | ``stretch``.
+    """
+
+    path: str | Path | Image.Image | bytes | None = None
+    embeds: str | Path | None = None
+    weight: float = 1.0
+    mask: str | Path | Image.Image | None = None
+    crop: str = "center"
+
+    def __post_init__(self) -> None:
+        here = _here(self)
+        if self.path is not None:
+            self.path = _file_value(self.path, here, "path", image=True, data=True)
+        self.embeds = _optional_file(self.embeds, here, "embeds")
+        self.weight = _weight(self.weight, here, "weight")
+        self.mask = _optional_file(self.mask, here, "mask", image=True)
+        self.crop = _choice(self.crop, CROP_MODES, here, "crop", optional=False)
+        if (self.path is None) == (self.embeds is None):
+            both = "both path and embeds" if self.path is not None else "neither path nor embeds"
+            _fail(here.where, f"got {both}; expected exactly one of them (an image, or precomputed embeddings); keep one")  # fmt: skip
+
+
+def _as_reference(value: Any, where: str, file: bool, base_dir: Path | None) -> Reference:
+    """One entry of an image list: a Reference, a path (or, in Python, a PIL image / bytes) or a table."""
+    if isinstance(value, Reference):  # already checked when it was built
+        return value
+    if isinstance(value, Mapping):
+        _check_keys(value, _REFERENCE_KEYS, where)
+        kwargs = {str(k): v for k, v in value.items()}
+        for key in ("path", "embeds", "mask"):
+            if key in kwargs:
+                kwargs[key] = _resolve(kwargs[key], base_dir)
+        with _at(where, file):
+            return Reference(**kwargs)
+    plain = (str, Path) if file else (str, Path, Image.Image, bytes, bytearray)
+    if isinstance(value, plain):
+        with _at(where, file):
+            return Reference(path=_resolve(value, base_dir))
+    expected = (
+        "a file path (string) or a table with path or embeds"
+        if file
+        else "a Reference, a file path, a PIL image, bytes or a dict with path or embeds"
+    )
+    _fail(where, f"got {_show(value)}; expected {expected}")
+
+
+def _as_references(value: Any, where: str, file: bool, base_dir: Path | None) -> list[Reference]:
+    """A list of references; a single entry counts as a list of one."""
+    single = (str, Path, Mapping) if file else (str, Path, Image.Image, bytes, bytearray, Mapping, Reference)
+    if isinstance(value, single):
+        value = [value]
+    if not isinstance(value, list | tuple):
+        what = "(file paths, or tables with path or embeds)" if file else "(Reference, path or PIL image)"
+        _fail(where, f"got {_show(value)}; expected a list of reference images {what}")
+    if not value:
+        add = 'add [[adapter.image]] with path = "ref.png"' if file else "pass e.g. images=['ref.png']"
+        _fail(where, f"is empty; expected at least one reference image; {add}")
+    return [_as_reference(item, f"{where}[{j}]", file, base_dir) for j, item in enumerate(value)]
+
+
+@dataclass(kw_only=True)
+class Control:
+    """How one adapter uses its references in a call (the adapter file itself is not named here).
+
+    - ``images``: the references, at least one. Plain paths, PIL images, bytes and dicts are wrapped into
+      :class:`Reference`; a single one may be given without a list. Stored as a list of Reference.
+    - ``scale``: finite >= 0, or None for the adapter's own scale.
+    - ``combine``: how several references become one prompt: ``concat`` (default: the tokens of every reference
+      side by side, each weighted; masks allowed) | ``average`` | ``norm-average`` (weighted means; the weights
+      must sum to more than 0) | ``add`` | ``subtract`` (the first minus the others; at least 2 references).
+    - ``start`` / ``end``: the part of the denoising run the adapter acts in, as fractions:
+      ``0 <= start < end <= 1`` (default the whole run).
+    - ``preset``: a layer preset from :data:`ipadapter.layers.PRESET_NAMES` (e.g. ``style``), or None.
+    - ``composition_weight``: finite >= 0 (default 1.0): the composition blocks' weight in ``style+composition``.
+    - ``layer_weights``: per transformer-block weights; keys ``"t3"``, ``"3"`` or ``3`` are stored as ``"t3"``,
+      values finite >= 0. Indices are checked against the UNet when attached, not here.
+    - ``curve``: a scale curve over the layers from :data:`ipadapter.layers.CURVE_NAMES`, or None.
+    - ``negative_image``: an image whose features replace the empty negative (file path or PIL image), or None.
+    """
+
+    images: list[Reference]
+    scale: float | None = None
+    combine: str = "concat"
+    start: float = 0.0
+    end: float = 1.0
+    preset: str | None = None
+    composition_weight: float = 1.0
+    layer_weights: dict[str, float] | None = None
+    curve: str | None = None
+    negative_image: str | Path | Image.Image | None = None
+
+    def __post_init__(self) -> None:
+        here = _here(self)
+        self._check_own(here)
+        key = "image" if here.file else "images"
+        self.images = _as_references(self.images, _loc(here.where, key), here.file, None)
+        self.scale = None if self.scale is None else _weight(self.scale, here, "scale", "0.7")
+        self.combine = _choice(self.combine, COMBINE_MODES, here, "combine", optional=False)
+        self.start = _number(self.start, here, "start", "0.0")
+        self.end = _number(self.end, here, "end", "1.0")
+        for name, value in (("start", self.start), ("end", self.end)):
+            if not 0.0 <= value <= 1.0:
+                _fail(
+                    _loc(here.where, name),
+                    f"got {value!r}; expected a fraction of the denoising run in [0, 1]",
+                )
+        if self.start >= self.end:
+            _fail(here.where, f"start = {self.start!r} is not before end = {self.end!r}; expected 0 <= start < end <= 1 (the adapter acts from start to end of the run); make start smaller than end")  # fmt: skip
+        self.preset = _choice(self.preset, PRESET_NAMES, here, "preset", optional=True)
+        self.composition_weight = _weight(self.composition_weight, here, "composition_weight", "1.0")
+        self.layer_weights = _layer_weights(self.layer_weights, here)
+        self.curve = _choice(self.curve, CURVE_NAMES, here, "curve", optional=True)
+        self.negative_image = _optional_file(self.negative_image, here, "negative_image", image=True)
+        self._check_combine(here, key)
+
+    def _check_own(self, here: _Where) -> None:
+        """Hook for subclasses: check their own fields first."""
+
+    def _check_combine(self, here: _Where, key: str) -> None:
+        combine = _example(here, "combine", '"concat"' if here.file else "'concat'")
+        for j, ref in enumerate(self.images):
+            if ref.mask is not None and self.combine != "concat":
+                _fail(_loc(here.where, f"{key}[{j}].mask"), f"a mask needs {combine} (each masked reference drives its own region), but combine is {self.combine!r}, which merges the references; use {combine} or remove the mask")  # fmt: skip
+        if self.combine == "subtract" and len(self.images) < 2:
+            _fail(_loc(here.where, key), f"combine 'subtract' takes the first reference minus the others, so it needs at least 2 references; got {len(self.images)}; add a reference or use another combine mode")  # fmt: skip
+        if self.combine in ("average", "norm-average") and sum(ref.weight for ref in self.images) <= 0:
+            _fail(_loc(here.where, key), f"the weights sum to 0, but combine {self.combine!r} divides by their sum; give at least one reference a weight > 0")  # fmt: skip
+
+
+@dataclass(kw_only=True)
+class AdapterRecipe(Control):
+    """One adapter of a recipe: which adapter to attach, and its :class:`Control`.
+
+    - ``path``: the adapter: a local file, a hub path (``owner/repo/file.safetensors``) or a name (e.g. ``mini``).
+      A :class:`~pathlib.Path` is stored as str.
+    - ``image_encoder``: the image encoder (local folder or hub path), or None to find it next to the adapter.
+    - ``scale``: None means 1.0 when the adapter is attached.
+    """
+
+    path: str
+    image_encoder: str | None = None
+
+    def _check_own(self, here: _Where) -> None:
+        self.path = str(_file_value(self.path, here, "path"))
+        if self.image_encoder is not None:
+            self.image_encoder = str(_file_value(self.image_encoder, here, "image_encoder"))
+
+
+@dataclass
+class Recipe:
+    """A whole image prompt: one or more adapters, each with its references and controls.
+
+    Build it in Python, or read it with :meth:`load` (a ``.toml`` or ``.json`` file) / :meth:`from_dict` (a
+    parsed file or a JSON body). Only the recipe file itself is read; :meth:`check_files` tells whether the
+    files it names exist.
+    """
+
+    adapters: list[AdapterRecipe]
+    _source: str | None = field(
+        default=None, init=False, repr=False, compare=False
+    )  # file name, for messages
+
+    def __post_init__(self) -> None:
+        adapters = self.adapters
+        if isinstance(adapters, AdapterRecipe):
+            adapters = [adapters]
+        if not isinstance(adapters, list | tuple):
+            _fail("Recipe.adapters", f"got {_show(adapters)}; expected a list of AdapterRecipe")
+        if not adapters:
+            _fail("Recipe.adapters", "is empty; expected at least one AdapterRecipe(path=..., images=[...])")
+        for i, entry in enumerate(adapters):
+            if not isinstance(entry, AdapterRecipe):
+                _fail(f"Recipe.adapters[{i}]", f"got {_show(entry)}; expected an AdapterRecipe (a Control with the adapter's path)")  # fmt: skip
+        self.adapters = list(adapters)
+
+    # -- reading ------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, base_dir: str | Path | None = None, source: str = "recipe") -> Recipe:  # fmt: skip
+        """Build a recipe from the file structure ``{"adapter": [{..., "image": [...]}, ...]}``.
+
+        ``base_dir`` (the recipe file's folder) resolves relative paths: images, masks, embeds and the negative
+        image always; the adapter ``path`` and ``image_encoder`` only when that file or folder exists there
+        (otherwise they are hub paths or names and stay as given). ``source`` names the data in messages.
+        Raises InputError for unknown keys, wrong types, and every rule of the dataclasses.
+        """
+        base = None if base_dir is None else Path(base_dir)
+        if not isinstance(data, Mapping):
+            _fail(source, f"got {_show(data)}; expected a table with [[adapter]] entries")
+        _check_keys(data, _RECIPE_KEYS, source)
+        if "adapter" not in data:
+            _fail(
+                source,
+                'no [[adapter]] entries; add at least one [[adapter]] table with path = "..." and an image',
+            )
+        entries = data["adapter"]
+        if isinstance(entries, Mapping):
+            entries = [entries]
+        if not isinstance(entries, list | tuple):
+            _fail(f"{source}: adapter", f"got {_show(entries)}; expected a list of [[adapter]] tables")
+        if not entries:
+            _fail(
+                f"{source}: adapter",
+                'is empty; add at least one [[adapter]] table with path = "..." and an image',
+            )
+        recipe = cls(
+            [_adapter_from_dict(entry, f"{source}: adapter[{i}]", base) for i, entry in enumerate(entries)]
+        )
+        recipe._source = source
+        return recipe
+
+    @classmethod
+    def load(cls, path: str | Path) -> Recipe:
+        """Read a ``.toml`` or ``.json`` recipe file; relative paths in it are relative to its folder.
+
+        Raises InputError for a missing or unreadable file, another suffix, a syntax error (with the parser's
+        line and column) and anything :meth:`from_dict` refuses.
+        """
+        path = Path(path)
+        kind = path.suffix.lower()
+        if kind not in (".toml", ".json"):
+            _fail(f"recipe file '{path}'", "has an unknown suffix; expected a .toml or .json file; rename it")
+        if not path.is_file():
+            what = "is a folder" if path.is_dir() else "does not exist"
+            _fail(f"recipe file '{path}'", f"{what}; expected a .toml or .json recipe file; check the path")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            _fail(f"recipe file '{path}'", "is not UTF-8 text; save it as UTF-8")
+        except OSError as e:
+            _fail(f"recipe file '{path}'", f"cannot be read ({e.strerror or e}); check its permissions")
+        try:
+            data = tomllib.loads(text) if kind == ".toml" else json.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            _fail(str(path), f"not valid TOML ({e}); fix the syntax there")
+        except json.JSONDecodeError as e:
+            _fail(
+                str(path),
+                f"not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); fix the syntax there",
+            )
+        return cls.from_dict(data, base_dir=path.absolute().parent, source=str(path))
+
+    # -- writing and checking -----------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """The file structure (``{"adapter": [...]}``); None fields are left out, paths become strings.
+
+        :meth:`from_dict` of the result gives an equal recipe. Raises InputError for a PIL image or bytes,
+        which cannot be written to a file.
+        """
+        adapters = []
+        for i, entry in enumerate(self.adapters):
+            where, key = self._where(i)
+            out: dict[str, Any] = {"path": entry.path}
+            for name in _ADAPTER_KEYS[1:-1]:
+                value = getattr(entry, name)
+                if name == "negative_image":
+                    value = _writable(value, _loc(where, name))
+                elif name == "layer_weights" and value is not None:
+                    value = dict(value)
+                if value is not None:
+                    out[name] = value
+            out["image"] = [
+                _reference_dict(ref, _loc(where, f"{key}[{j}]")) for j, ref in enumerate(entry.images)
+            ]
+            adapters.append(out)
+        return {"adapter": adapters}
+
+    def check_files(self) -> None:
+        """Check that every local file the recipe names (images, masks, embeds, negative images) is a file.
+
+        Adapter and image encoder paths are not checked here (they may be hub paths or names). Raises
+        InputError naming the key path of the first missing one.
+        """
+        for i, entry in enumerate(self.adapters):
+            where, key = self._where(i)
+            for j, ref in enumerate(entry.images):
+                for name in ("path", "embeds", "mask"):
+                    _check_file(getattr(ref, name), _loc(where, f"{key}[{j}].{name}"))
+            _check_file(entry.negative_image, _loc(where, "negative_image"))
+
+    def _where(self, i: int) -> tuple[str, str]:
+        """The i-th adapter's place in messages, and the key of its image list."""
+        if self._source is None:
+            return f"Recipe.adapters[{i}]", "images"
+        return f"{self._source}: adapter[{i}]", "image"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Parsing helpers.
+
+
+def _check_keys(table: Mapping[Any, Any], valid: tuple[str, ...], where: str) -> None:
+    unknown = [key for key in table if key not in valid]
+    if not unknown:
+        return
+    hints = [m for key in unknown if isinstance(key, str) for m in difflib.get_close_matches(key, valid, n=1)]
+    hint = f" (did you mean {', '.join(repr(h) for h in hints)}?)" if hints else ""
+    names = ", ".join(repr(key) for key in unknown)
+    plural = "s" if len(unknown) > 1 else ""
+    _fail(where, f"unknown key{plural} {names}{hint}; valid keys here: {_names(valid)}; fix or remove it")
+
+
+def _resolve(value: Any, base_dir: Path | None) -> Any:
+    """A relative path string made relative to ``base_dir``; anything else unchanged."""
+    if base_dir is None or not isinstance(value, str) or not value.strip() or Path(value).is_absolute():
+        return value
+    return str(base_dir / value)
+
+
+def _resolve_if_exists(value: Any, base_dir: Path | None) -> Any:
+    """Like :func:`_resolve`, but only when the file or folder exists there (else a hub path or a name)."""
+    resolved = _resolve(value, base_dir)
+    return resolved if resolved is not value and Path(resolved).exists() else value
+
+
+def _adapter_from_dict(entry: Any, where: str, base_dir: Path | None) -> AdapterRecipe:
+    if not isinstance(entry, Mapping):
+        _fail(where, f"got {_show(entry)}; expected an [[adapter]] table with path and image")
+    _check_keys(entry, _ADAPTER_KEYS, where)
+    if "path" not in entry:
+        _fail(where, "missing key 'path'; add path = \"<adapter file, hub path or name>\"")
+    if "image" not in entry:
+        _fail(where, 'missing key \'image\'; add at least one [[adapter.image]] with path = "ref.png" (or image = ["ref.png"])')  # fmt: skip
+    kwargs = {key: value for key, value in entry.items() if key != "image"}
+    kwargs["path"] = _resolve_if_exists(kwargs["path"], base_dir)
+    if "image_encoder" in kwargs:
+        kwargs["image_encoder"] = _resolve_if_exists(kwargs["image_encoder"], base_dir)
+    if "negative_image" in kwargs:
+        kwargs["negative_image"] = _resolve(kwargs["negative_image"], base_dir)
+    kwargs["images"] = _as_references(entry["image"], _loc(where, "image"), True, base_dir)
+    with _at(where, True):
+        return AdapterRecipe(**kwargs)
+
+
+def _writable(value: Any, loc: str) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, Path):
+        return str(value)
+    _fail(loc, f"{_show(value)} cannot be written to a recipe file; save it to a file and give its path")
+
+
+def _reference_dict(ref: Reference, where: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name in _REFERENCE_KEYS:
+        value = getattr(ref, name)
+        if name in ("path", "embeds", "mask"):
+            value = _writable(value, _loc(where, name))
+        if value is not None:
+            out[name] = value
+    return out
+
+
+def _check_file(value: Any, loc: str) -> None:
+    if not isinstance(value, str | Path):
+        return  # None, a PIL image or bytes: nothing on disk
+    path = Path(value)
+    if not path.exists():
+        _fail(loc, f"no such file '{path}'; check the path (relative paths in a recipe file are relative to its folder)")  # fmt: skip
+    if not path.is_file():
+        _fail(loc, f"'{path}' is not a file (a folder?); expected an image or embeddings file")

@@ -1,0 +1,144 @@
+"""One adapter's references for a call -> its image tokens and :class:`BranchControl`.
+
+A :class:`~ipadapter.recipe.Control` lists references (images or embeddings files), each with a weight, an
+optional regional mask and a crop mode, and says how to combine them:
+
+    concat        every reference's tokens in one attention (diffusers' list of images); a weight w
+                  multiplies that reference's image values. With masks, each reference is attended on its
+                  own and its output is multiplied by its mask (diffusers' ip_adapter_masks) and by w.
+    average       sum_i w_i f_i / sum_i w_i                    on encoder features f, before the projection
+    norm-average  the same on unit-norm features (per token), rescaled to the weighted mean norm: a
+                  reference with large features cannot dominate
+    add           sum_i w_i f_i
+    subtract      w_0 f_0 - mean_{i>0} w_i f_i                  (first reference minus the rest)
+
+The negative (unconditional) tokens are the adapter's default ones, or the projected features of
+``negative_image``; with concat they repeat once per reference, as diffusers lays them out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .conditioning import BranchControl
+from .embeds import Embeds, check_embeds, load_embeds
+from .errors import InputError
+from .images import load_image, load_mask
+from .layers import layer_scales
+from .recipe import Control, Reference
+
+if TYPE_CHECKING:
+    from .adapter import IPAdapter
+
+
+@dataclass
+class Prepared:
+    """A control with every file read and checked, ready to make tokens at each call."""
+
+    control: Control
+    images: list[Image.Image | Embeds]  # per reference: decoded RGB image or loaded embeddings
+    masks: list[Image.Image | None]
+    negative_image: Image.Image | None
+    layer_scales: tuple[float, ...] | None
+
+
+def prepare(ip: IPAdapter, control: Control, where: str = "") -> Prepared:
+    """Read and check every input of ``control`` for adapter ``ip`` (nothing on the model changes)."""
+    images: list[Image.Image | Embeds] = []
+    masks: list[Image.Image | None] = []
+    for i, ref in enumerate(control.images):
+        label = f"{where}image[{i}]"
+        if ref.embeds is not None:
+            embeds = load_embeds(ref.embeds)
+            check_embeds(embeds, ip.spec.feature, ip.spec.feature_dim, ip.encoder, ip.source)
+            images.append(embeds)
+        else:
+            images.append(load_image(ref.path, f"{label} reference image"))
+        masks.append(None if ref.mask is None else _mask(ref.mask, label))
+    negative = None
+    if control.negative_image is not None:
+        negative = load_image(control.negative_image, f"{where}negative image")
+    from .adapter import cross_attention_layers
+
+    names = [layer.name for layer in cross_attention_layers(ip.pipe.unet)]
+    scales = layer_scales(ip.pipe.unet, names, preset=control.preset, composition_weight=control.composition_weight,
+                          layer_weights=control.layer_weights, curve=control.curve)  # fmt: skip
+    return Prepared(control, images, masks, negative, scales)
+
+
+def _mask(mask: Any, label: str) -> Image.Image:
+    grey, _ = load_mask(mask)
+    if not (np.asarray(grey) >= 128).any():
+        raise InputError(
+            f"{label} mask is empty (all black after thresholding at 50 %): that reference would have no "
+            "effect; paint the region it should drive in white"
+        )
+    return grey
+
+
+@torch.no_grad()
+def control_tokens(ip: IPAdapter, prepared: Prepared) -> tuple[torch.Tensor, torch.Tensor, BranchControl]:
+    """``(positive, negative, control)`` for one call; tokens are ``(1, N, D)``."""
+    control = prepared.control
+    param = next(ip.projection.parameters())
+    feats = _features(ip, control.images, prepared.images).to(
+        device=param.device, dtype=param.dtype
+    )  # (R, ...)
+    weights = [float(ref.weight) for ref in control.images]
+    if prepared.negative_image is not None:
+        neg = ip.encoder.features([prepared.negative_image], ip.spec.feature)
+    else:
+        neg = ip.encoder.negative_features(ip.spec.feature).unsqueeze(0)
+    neg_tokens = ip.projection(neg.to(device=param.device, dtype=param.dtype))  # (1, N, D)
+    branch = BranchControl(scale=control.scale, layer_scales=prepared.layer_scales,
+                           window=(control.start, control.end))  # fmt: skip
+    if control.combine != "concat":
+        pos = ip.projection(combine(feats, weights, control.combine).unsqueeze(0))  # (1, N, D)
+        return pos, neg_tokens, branch
+    tokens = ip.projection(feats)  # (R, N, D)
+    count, n, d = tokens.shape
+    pos, neg = tokens.reshape(1, count * n, d), neg_tokens.repeat(1, count, 1)
+    if any(m is not None for m in prepared.masks):
+        branch.groups = (n,) * count
+        branch.masks = tuple(prepared.masks)
+        branch.group_weights = None if all(w == 1 for w in weights) else tuple(weights)
+    elif any(w != 1 for w in weights):
+        branch.value_weights = torch.tensor(weights).repeat_interleave(n)  # (R * N,)
+    return pos, neg, branch
+
+
+def _features(ip: IPAdapter, refs: list[Reference], loaded: list[Image.Image | Embeds]) -> torch.Tensor:
+    """Encoder features of every reference, images encoded in one batch (cached by content)."""
+    feature = ip.spec.feature
+    todo = [i for i, item in enumerate(loaded) if isinstance(item, Image.Image)]
+    rows: dict[int, torch.Tensor] = {}
+    if todo:
+        encoded = ip.encoder.features([loaded[i] for i in todo], feature, [refs[i].crop for i in todo])
+        rows = {i: encoded[k] for k, i in enumerate(todo)}
+    for i, item in enumerate(loaded):
+        if isinstance(item, Embeds):
+            ip.encoder.seed_negative(feature, item.negative)
+            rows[i] = item.features.to(device=ip.encoder.device, dtype=ip.encoder.dtype)
+    return torch.stack([rows[i] for i in range(len(loaded))])
+
+
+def combine(feats: torch.Tensor, weights: list[float], mode: str) -> torch.Tensor:
+    """Merge ``(R, ...)`` encoder features into one ``(...)`` by ``mode`` (see the module docstring)."""
+    w = torch.tensor(weights, dtype=feats.dtype, device=feats.device).view(-1, *([1] * (feats.ndim - 1)))
+    if mode == "average":
+        return (w * feats).sum(0) / w.sum()
+    if mode == "norm-average":
+        norms = feats.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # per token
+        direction = (w * feats / norms).sum(0) / w.sum()
+        target = (w * norms).sum(0) / w.sum()
+        return direction / direction.norm(dim=-1, keepdim=True).clamp_min(1e-12) * target
+    if mode == "add":
+        return (w * feats).sum(0)
+    if mode == "subtract":
+        return w[0] * feats[0] - (w[1:] * feats[1:]).mean(0)
+    raise InputError(f"combine '{mode}' is not one of concat, average, norm-average, add, subtract")
