@@ -8,7 +8,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-import tiny_models as tm
 import torch
 from diffusers.image_processor import IPAdapterMaskProcessor
 from helpers import CALL, diffusers_pipe, encoder_folder, load_pipe, reference_image, run
@@ -16,7 +15,8 @@ from PIL import Image
 from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
 from ipadapter import ImagePrompt, InputError, attach, attached
-from ipadapter.adapter import apply, run as run_adapters
+from ipadapter.adapter import apply
+from ipadapter.adapter import run as run_adapters
 from ipadapter.pipelines import load_controlnet, load_motion_adapter, mode_pipeline
 from ipadapter.recipe import AdapterRecipe, Control, Recipe, Reference
 
@@ -67,7 +67,9 @@ def test_weights_move_the_result_between_references(models: dict) -> None:
     ip = attach(load_pipe(models, "sd15"), ckpt(models, "sd15"), scale=1.0)
     only_a, only_b = call(ip, a), call(ip, b)
     for mode in ("average", "norm-average"):
-        mostly_a = call(ip, Control(images=[Reference(a, weight=1.0), Reference(b, weight=0.0)], combine=mode))
+        mostly_a = call(
+            ip, Control(images=[Reference(a, weight=1.0), Reference(b, weight=0.0)], combine=mode)
+        )
         assert np.abs(mostly_a - only_a).max() < 1e-5, mode
         mix = call(ip, Control(images=[a, b], combine=mode))
         assert np.abs(mix - only_a).max() > 0.01 and np.abs(mix - only_b).max() > 0.01
@@ -95,7 +97,9 @@ def test_two_adapters_match_diffusers_multi_adapter(models: dict) -> None:
     basic = attach(pipe, ckpt(models, "sd15"), scale=0.7, name="basic")
     plus = attach(pipe, ckpt(models, "plus_sd15"), scale=0.4, name="plus")
     assert basic.encoder is plus.encoder  # one encoder in memory, one cache
-    got = call(lambda **kw: run_adapters(pipe, [(basic, Control(images=[a])), (plus, Control(images=[b]))], **kw))
+    got = call(
+        lambda **kw: run_adapters(pipe, [(basic, Control(images=[a])), (plus, Control(images=[b]))], **kw)
+    )
     assert np.abs(got - expected).max() <= TOL
 
 
@@ -138,7 +142,9 @@ def test_negative_image_tokens_replace_the_unconditional_ones(models: dict) -> N
     ip = attach(pipe, ckpt(models, "plus_sd15"), scale=0.7)
     pos, _ = ip.tokens(ref)
     neg_tokens, _ = ip.tokens(neg)
-    by_hand = call(pipe, cross_attention_kwargs={"image_prompt": ImagePrompt({"default": pos}, {"default": neg_tokens})})
+    by_hand = call(
+        pipe, cross_attention_kwargs={"image_prompt": ImagePrompt({"default": pos}, {"default": neg_tokens})}
+    )
     got = call(ip, Control(images=[ref], negative_image=neg))
     assert np.array_equal(got, by_hand)
     assert np.abs(got - call(ip, ref)).max() > 1e-3
@@ -255,7 +261,10 @@ def test_every_control_works_in_every_mode(models: dict, mode: str) -> None:
     if mode == "img2img":
         pipe, extra = mode_pipeline(pipe, "img2img"), {**extra, "image": init, "strength": 0.8}
     elif mode == "inpaint":
-        pipe, extra = mode_pipeline(pipe, "inpaint"), {**extra, "image": init, "mask_image": half_mask("left")}
+        pipe, extra = (
+            mode_pipeline(pipe, "inpaint"),
+            {**extra, "image": init, "mask_image": half_mask("left")},
+        )
     elif mode == "controlnet":
         pipe = mode_pipeline(pipe, "t2i", controlnet=load_controlnet(models["controlnet"]["sd15"]))
         extra["image"] = init
@@ -304,9 +313,14 @@ def test_crop_modes_see_different_parts_of_a_wide_reference(models: dict) -> Non
     ip = attach(load_pipe(models, "sd15"), ckpt(models, "sd15"))
     wide = reference_image(seed=3, size=(96, 32))
     feats = {c: ip.encoder.features([wide], "pooled", c) for c in ("center", "pad", "stretch")}
-    assert all(not torch.equal(feats[a], feats[b]) for a, b in (("center", "pad"), ("pad", "stretch"), ("center", "stretch")))
+    assert all(
+        not torch.equal(feats[a], feats[b])
+        for a, b in (("center", "pad"), ("pad", "stretch"), ("center", "stretch"))
+    )
     square = reference_image(seed=3, size=(32, 32))
-    assert torch.equal(ip.encoder.features([square], "pooled", "pad"), ip.encoder.features([square], "pooled", "center"))
+    assert torch.equal(
+        ip.encoder.features([square], "pooled", "pad"), ip.encoder.features([square], "pooled", "center")
+    )
 
 
 def test_prompt_count_and_controls_go_together(models: dict) -> None:

@@ -5,6 +5,11 @@ ip = ipadapter.attach(pipe, "h94/IP-Adapter/models/ip-adapter_sd15.safetensors",
 image = ip(reference, prompt="a polar bear", num_inference_steps=30).images[0]
 ip.scale = 0.8
 ip.detach()
+
+Fine control (several references, masks, layer weights, step windows; several adapters via a Recipe):
+image = ip(ipadapter.Control(images=["a.png", ipadapter.Reference("b.png", weight=0.5)], combine="average",
+                             end=0.8, preset="style"), prompt="a polar bear").images[0]
+run = ipadapter.apply(pipe, ipadapter.Recipe.load("ip.toml")); image = run(prompt="...").images[0]
 """
 
 from __future__ import annotations
@@ -24,18 +29,21 @@ from .errors import (
 # able to report a bad input before paying for that.
 _LAZY = {
     "IPAdapter": "adapter", "attach": "adapter", "attached": "adapter", "cross_attention_layers": "adapter",
-    "detach": "adapter", "Checkpoint": "checkpoint", "load_checkpoint": "checkpoint",
+    "detach": "adapter", "apply": "adapter", "run": "adapter", "RecipeRun": "adapter",
+    "Reference": "recipe", "Control": "recipe", "AdapterRecipe": "recipe", "Recipe": "recipe",
+    "Checkpoint": "checkpoint", "load_checkpoint": "checkpoint",
     "save_checkpoint": "checkpoint", "ImagePrompt": "conditioning", "ImageEncoder": "encoder",
     "load_image": "images", "load_mask": "images", "AdapterSpec": "variants", "ResamplerConfig": "variants",
     "detect": "variants",
 }  # fmt: skip
 
 if TYPE_CHECKING:
-    from .adapter import IPAdapter, attach, attached, cross_attention_layers, detach
+    from .adapter import IPAdapter, RecipeRun, apply, attach, attached, cross_attention_layers, detach, run
     from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
     from .conditioning import ImagePrompt
     from .encoder import ImageEncoder
     from .images import load_image, load_mask
+    from .recipe import AdapterRecipe, Control, Recipe, Reference
     from .variants import AdapterSpec, ResamplerConfig, detect
 
 
@@ -55,9 +63,11 @@ def __dir__() -> list[str]:
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdapterRecipe",
     "AdapterSpec",
     "Checkpoint",
     "CheckpointError",
+    "Control",
     "ImageEncoder",
     "ImagePrompt",
     "IncompatibleModelError",
@@ -65,7 +75,11 @@ __all__ = [
     "IPAdapter",
     "IPAdapterError",
     "ModelNotAvailableError",
+    "Recipe",
+    "RecipeRun",
+    "Reference",
     "ResamplerConfig",
+    "apply",
     "attach",
     "attached",
     "cross_attention_layers",
@@ -74,5 +88,6 @@ __all__ = [
     "load_checkpoint",
     "load_image",
     "load_mask",
+    "run",
     "save_checkpoint",
 ]

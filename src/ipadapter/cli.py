@@ -237,9 +237,7 @@ def _recipe(args: argparse.Namespace, video: bool) -> Any:
         options["composition_weight"] = args.composition_weight
     entry = AdapterRecipe(path=args.adapter, image_encoder=args.image_encoder,
                           scale=1.0 if args.scale is None else args.scale, images=references, **options)  # fmt: skip
-    recipe = Recipe([entry])
-    recipe.check_files()
-    return recipe
+    return Recipe([entry])  # its files are checked by _check_references, in the flags' words
 
 
 def _add_embed_options(p: argparse.ArgumentParser) -> None:
@@ -676,18 +674,22 @@ def _controls(args: argparse.Namespace, frames: int | None) -> tuple[list[Any], 
     return controls, scale
 
 
-def _check_references(recipe: Any) -> list[str]:
+def _check_references(recipe: Any, from_file: bool) -> list[str]:
     """Decode every reference, mask and negative image of ``recipe`` now: a bad file fails before models load.
 
     Returns the references' content hashes (for the output's metadata)."""
+    from .errors import InputError
     from .images import image_key, load_image, load_mask
 
     hashes = []
     for a, entry in enumerate(recipe.adapters):
-        where = f"adapter[{a}]." if len(recipe.adapters) > 1 else ""
+        where = f"adapter[{a}]." if from_file else ""
         for i, ref in enumerate(entry.images):
+            label = f"{where}image[{i}] reference image" if from_file else "reference image"
             if ref.path is not None:
-                hashes.append(image_key(load_image(ref.path, f"{where}image[{i}] reference image")))
+                hashes.append(image_key(load_image(ref.path, label)))
+            elif not Path(ref.embeds).is_file():
+                raise InputError(f"embeddings '{ref.embeds}': no such file; make one with `ipadapter embed`")
             if ref.mask is not None:
                 load_mask(ref.mask)
         if entry.negative_image is not None:
@@ -731,7 +733,7 @@ def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
             )
         hashes = [image_key(r) for r in references]
     else:
-        hashes = _check_references(recipe)
+        hashes = _check_references(recipe, from_file=bool(args.recipe))
     call: dict[str, Any] = {"prompt": args.prompt}
     if mode in ("img2img", "inpaint"):
         init = _init_image(args)
@@ -807,7 +809,7 @@ def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
 
     params = {
         "tool": f"ipadapter {__version__}", "mode": mode, "base": args.base,
-        "adapter": args.adapter if recipe is None else [a.path for a in recipe.adapters],
+        "adapter": [a.path for a in recipe.adapters] if args.recipe else args.adapter,
         "variant": "+".join("/".join(ip.spec.names) or ip.spec.layout for ip in adapters),
         "image": args.image if video or len(args.image) != 1 else args.image[0],
         "image_sha1": hashes[0] if len(hashes) == 1 and not video else hashes,
