@@ -5,8 +5,13 @@ full-size SD1.5-architecture ``StableDiffusionPipeline`` with RANDOM weights (no
 
     base       the pipeline without adapter
     ours       ``ipadapter.attach(...)`` handle called with a reference it has seen (encoder features cached)
+    ours-ctl   the same work through the fine-control path: ``ip(Control(images=[ref, ref],
+               combine="average", layer_weights={every block: 1.0}))`` (the reference twice, per-block weights)
     ours-cold  the same handle with a reference it has not seen (the image encoder runs)
     diffusers  ``pipe.load_ip_adapter(...)`` + ``ip_adapter_image=`` (encodes the reference on every call)
+
+Targets (issue 6), printed with the ratios: a repeated reference costs <= 1.03x the plain pipeline (ours/base,
+ours-ctl/base); the plus variant from a new image costs <= 0.9x diffusers' built-in (ours-cold/diffusers).
 
 All ways share one pipeline object (ours is attached/detached, diffusers' loaded/unloaded around each timed
 call, outside the timing), so every weight is identical. After one short warm-up per way (``--warmup-steps``,
@@ -58,6 +63,7 @@ from transformers import (  # noqa: E402
 from transformers.utils import logging as transformers_logging  # noqa: E402
 
 import ipadapter  # noqa: E402
+from ipadapter.layers import block_map  # noqa: E402
 from ipadapter.projection import build_projection  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -277,6 +283,12 @@ class Bench:
     def call_ours(self) -> np.ndarray:
         return self.ip(self.reference, **self.common()).images
 
+    def call_ours_control(self) -> np.ndarray:
+        blocks = len({b.index for b in block_map(self.pipe.unet).values()})
+        control = ipadapter.Control(images=[self.reference, self.reference], combine="average",
+                                    layer_weights={f"t{t}": 1.0 for t in range(blocks)})  # fmt: skip
+        return self.ip(control, **self.common()).images
+
     def attach_ours_fresh(self) -> None:
         self.attach_ours()
         self.fresh_seed += 1
@@ -304,6 +316,7 @@ class Bench:
         return [
             Way("base", lambda: self.pipe(**self.common()).images),
             Way("ours", self.call_ours, self.attach_ours, self.detach_ours),
+            Way("ours-ctl", self.call_ours_control, self.attach_ours, self.detach_ours),
             Way("ours-cold", self.call_ours_cold, self.attach_ours_fresh, self.detach_ours),
             Way("diffusers", self.call_diffusers, self.load_diffusers, self.pipe.unload_ip_adapter),
         ]
@@ -318,10 +331,19 @@ def check_restored(pipe: StableDiffusionPipeline, names: dict[str, type]) -> Non
 
 RATIOS = (
     ("ours", "base"),
+    ("ours-ctl", "base"),
     ("ours", "diffusers"),
     ("ours-cold", "diffusers"),
     ("ours-cold", "base"),
     ("diffusers", "base"),
+)
+
+
+# (what, ratio, limit): issue 6's speed targets, judged on the paired ratios
+TARGETS = (
+    ("repeated reference vs plain pipeline", "ours/base", 1.03),
+    ("repeated reference, fine-control path, vs plain", "ours-ctl/base", 1.03),
+    ("plus variant from a new image vs diffusers", "ours-cold/diffusers", 0.9),
 )
 
 
@@ -420,6 +442,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "max_abs_diff_ours_vs_base": float(np.abs(outputs["ours"] - outputs["base"]).max()),
         },
     }
+    result["targets"] = {
+        name: {"paired_ratio": result["paired_ratios"][key], "limit": limit,
+               "met": result["paired_ratios"][key] <= limit}
+        for name, key, limit in TARGETS
+        if args.variant == "plus" or "cold" not in key
+    }  # fmt: skip
     result["wall_s"] = round(time.perf_counter() - wall, 1)
     print(json.dumps(result, indent=2) if args.json else report(result))
     return result
@@ -448,6 +476,9 @@ def report(r: dict[str, Any]) -> str:
         f"{s['max_abs_diff_ours_vs_diffusers']:.3g}; max |ours - base| = {s['max_abs_diff_ours_vs_base']:.3g} "
         "(> 0: the adapter acts)"
     )
+    for name, t in r["targets"].items():
+        verdict = "met" if t["met"] else "NOT met"
+        lines.append(f"target: {name}: {t['paired_ratio']:.3f}x (limit {t['limit']}x) {verdict}")
     lines.append(f"total wall time {r['wall_s']:.1f} s")
     return "\n".join(lines)
 
