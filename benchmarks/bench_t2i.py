@@ -15,7 +15,8 @@ ours-ctl/base); the plus variant from a new image costs <= 0.9x diffusers' built
 
 All ways share one pipeline object (ours is attached/detached, diffusers' loaded/unloaded around each timed
 call, outside the timing), so every weight is identical. After one short warm-up per way (``--warmup-steps``,
-same shapes), the ways run round-robin ``--repeats`` times so that drift affects all of them alike. Printed:
+same shapes), the ways run round-robin ``--repeats`` times so that drift affects all of them alike; the
+order rotates each round, so that no way always follows the same one. Printed:
 median seconds per way, ratios of the medians, and the median of per-round ratios (calls close in time; more
 robust on a noisy machine). The first timed outputs of ours and diffusers (same reference, same seed) are
 compared as a sanity check.
@@ -403,7 +404,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         bench.steps = args.steps
         outputs: dict[str, np.ndarray] = {}
         for r in range(args.repeats):
-            for way in ways:
+            for way in ways[r % len(ways) :] + ways[: r % len(ways)]:  # rotate: no way always runs first
                 seconds, images = way.run()
                 way.times.append(seconds)
                 outputs.setdefault(way.name, images)  # first timed run: same reference and seed per way

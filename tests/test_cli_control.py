@@ -114,24 +114,17 @@ image = ["{files["b"].name}"]
     assert np.array_equal(pixels(out), api(lambda **kw: runner(**kw)))
 
 
+def embed(models: dict, image: Path, out: Path, variant: str = "plus_sd15", *extra: str) -> int:
+    return main(
+        ["embed", "--adapter", ckpt(models, variant), "--image", str(image), "--output", str(out), *extra]
+    )
+
+
 def test_embed_then_embeds_gives_the_image_s_pixels(
     models: dict, files: dict, tmp_path: Path, capsys
 ) -> None:
     emb = tmp_path / "a.safetensors"
-    assert (
-        main(
-            [
-                "embed",
-                "--adapter",
-                ckpt(models, "plus_sd15"),
-                "--image",
-                str(files["a"]),
-                "--output",
-                str(emb),
-            ]
-        )
-        == 0
-    )
+    assert embed(models, files["a"], emb) == 0
     from_image, from_file = tmp_path / "i.png", tmp_path / "e.png"
     assert main(argv(models, from_image, "--image", str(files["a"]), variant="plus_sd15")) == 0
     assert main(argv(models, from_file, "--embeds", str(emb), variant="plus_sd15")) == 0
@@ -142,11 +135,7 @@ def test_embed_then_embeds_gives_the_image_s_pixels(
     other = tm.build_encoder(tmp_path / "other_encoder", tm.VIT_H, seed=5)  # same dims, other weights
     _fails(capsys, argv(models, tmp_path / "x.png", "--embeds", str(emb), "--image-encoder", str(other),
                         variant="plus_sd15"), "a.safetensors", "not the encoder")  # fmt: skip
-    _fails(
-        capsys,
-        ["embed", "--adapter", ckpt(models), "--image", str(files["a"]), "--output", str(emb)],
-        "exists",
-    )
+    assert embed(models, files["a"], emb, "sd15") == 2 and "exists" in capsys.readouterr().err
     _fails(
         capsys,
         argv(models, tmp_path / "x.png", "--embeds", ckpt(models)),  # an adapter file, not embeddings
@@ -156,20 +145,7 @@ def test_embed_then_embeds_gives_the_image_s_pixels(
 
 def test_embeddings_skip_the_encoder(models: dict, files: dict, tmp_path: Path) -> None:
     emb = tmp_path / "b.safetensors"
-    assert (
-        main(
-            [
-                "embed",
-                "--adapter",
-                ckpt(models, "plus_sd15"),
-                "--image",
-                str(files["b"]),
-                "--output",
-                str(emb),
-            ]
-        )
-        == 0
-    )
+    assert embed(models, files["b"], emb) == 0
     ip = attach(load_pipe(models, "sd15"), ckpt(models, "plus_sd15"))
     runs: list[int] = []
     ip.encoder.model.register_forward_pre_hook(lambda *a: runs.append(1))
@@ -188,7 +164,7 @@ def test_embeddings_skip_the_encoder(models: dict, files: dict, tmp_path: Path) 
         (["--combine", "max"], ["max", "norm-average"]),
         (["--start", "0.9", "--end", "0.1"], ["start", "end"]),
         (["--end", "1.5"], ["end"]),
-        (["--image-mask", "{left}", "--image-mask", "{right}"], ["2 --image-mask for 1 reference"]),
+        (["--image-mask", "{left}", "--image-mask", "{right}"], ["2 image masks for 1 reference"]),
         (["--image-mask", "{black}"], ["empty"]),
         (["--combine", "subtract"], ["subtract", "2"]),
         (["--image", "{b}:nan"], ["weight"]),
@@ -218,3 +194,16 @@ def test_bad_recipe_files(models: dict, files: dict, tmp_path: Path, capsys) -> 
         capsys, argv(models, tmp_path / "x.png", "--recipe", str(recipe)), "--recipe replaces", "--adapter"
     )
     _fails(capsys, argv(models, tmp_path / "x.png"), "no reference")
+
+
+def test_video_combines_references_for_every_frame(models: dict, files: dict, tmp_path: Path) -> None:
+    base = ["video", "--base", str(models["sd15"]), "--adapter", ckpt(models), "--motion-adapter",
+            str(models["motion"]), "--frames", "2", "--steps", "2", "--seed", "0", "--width", "32", "--height", "32"]  # fmt: skip
+    per_frame, combined = tmp_path / "f.gif", tmp_path / "c.gif"
+    assert (
+        main([*base, "--image", str(files["a"]), "--image", str(files["b"]), "--output", str(per_frame)]) == 0
+    )
+    flags = ["--image", str(files["a"]), "--image", str(files["b"]), "--combine", "average", "--end", "0.9"]
+    assert main([*base, *flags, "--output", str(combined), "--json"]) == 0
+    a, b = (np.asarray(Image.open(p).convert("RGB"), dtype=np.int16) for p in (per_frame, combined))
+    assert a.shape == b.shape and np.abs(a - b).max() > 0

@@ -172,72 +172,24 @@ def _add_control_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--end", type=_finite, help="denoising progress at which it ends (0-1)")
 
 
-CONTROL_FLAGS = ("embeds", "image_mask", "combine", "crop", "negative_image", "layer_weights", "preset",
-                 "composition_weight", "curve", "start", "end")  # fmt: skip
-
-
-def _weighted(value: str) -> tuple[str, float]:
-    """PATH[:WEIGHT] -> (path, weight); a colon followed by something that is not a number is part of the path."""
-    path, sep, tail = value.rpartition(":")
-    if sep and path:
-        try:
-            return path, float(tail)
-        except ValueError:
-            pass
-    return value, 1.0
-
-
 def _recipe(args: argparse.Namespace, video: bool) -> Any:
-    """The recipe this command runs: --recipe, or one adapter made of the flags. None: legacy per-frame video."""
+    """The recipe this command runs: --recipe, or one adapter made of the flags. None: per-frame video."""
     from .errors import InputError
-    from .layers import parse_layer_weights
-    from .recipe import AdapterRecipe, Recipe, Reference
+    from .generation import CONTROL_KEYS, per_frame_video, recipe_from_options
+    from .recipe import Recipe
 
-    flags = [f for f in CONTROL_FLAGS if getattr(args, f) not in (None, [])]
+    options = {k: getattr(args, k) for k in ("adapter", "image_encoder", "image", "scale", *CONTROL_KEYS)}
     if args.recipe:
-        named = [f for f in ("adapter", "image_encoder", "image") if getattr(args, f)] + flags
-        clash = [f"--{f.replace('_', '-')}" for f in named]
-        if args.scale is not None:
-            clash.append("--scale")
-        if clash:
-            raise InputError(
-                f"--recipe replaces {', '.join(clash)}: put them in the recipe file or drop --recipe"
-            )
+        given = [k for k, v in options.items() if v not in (None, [])]
+        if given:
+            clash = ", ".join(f"--{k.replace('_', '-')}" for k in given)
+            raise InputError(f"--recipe replaces {clash}: put them in the recipe file or drop --recipe")
         recipe = Recipe.load(args.recipe)
         recipe.check_files()
         return recipe
-    if not args.adapter:
-        raise InputError("no adapter: give --adapter (an adapter file or hub path) or --recipe")
-    if not args.image and not args.embeds:
-        raise InputError("no reference: give --image (or --embeds, or --recipe)")
-    if video and not flags and all(_weighted(v)[0] == v for v in args.image):
+    if video and args.adapter and args.image and per_frame_video({**options, "mode": "video"}):
         return None  # plain --image for a video: one reference for all frames, or one per frame
-    refs = [(*_weighted(v), "path") for v in args.image] + [(*_weighted(v), "embeds") for v in args.embeds]
-    masks = args.image_mask
-    if masks and len(masks) != len(refs):
-        raise InputError(
-            f"{len(masks)} --image-mask for {len(refs)} references; give one mask per reference (--image then "
-            "--embeds order) or none"
-        )
-    crop = args.crop or "center"
-    references = [
-        Reference(**{kind: path}, weight=weight, mask=masks[i] if masks else None, crop=crop)
-        for i, (path, weight, kind) in enumerate(refs)
-    ]
-    options = {
-        "combine": args.combine or "concat",
-        "start": 0.0 if args.start is None else args.start,
-        "end": 1.0 if args.end is None else args.end,
-        "preset": args.preset,
-        "curve": args.curve,
-        "negative_image": args.negative_image,
-        "layer_weights": parse_layer_weights(args.layer_weights) if args.layer_weights else None,
-    }
-    if args.composition_weight is not None:
-        options["composition_weight"] = args.composition_weight
-    entry = AdapterRecipe(path=args.adapter, image_encoder=args.image_encoder,
-                          scale=1.0 if args.scale is None else args.scale, images=references, **options)  # fmt: skip
-    return Recipe([entry])  # its files are checked by _check_references, in the flags' words
+    return recipe_from_options(options)  # its files are checked by _check_references, in the flags' words
 
 
 def _add_embed_options(p: argparse.ArgumentParser) -> None:
@@ -297,6 +249,77 @@ def cmd_embed(args: argparse.Namespace) -> dict[str, Any]:
     if not args.json:
         print(f"wrote {output} ({spec.feature} features {list(features.shape)} for {variant})")
     return {"output": str(output), "feature": spec.feature, "shape": list(features.shape), "variant": variant}
+
+
+def _add_batch_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("manifest", help="a .jsonl file: one job per line, the generation options as JSON keys")
+    p.add_argument("--output", required=True, help="folder for the results (made if missing)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto; under "
+                                                    "accelerate launch: each process's own device)")  # fmt: skip
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="default: float16 on CUDA")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def cmd_batch(args: argparse.Namespace) -> dict[str, Any]:
+    """Run every job of a manifest, models loaded once; resumable; failures reported per line."""
+    if args.quiet:
+        _quiet_libraries()
+    from .batch import run_batch
+
+    return run_batch(Path(args.manifest), Path(args.output), device=args.device, dtype=args.dtype,
+                     quiet=args.json)  # fmt: skip
+
+
+def _add_serve_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--base", required=True, help="the base model served (diffusers folder, hub id, single file)"
+    )
+    p.add_argument(
+        "--base-config", help="for a single-file base: a diffusers folder/hub id of the same family"
+    )
+    p.add_argument("--adapter", required=True, action="append",
+                   help="adapter served; repeat for several (requests name them as given here)")  # fmt: skip
+    p.add_argument("--image-encoder", help="CLIP vision model (default: from the adapter's repo)")
+    p.add_argument("--controlnet", action="append", default=[], help="ControlNet served; repeatable")
+    p.add_argument("--motion-adapter", help="AnimateDiff motion adapter served (enables mode video)")
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
+    )
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--max-queue", type=_positive_int, default=32,
+                   help="jobs waiting or running at most; more get 429 (default 32)")  # fmt: skip
+    p.add_argument("--token-file", help="file holding a bearer token every request must send")
+    p.add_argument(
+        "--max-body-mb", type=_positive_float, default=32.0, help="largest request body (default 32)"
+    )
+    p.add_argument("--max-pixels", type=_positive_int, default=4096 * 4096,
+                   help="largest decoded image, in pixels (default 4096x4096)")  # fmt: skip
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="default: float16 on CUDA")
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    """Load the models once and serve the REST API and the web page until interrupted."""
+    from .errors import InputError
+
+    token = None
+    if args.token_file:
+        path = Path(args.token_file)
+        if not path.is_file():
+            raise InputError(f"--token-file '{path}': no such file")
+        token = path.read_text().strip()
+        if not token:
+            raise InputError(f"--token-file '{path}' is empty; put the token on its first line")
+    if args.quiet:
+        _quiet_libraries()
+    from .server import ServerConfig, serve
+
+    config = ServerConfig(base=args.base, base_config=args.base_config, adapters=list(args.adapter),
+                          image_encoder=args.image_encoder, controlnets=list(args.controlnet),
+                          motion_adapter=args.motion_adapter, host=args.host, port=args.port,
+                          max_queue=args.max_queue, token=token, max_body_bytes=int(args.max_body_mb * 2**20),
+                          max_pixels=args.max_pixels, device=args.device, dtype=args.dtype)  # fmt: skip
+    serve(config)
 
 
 def _add_train_options(p: argparse.ArgumentParser) -> None:
@@ -539,6 +562,10 @@ def build_parser() -> argparse.ArgumentParser:
     }
     for command, help_text in modes.items():
         _add_generation_options(sub.add_parser(command, help=help_text), command)
+    _add_batch_options(
+        sub.add_parser("batch", help="run a .jsonl manifest of jobs (resumable; accelerate-ready)")
+    )
+    _add_serve_options(sub.add_parser("serve", help="REST API with a job queue, and a web page"))
     _add_embed_options(
         sub.add_parser("embed", help="store a reference's encoder features for reuse (--embeds FILE)")
     )
@@ -699,20 +726,14 @@ def _check_references(recipe: Any, from_file: bool) -> list[str]:
 
 def _init_image(args: argparse.Namespace) -> Any:
     """The init image at the requested size, cropped to multiples of 8 (what the VAE needs)."""
-    from PIL import Image
-
+    from .generation import fit_init
     from .images import load_image
 
-    init = load_image(args.init, "init image")
-    if args.width or args.height:
-        init = init.resize((args.width or init.width, args.height or init.height), Image.Resampling.BICUBIC)
-    width, height = init.width // 8 * 8, init.height // 8 * 8
-    return init if (width, height) == init.size else init.crop((0, 0, width, height))
+    return fit_init(load_image(args.init, "init image"), args.width, args.height)
 
 
 def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
     """generate / img2img / inpaint / video: one flow, the mode picks the pipeline and its inputs."""
-    from . import __version__
     from .errors import InputError
     from .images import image_key, load_mask
     from .media import VIDEO_SUFFIXES, save_images, save_video
@@ -758,86 +779,46 @@ def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
     # Every input is usable: now the heavy libraries.
     if args.quiet:
         _quiet_libraries()
-    import torch
+    from .generation import Engine, Job
+    from .recipe import AdapterRecipe, Recipe, Reference
 
-    from .adapter import apply, attach
-    from .pipelines import (
-        load_controlnet,
-        load_motion_adapter,
-        load_pipeline,
-        mode_pipeline,
-        pick_device,
-        pick_dtype,
-        set_scheduler,
-    )
-
-    device = pick_device(args.device)
-    dtype = pick_dtype(args.dtype, device)
-    if video and args.cpu_offload and not device.startswith("cuda"):
-        raise InputError(f"--cpu-offload needs a CUDA device (got '{device}'); drop it or use --device cuda")
-
-    pipe = load_pipeline(args.base, dtype=dtype, device=device, base_config=args.base_config)
-    if args.scheduler:
-        set_scheduler(pipe, args.scheduler)
-    nets = [load_controlnet(name, dtype=dtype, device=device) for name in args.controlnet]
-    motion = load_motion_adapter(args.motion_adapter, dtype=dtype, device=device) if video else None
-    pipe = mode_pipeline(pipe, mode, controlnet=nets or None, motion_adapter=motion)
-    if recipe is None:
-        ip = attach(pipe, args.adapter, args.image_encoder, scale=1.0 if args.scale is None else args.scale)
-        adapters = [ip]
+    if recipe is None:  # one reference per frame (or one for all): the single adapter's references
+        scale = 1.0 if args.scale is None else args.scale
+        entry = AdapterRecipe(path=args.adapter, image_encoder=args.image_encoder, scale=scale,
+                              images=[Reference(r) for r in references])  # fmt: skip
+        job_recipe, per_frame = Recipe([entry]), True
     else:
-        runner = apply(pipe, recipe)
-        adapters = runner.adapters
-    if video and args.vae_slicing:
-        pipe.vae.enable_slicing()
-    if video and args.cpu_offload:
-        pipe.enable_model_cpu_offload(device=device)
-    if controls:
-        key = {"t2i": "image", "video": "conditioning_frames"}.get(mode, "control_image")
-        call[key] = controls[0] if len(controls) == 1 else controls
-        call["controlnet_conditioning_scale"] = control_scale
-    optional = {"negative_prompt": args.negative_prompt, "num_inference_steps": args.steps,
-                "guidance_scale": args.guidance}  # fmt: skip
-    call.update({k: v for k, v in optional.items() if v is not None})
-    if video:
-        call["num_frames"] = frames
-    else:
-        call["num_images_per_prompt"] = args.num_images
-    if args.seed is not None:
-        call["generator"] = torch.Generator("cpu").manual_seed(args.seed)
-    result = ip(references, **call) if recipe is None else runner(**call)
+        job_recipe, per_frame = recipe, False
+    job = Job(
+        base=args.base, base_config=args.base_config, mode=mode, recipe=job_recipe, per_frame=per_frame,
+        prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance,
+        seed=args.seed, num_images=getattr(args, "num_images", 1), scheduler=args.scheduler,
+        init=call.get("image"), strength=call.get("strength"), mask=call.get("mask_image"),
+        width=call.get("width"), height=call.get("height"), controlnets=list(args.controlnet),
+        control_images=controls, control_scale=control_scale,
+        motion_adapter=getattr(args, "motion_adapter", None), frames=frames or 16,
+        vae_slicing=getattr(args, "vae_slicing", False), cpu_offload=getattr(args, "cpu_offload", False),
+    )  # fmt: skip
+    result = Engine(args.device, args.dtype).run(job)
 
-    params = {
-        "tool": f"ipadapter {__version__}", "mode": mode, "base": args.base,
-        "adapter": [a.path for a in recipe.adapters] if args.recipe else args.adapter,
-        "variant": "+".join("/".join(ip.spec.names) or ip.spec.layout for ip in adapters),
-        "image": args.image if video or len(args.image) != 1 else args.image[0],
-        "image_sha1": hashes[0] if len(hashes) == 1 and not video else hashes,
-        "prompt": args.prompt, "negative_prompt": args.negative_prompt,
-        "scale": [ip.scale for ip in adapters] if len(adapters) > 1 else adapters[0].scale,
-        "steps": args.steps, "guidance": args.guidance, "seed": args.seed,
-        "scheduler": args.scheduler or type(pipe.scheduler).__name__,
-        "dtype": str(dtype).removeprefix("torch."), "device": device,
-    }  # fmt: skip
+    params = dict(result.params)
+    if args.recipe:
+        params["adapter"] = [a.path for a in recipe.adapters]
+    params.update(image=args.image if video or len(args.image) != 1 else args.image[0],
+                  image_sha1=hashes[0] if len(hashes) == 1 and not video else hashes)  # fmt: skip
     if recipe is not None:
         params["recipe"] = recipe.to_dict()
     if mode in ("img2img", "inpaint"):
-        params.update(init=args.init, strength=args.strength)
+        params["init"] = args.init
     if mode == "inpaint":
         params["mask"] = args.mask
-    if nets:
-        params.update(
-            controlnet=args.controlnet, control_image=args.control_image, control_scale=control_scale
-        )
+    if args.controlnet:
+        params.update(controlnet=args.controlnet, control_image=args.control_image)
     if video:
-        clip = result.frames[0]
-        params.update(motion_adapter=args.motion_adapter, frames=frames, fps=args.fps, width=clip[0].width,
-                      height=clip[0].height)  # fmt: skip
-        written = [save_video(clip, output, args.fps, params)]
+        params["fps"] = args.fps
+        written = [save_video(result.images, output, args.fps, params)]
     else:
-        images = result.images
-        params.update(width=images[0].width, height=images[0].height)
-        written = save_images(images, output, params)
+        written = save_images(result.images, output, params)
     if not args.json:
         for path in written:
             print(f"wrote {path}")
@@ -846,7 +827,7 @@ def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
 
 COMMANDS = {"inspect": cmd_inspect, "convert": cmd_convert, "generate": cmd_generate, "img2img": cmd_generate,
             "inpaint": cmd_generate, "video": cmd_generate, "train": cmd_train,
-            "eval": cmd_eval, "demo": cmd_demo, "embed": cmd_embed}  # fmt: skip
+            "eval": cmd_eval, "demo": cmd_demo, "embed": cmd_embed, "batch": cmd_batch, "serve": cmd_serve}  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:
