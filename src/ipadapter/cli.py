@@ -260,7 +260,7 @@ def _add_batch_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
-def cmd_batch(args: argparse.Namespace) -> dict[str, Any]:
+def cmd_batch(args: argparse.Namespace) -> dict[str, Any] | None:
     """Run every job of a manifest, models loaded once; resumable; failures reported per line."""
     if args.quiet:
         _quiet_libraries()
@@ -846,6 +846,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = COMMANDS[args.command](args)
         if getattr(args, "json", False) and result is not None:
             print(json.dumps(result, indent=2))
+        if args.command == "batch" and result and result.get("failed"):
+            return EXIT_USAGE  # some lines failed (each reported with its line number); the rest ran
         return 0
     except (CLIError, IPAdapterError) as e:
         if debug:
