@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -243,14 +244,20 @@ def test_validation_images_are_written(models: dict, pairs: Path, tmp_path: Path
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo CPU launch tested on Linux")
 def test_two_process_cpu_run_writes_one_checkpoint(models: dict, pairs: Path, tmp_path: Path) -> None:
     out = tmp_path / "ddp"
-    argv = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines",
-            "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "ipadapter",
-            *_train_argv(models, pairs, out, "--max-steps", "2", "--checkpoint-every", "2")]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # accelerate's `--cpu --num_processes 2` starts ONE process unless MPI is set up; its torch-elastic launcher
+    # (`--multi_gpu`) with no visible GPU starts two CPU processes in a gloo group.
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    argv = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+            str(port), "-m", "ipadapter", *_train_argv(models, pairs, out, "--max-steps", "2", "--checkpoint-every", "2")]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-0000002"]
     assert done.stdout.count("wrote ") == 1  # one report, from the main process
+    assert "on 2 processes" in done.stdout  # really distributed
     assert (out / "ip-adapter.safetensors").is_file()
 
 

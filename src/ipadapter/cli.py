@@ -413,9 +413,13 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any] | None:
     if not trainer.accelerator.is_main_process:
         return None  # one report per run, from the main process
     if not args.json:
-        print(f"wrote {final} after {trainer.step} steps")
+        processes = trainer.accelerator.num_processes
+        print(
+            f"wrote {final} after {trainer.step} steps on {processes} process{'es' if processes > 1 else ''}"
+        )
     train_s = trainer.seconds["train"]
     return {"output": str(final), "steps": trainer.step, "skipped": len(trainer.skipped), "seconds": trainer.seconds,
+            "processes": trainer.accelerator.num_processes,
             "samples_per_second": trainer.samples / train_s if train_s else None}  # fmt: skip
 
 

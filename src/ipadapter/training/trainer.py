@@ -334,7 +334,10 @@ class Trainer:
         # A second run in the same process (a notebook, tests) may use another precision: accelerate keeps
         # that in a process-wide singleton. Reset it; the distributed PartialState is kept.
         AcceleratorState._reset_state()
+        # Without CUDA, processes started by `accelerate launch --multi_gpu` or torchrun form a gloo group on
+        # the CPU; accelerate only does that when asked for the CPU explicitly.
         self.accelerator = Accelerator(
+            cpu=not torch.cuda.is_available() and not torch.backends.mps.is_available(),
             mixed_precision=c.mixed_precision,
             gradient_accumulation_steps=1,  # accumulation is done explicitly, step by step
             log_with=None if c.report_to == "none" else c.report_to,
