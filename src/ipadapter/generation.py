@@ -483,8 +483,18 @@ def job_from_options(
         controls.append(loaded if isinstance(value, list) else loaded[0])
     scale = options.get("control_scale", 1.0)
     scales = scale if isinstance(scale, list) else [scale]
+    if "control_scale" in options and not nets:
+        raise InputError(
+            f"{where}'control_scale' without 'controlnet'; add a controlnet and its control_image"
+        )
+    if isinstance(scale, list) and len(scale) not in (1, len(nets)):
+        raise InputError(
+            f"{where}{len(scale)} control scales for {len(nets)} ControlNets; give one for all or one per ControlNet"
+        )
     for value in scales:
         _number({"control_scale": value}, "control_scale", where)
+    if isinstance(scale, list):
+        scale = scale[0] if len(nets) == 1 else scale * len(nets) if len(scale) == 1 else scale
     job.update(controlnets=nets, control_images=controls, control_scale=scale)
     return Job(**job)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import threading
 import warnings
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,15 @@ def load_image(image: ImageInput, what: str = "reference image", convert=None) -
     return _decode(path, f"{what} '{path}'", "file", convert)
 
 
+_DECODE_LOCK = threading.Lock()  # PIL's limits are process-wide: one decode at a time changes them
+
+
 def _decode(source: Any, label: str, kind: str, convert: Any) -> Image.Image:
+    with _DECODE_LOCK:
+        return _decode_locked(source, label, kind, convert)
+
+
+def _decode_locked(source: Any, label: str, kind: str, convert: Any) -> Image.Image:
     old_limit, old_truncated = Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES
     Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = MAX_IMAGE_PIXELS, False
     try:
@@ -72,7 +81,7 @@ def load_mask(mask: ImageInput, size: tuple[int, int] | None = None) -> tuple[Im
     count as black (keep), so strokes painted on a transparent layer work. A colour mask is refused. A mask
     of another size is resized to ``size``; the second value is then a one-line note saying so.
     """
-    where = f" '{mask}'" if not isinstance(mask, Image.Image) else ""
+    where = f" '{mask}'" if isinstance(mask, str | Path) else ""
     grey = load_image(mask, "mask", convert=lambda img: _mask_grey(img, where))
     note = None
     if size is not None and grey.size != tuple(size):

@@ -1,0 +1,414 @@
+"""The REST API and the web page: routes, authentication, limits, and errors as JSON.
+
+Every error is ``{"error": {"type": ..., "message": ...}}`` with a one-line message; nothing sends a
+traceback. Every ``/v1`` route needs the bearer token when the server has one; ``/``, ``/healthz`` and the
+API docs are open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hmac
+import io
+import json
+import logging
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import asynccontextmanager, contextmanager
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from PIL import Image
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..errors import IPAdapterError
+from ..generation import Engine, Result
+from .bodies import (
+    MAX_FRAMES,
+    MAX_IMAGES,
+    MAX_STEPS,
+    REQUEST_SCHEMA,
+    NotJson,
+    Prepared,
+    Served,
+    build_request,
+    parse_json,
+)
+from .config import ServerConfig
+from .jobs import DONE, FAILED, FINISHED, QUEUED, RUNNING, JobQueue, QueueFull, ShuttingDown, Ticket, failure
+
+log = logging.getLogger("ipadapter.server")
+
+
+class ApiError(Exception):
+    """An HTTP error with its JSON body's type and message."""
+
+    def __init__(self, status: int, type: str, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.type, self.message, self.headers = status, type, message, headers or {}
+
+
+class BodyTooLarge(ApiError):
+    def __init__(self, limit: int) -> None:
+        message = f"the request body is larger than this server's limit of {limit:,} bytes; send smaller (or fewer) images"
+        super().__init__(413, "too_large", message, {"Connection": "close"})
+
+
+def error_response(
+    status: int, type: str, message: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    message = " ".join(str(message).split())
+    return JSONResponse({"error": {"type": type, "message": message}}, status_code=status, headers=headers)
+
+
+class BodyLimit:
+    """ASGI middleware: refuse bodies over ``limit`` bytes, by Content-Length or while a chunked body streams."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None:
+            try:
+                declared = int(length)
+            except ValueError:
+                declared = -1
+            if declared < 0:
+                return await error_response(400, "invalid_request", "bad Content-Length header")(
+                    scope, receive, send
+                )
+            if declared > self.limit:
+                return await BodyTooLargeResponse(self.limit)(scope, receive, send)
+        received = 0
+
+        async def limited() -> dict:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise BodyTooLarge(self.limit)
+            return message
+
+        await self.app(scope, limited, send)
+
+
+def BodyTooLargeResponse(limit: int) -> JSONResponse:  # noqa: N802 - reads like the exception
+    error = BodyTooLarge(limit)
+    return error_response(error.status, error.type, error.message, error.headers)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Results as JSON
+
+
+def png_base64(image: Image.Image, params: dict[str, Any]) -> str:
+    """The image as PNG carrying ``params`` in its ``parameters`` text chunk (as the CLI writes), base64."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("parameters", json.dumps(params))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def gif_base64(frames: list[Image.Image], fps: float, params: dict[str, Any]) -> str:
+    from ..media import save_video
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = save_video(frames, Path(folder) / "video.gif", fps, params)
+        return base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def encode_result(result: Result, prepared: Prepared) -> dict[str, Any]:
+    """A Result as the response JSON: base64 PNGs (or one GIF), the parameters, the seed and timings."""
+    started = time.perf_counter()
+    params = {**result.params, **prepared.record}
+    out: dict[str, Any] = {"seed": result.seed, "parameters": params}
+    if result.video:
+        out.update(video=gif_base64(result.images, prepared.fps, params), mime="image/gif",
+                   frames=len(result.images))  # fmt: skip
+    else:
+        out.update(images=[png_base64(img, {**params, "index": i}) for i, img in enumerate(result.images)],
+                   mime="image/png")  # fmt: skip
+    out["seconds"] = {**result.seconds, "encode": round(time.perf_counter() - started, 3)}
+    return out
+
+
+def job_view(ticket: Ticket, queue: JobQueue) -> dict[str, Any]:
+    """A job as GET /v1/jobs/{id} shows it."""
+    view: dict[str, Any] = {"id": ticket.id, "status": ticket.status,
+                            "progress": {"step": ticket.step, "total": ticket.total}}  # fmt: skip
+    if ticket.status == QUEUED:
+        view["position"] = queue.position(ticket)
+    if ticket.status == RUNNING and ticket.cancel_requested.is_set():
+        view["cancel_requested"] = True
+    if ticket.status == DONE and ticket.result is not None:
+        result = dict(ticket.result)
+        queued = (ticket.started or ticket.created) - ticket.created
+        result["seconds"] = {**result["seconds"], "queued": round(queued, 3),
+                             "total": round((ticket.finished or time.time()) - ticket.created, 3)}  # fmt: skip
+        view["result"] = result
+    if ticket.status == FAILED and ticket.error is not None:
+        view["error"] = {"type": ticket.error.type, "message": ticket.error.message}
+    return view
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The app
+
+
+def _page() -> str:
+    return resources.files("ipadapter.server").joinpath("static/index.html").read_text(encoding="utf-8")
+
+
+_PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; style-src 'unsafe-inline'; "
+    "script-src 'unsafe-inline'; connect-src 'self'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+_BODY_DOC = {"requestBody": {"required": True, "content": {"application/json": {"schema": REQUEST_SCHEMA}}}}
+_ERROR_DOC = {
+    code: {"description": what, "content": {"application/json": {"example": {"error": {"type": kind, "message": "..."}}}}}
+    for code, what, kind in (
+        (400, "the body is not a JSON object", "invalid_json"),
+        (401, "missing or wrong bearer token", "unauthorized"),
+        (413, "the body is too large", "too_large"),
+        (422, "an option or image is not usable", "invalid_input"),
+        (429, "the queue is full (see Retry-After)", "queue_full"),
+    )
+}  # fmt: skip
+
+
+def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
+    """The FastAPI app serving ``config``'s models; loads them now (or uses ``engine``) and attaches every adapter."""
+    from .. import __version__
+    from .models import preload
+
+    if engine is None:
+        engine = Engine(config.device, config.dtype)
+    served, models = preload(engine, config)
+    models["limits"].update(max_images=MAX_IMAGES, max_frames=MAX_FRAMES, max_steps=MAX_STEPS)
+    queue = JobQueue(
+        engine, config.max_queue, keep_finished=config.keep_finished, keep_seconds=config.keep_seconds
+    )
+    page = _page()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):  # noqa: ANN202
+        yield
+        await run_in_threadpool(queue.close)
+
+    app = FastAPI(
+        title="ipadapter",
+        version=__version__,
+        description="IP-Adapter image prompts for Stable Diffusion: synchronous generation, a job queue and "
+        'a web page. Images travel as base64; errors as {"error": {"type", "message"}}.',
+        lifespan=lifespan,
+    )
+    app.state.queue, app.state.engine, app.state.served = queue, engine, served
+    app.add_middleware(BodyLimit, limit=config.max_body_bytes)
+    _add_error_handlers(app)
+
+    bearer = HTTPBearer(auto_error=False, description="the token the server was started with")
+
+    def authorized(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        if config.token is None:
+            return
+        given = "" if credentials is None else credentials.credentials
+        if credentials is None or not hmac.compare_digest(given.encode(), config.token.encode()):
+            why = "no bearer token" if credentials is None else "wrong bearer token"
+            raise ApiError(401, "unauthorized", f"{why}; send the header 'Authorization: Bearer <token>' with "
+                                                "the token the server was started with",
+                           {"WWW-Authenticate": "Bearer"})  # fmt: skip
+
+    async def prepare(request: Request) -> Prepared:
+        """Read the body (not cached on the request: it is dropped once decoded) and build the job."""
+        chunks = [chunk async for chunk in request.stream()]
+        body = parse_json(b"".join(chunks))
+        del chunks
+        return await run_in_threadpool(_build, body, served)
+
+    def submit(prepared: Prepared, slot: Any, kept: bool) -> Ticket:
+        job = prepared.job
+        prepared.job = None  # type: ignore[assignment] - the ticket owns the job and drops it after the run
+        return slot.submit(job, lambda result: encode_result(result, prepared), kept=kept)
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorized)])
+
+    @v1.post("/generate", openapi_extra=_BODY_DOC, responses=_ERROR_DOC,
+             summary="Generate now: the response holds the images (base64 PNGs) or the video (base64 GIF)")  # fmt: skip
+    async def generate(request: Request) -> Response:
+        with queue.reserve() as slot:
+            ticket = submit(await prepare(request), slot, kept=False)
+        loop, finished = asyncio.get_running_loop(), asyncio.Event()
+        ticket.on_finish(lambda: loop.call_soon_threadsafe(finished.set))
+        try:
+            while not finished.is_set():
+                try:
+                    await asyncio.wait_for(finished.wait(), 0.25)
+                except asyncio.TimeoutError:  # (not the builtin before Python 3.11)
+                    if await request.is_disconnected():  # the client left: free its slot
+                        queue.cancel(ticket)
+                        return Response(status_code=499)
+        finally:
+            if not ticket.done:
+                queue.cancel(ticket)
+        view = job_view(ticket, queue)
+        if ticket.status == DONE:
+            return JSONResponse(view["result"])
+        if ticket.status == FAILED and ticket.error is not None:
+            return error_response(ticket.error.status, ticket.error.type, ticket.error.message)
+        return error_response(503, "cancelled", "the job was cancelled (the server is shutting down)")
+
+    @v1.post("/jobs", status_code=202, openapi_extra=_BODY_DOC, responses=_ERROR_DOC,
+             summary="Queue a job: answers 202 with its id; poll GET /v1/jobs/{id}")  # fmt: skip
+    async def create_job(request: Request) -> JSONResponse:
+        with queue.reserve() as slot:
+            ticket = submit(await prepare(request), slot, kept=True)
+        return JSONResponse(
+            job_view(ticket, queue), status_code=202, headers={"Location": f"/v1/jobs/{ticket.id}"}
+        )
+
+    def find(job_id: str) -> Ticket:
+        ticket = queue.get(job_id)
+        if ticket is None:
+            raise ApiError(404, "not_found", f"no job '{job_id}': it never existed, or it finished more than "
+                                             f"{config.keep_seconds:g} s ago or behind {config.keep_finished} newer "
+                                             "ones (finished jobs are kept that long)")  # fmt: skip
+        return ticket
+
+    @v1.get("/jobs/{job_id}", summary="A job's status, progress while running, and its result when done")
+    def get_job(job_id: str) -> dict[str, Any]:
+        return job_view(find(job_id), queue)
+
+    @v1.delete(
+        "/jobs/{job_id}", summary="Cancel a job (a running one stops at its next step); forget a finished one"
+    )
+    def delete_job(job_id: str) -> dict[str, Any]:
+        ticket = find(job_id)
+        if ticket.status in FINISHED:
+            queue.forget(ticket)
+            return {"id": ticket.id, "status": ticket.status, "deleted": True}
+        queue.cancel(ticket)
+        return job_view(ticket, queue)
+
+    @v1.get("/models", summary="What is served: base, adapters, ControlNets, motion adapter, modes, device")
+    def list_models() -> dict[str, Any]:
+        return models
+
+    app.include_router(v1)
+
+    @app.get("/healthz", summary="Liveness: 200 while the worker runs (open, no token needed)")
+    def healthz() -> JSONResponse:
+        stats = queue.stats()
+        alive = stats.pop("worker_alive")
+        body = {"status": "ok" if alive else "error", "auth": config.token is not None, "queue": stats}
+        return JSONResponse(body, status_code=200 if alive else 503)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def index() -> HTMLResponse:
+        return HTMLResponse(page, headers=_PAGE_HEADERS)
+
+    return app
+
+
+def _build(body: dict[str, Any], served: Served) -> Prepared:  # a module-level seam (tests replace it)
+    return build_request(body, served)
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, e: ApiError) -> JSONResponse:
+        return error_response(e.status, e.type, e.message, e.headers)
+
+    @app.exception_handler(QueueFull)
+    async def queue_full(request: Request, e: QueueFull) -> JSONResponse:
+        return error_response(429, "queue_full", str(e), {"Retry-After": str(e.retry_after)})
+
+    @app.exception_handler(ShuttingDown)
+    async def shutting_down(request: Request, e: ShuttingDown) -> JSONResponse:
+        return error_response(503, "unavailable", str(e))
+
+    @app.exception_handler(IPAdapterError)
+    async def library_error(request: Request, e: IPAdapterError) -> JSONResponse:
+        if isinstance(e, NotJson):
+            return error_response(400, "invalid_json", str(e))
+        f = failure(e)
+        return error_response(f.status, f.type, f.message)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        where = f"{request.method} {request.url.path}"
+        if e.status_code == 404:
+            return error_response(404, "not_found", f"no route {where}; see /docs for the API", e.headers)
+        if e.status_code == 405:
+            return error_response(
+                405, "method_not_allowed", f"{where}: method not allowed; see /docs", e.headers
+            )
+        return error_response(e.status_code, "http_error", str(e.detail), e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
+        first = e.errors()[0] if e.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        return error_response(422, "invalid_input", f"{where}: {first.get('msg', 'invalid value')}")
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, e: Exception) -> JSONResponse:
+        log.error("internal error on %s %s", request.method, request.url.path, exc_info=e)
+        return error_response(500, "internal", f"internal error ({type(e).__name__}); see the server log")
+
+
+@contextmanager
+def serve_in_thread(
+    app: FastAPI, host: str = "127.0.0.1", port: int = 0, timeout: float = 60.0
+) -> Iterator[str]:
+    """Run ``app`` with uvicorn in a background thread (tests, benchmarks); yields its base URL.
+
+    ``port`` 0 picks a free port. On exit the server stops (its lifespan closes the app's job queue).
+    """
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, name="ipadapter-uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            server.should_exit = True
+            raise RuntimeError(f"the server did not start on {host}:{port}")
+        time.sleep(0.02)
+    bound = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://{host}:{bound}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout)
+
+
+def serve(config: ServerConfig) -> None:
+    """Load the models, then serve until interrupted (blocking)."""
+    import uvicorn
+
+    app = create_app(config)
+    if config.token is None and config.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("serving on %s without a token: anyone who can reach port %d can use it", config.host,
+                    config.port)  # fmt: skip
+    print(f"ipadapter: serving {config.base} with {', '.join(config.adapters)} on http://{config.host}:"
+          f"{config.port}/ (API docs: /docs)", flush=True)  # fmt: skip
+    uvicorn.run(app, host=config.host, port=config.port, log_level="info", timeout_graceful_shutdown=10)

@@ -1,0 +1,330 @@
+"""A request body (JSON) -> a checked :class:`~ipadapter.generation.Job`, through ``job_from_options``.
+
+The body holds the command line's generation options (:data:`ipadapter.generation.OPTIONS`) with images as
+base64 data instead of paths. The server fills in what it serves (base, base config, image encoder, motion
+adapter); adapters and ControlNets are picked by the names the server was started with. Nothing a client sends
+can name a file or a model the server was not started with: a string that is not base64 image data is refused.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import io
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from PIL import Image
+
+from ..errors import InputError
+from ..generation import MODES, OPTIONS, Job, job_from_options
+from ..recipe import Recipe
+from .config import ServerConfig
+
+MAX_IMAGES = 16  # num_images per request
+MAX_FRAMES = 64  # video frames per request
+MAX_STEPS = 500  # denoising steps per request
+
+_IMAGE = {"type": "string", "description": "base64 image data (PNG, JPEG, WebP...); a data: URL works too"}
+_NUMBER, _INT, _TEXT = {"type": "number"}, {"type": "integer"}, {"type": "string"}
+_IMAGES = {"oneOf": [_IMAGE, {"type": "array", "items": _IMAGE}]}
+_NAMES = {"oneOf": [_TEXT, {"type": "array", "items": _TEXT}]}
+
+# key -> JSON schema of its value. Descriptions come from generation.OPTIONS (one wording everywhere).
+FIELDS: dict[str, dict[str, Any]] = {
+    "prompt": _TEXT, "negative_prompt": _TEXT,
+    "image": {**_IMAGE, "description": "one reference image: base64 data, optionally ending in :WEIGHT"},
+    "images": {"type": "array", "items": _IMAGE,
+               "description": "several reference images (base64, each optionally ending in :WEIGHT)"},
+    "mode": {"type": "string", "enum": list(MODES)},
+    "adapter": {"type": "string", "description": "a served adapter's name (GET /v1/models); default: the first"},
+    "scale": _NUMBER, "steps": _INT, "guidance": _NUMBER, "seed": _INT, "width": _INT, "height": _INT,
+    "num_images": _INT, "scheduler": _TEXT, "strength": _NUMBER, "frames": _INT,
+    "fps": {"type": "number", "description": "frames per second of a video's GIF (default 8)"},
+    "combine": _TEXT, "crop": _TEXT, "preset": _TEXT, "curve": _TEXT, "composition_weight": _NUMBER,
+    "start": _NUMBER, "end": _NUMBER, "negative_image": _IMAGE, "image_mask": _IMAGES,
+    "layer_weights": {"oneOf": [_TEXT, {"type": "object", "additionalProperties": _NUMBER}]},
+    "init": _IMAGE, "mask": _IMAGE,
+    "controlnet": {**_NAMES, "description": "served ControlNet name(s), one control image each"},
+    "control_image": {"oneOf": [_IMAGE, {"type": "array", "items": {"oneOf": [_IMAGE, {"type": "array", "items": _IMAGE}]}}]},
+    "control_scale": {"oneOf": [_NUMBER, {"type": "array", "items": _NUMBER}]},
+    "recipe": {"type": "object", "description": "a whole recipe (recipe files' schema); every image, mask and "
+               "negative_image path holds base64 data, every adapter path a served adapter's name"},
+}  # fmt: skip
+FIELDS = {
+    key: {"description": OPTIONS[key], **schema} if key in OPTIONS else schema
+    for key, schema in FIELDS.items()
+}
+
+SERVER_KEYS = ("base", "base_config", "image_encoder", "motion_adapter")  # filled by the server
+REFUSED = {
+    **{key: "is set by the server (see GET /v1/models); leave it out" for key in SERVER_KEYS},
+    "embeds": "is not accepted by the server (embeddings files are server-side files); send the reference "
+    "image as base64 in 'image'",
+}
+
+REQUEST_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": FIELDS,
+    "example": {"prompt": "a cat", "image": "<base64 PNG>", "scale": 0.7, "steps": 30, "seed": 0},
+}
+
+
+class NotJson(InputError):
+    """The body is not a JSON object at all (HTTP 400, where a usable object with bad values gets 422)."""
+
+
+def parse_json(raw: bytes) -> dict[str, Any]:
+    """The body as a JSON object, or NotJson saying where the syntax breaks."""
+    try:
+        body = json.loads(raw)
+    except UnicodeDecodeError:
+        raise NotJson("the request body is not UTF-8 text; send a JSON object") from None
+    except RecursionError:
+        raise NotJson("the request body's JSON is nested too deeply; send a flat JSON object") from None
+    except json.JSONDecodeError as e:
+        raise NotJson(
+            f"the request body is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); send a JSON "
+            'object like {"prompt": "a cat", "image": "<base64>"}'
+        ) from None
+    if not isinstance(body, dict):
+        raise NotJson(f"the request body is a JSON {type(body).__name__}; expected a JSON object")
+    return body
+
+
+_DATA_URL = re.compile(r"data:[\w.+-]*/?[\w.+-]*(;[\w.+-]+=[\w.+-]+)*;base64,", re.IGNORECASE)
+
+
+def _short(value: str) -> str:
+    return repr(value if len(value) <= 40 else value[:37] + "...")
+
+
+def decode_image_data(value: Any, what: str, max_pixels: int) -> bytes:
+    """Base64 image data (optionally a data: URL) -> the file's bytes, after checking its pixel count.
+
+    Only the image header is read here: a picture over ``max_pixels`` is refused before it is decoded.
+    """
+    if not isinstance(value, str):
+        raise InputError(f"{what}: got {type(value).__name__}; expected base64 image data (a string)")
+    text = value.strip()
+    match = _DATA_URL.match(text)
+    if match:
+        text = text[match.end() :]
+    text = "".join(text.split())  # line-wrapped base64 is fine
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise InputError(
+            f"{what}: {_short(value)} is not base64 image data; paths are not accepted: send the image file's "
+            "bytes, base64-encoded (a data: URL works too)"
+        ) from None
+    if not data:
+        raise InputError(f"{what}: empty (0 bytes); send a PNG, JPEG or WebP image, base64-encoded")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            width, height = img.size
+    except Image.DecompressionBombError:
+        raise InputError(
+            f"{what} is far larger than this server's limit of {max_pixels:,} pixels: downscale it first"
+        ) from None
+    except Exception:  # noqa: BLE001 - any failure to read a header means: not an image
+        raise InputError(
+            f"{what}: the base64 data ({len(data)} bytes) is not a readable image; expected a PNG, JPEG or WebP "
+            "file, base64-encoded (paths are not accepted)"
+        ) from None
+    if width * height > max_pixels:
+        raise InputError(
+            f"{what} is {width}x{height} = {width * height:,} pixels; this server accepts at most "
+            f"{max_pixels:,}: downscale it first"
+        )
+    return data
+
+
+@dataclass
+class Served:
+    """What a request may use: the config's names and the modes the loaded base can run."""
+
+    config: ServerConfig
+    modes: list[str]
+    native_size: int = 512  # the base's default width and height
+
+
+@dataclass
+class Prepared:
+    """A request ready to run: the job and what the result's parameters record besides the engine's."""
+
+    job: Job
+    record: dict[str, Any]
+    fps: float = 8.0
+
+
+def _served_name(value: Any, names: list[str], key: str, what: str) -> None:
+    if not isinstance(value, str) or value not in names:
+        raise InputError(
+            f"{key}: {value!r} is not a served {what}; served: {', '.join(names) or 'none'} (see GET /v1/models)"
+        )
+
+
+def _check_keys(body: dict[str, Any]) -> None:
+    for key in body:
+        if key in REFUSED:
+            raise InputError(f"'{key}' {REFUSED[key]}")
+    unknown = sorted(set(body) - set(FIELDS))
+    if unknown:
+        raise InputError(
+            f"unknown key(s) {', '.join(map(repr, unknown))}; expected some of: {', '.join(FIELDS)}"
+        )
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _check_limits(body: dict[str, Any], served: Served) -> None:
+    """Bounds on the work one request may ask for (types and the rest are checked by job_from_options)."""
+    for key, high in (("num_images", MAX_IMAGES), ("frames", MAX_FRAMES), ("steps", MAX_STEPS)):
+        value = body.get(key)
+        if _number(value) and value > high:
+            raise InputError(f"'{key}' is {value}; this server allows at most {high}")
+    max_pixels = served.config.max_pixels
+    width, height = (body.get(k) if _number(body.get(k)) else served.native_size for k in ("width", "height"))
+    if width * height > max_pixels:
+        raise InputError(
+            f"{width}x{height} = {width * height:,} pixels; this server makes images of at most {max_pixels:,} "
+            "pixels: ask for a smaller width/height"
+        )
+
+
+def _check_controlnets(body: dict[str, Any], config: ServerConfig) -> None:
+    """Served names, each once; one control scale for all or one per ControlNet."""
+    nets = body.get("controlnet") or []
+    nets = [nets] if isinstance(nets, str) else nets if isinstance(nets, list) else [nets]
+    for name in nets:
+        _served_name(name, config.controlnets, "controlnet", "ControlNet")
+    if len(set(nets)) != len(nets):
+        raise InputError(f"'controlnet' names a ControlNet twice ({nets}); give each once")
+    scale = body.get("control_scale")
+    if scale is not None and not nets:
+        raise InputError("'control_scale' without 'controlnet'; add a controlnet and its control_image")
+    if isinstance(scale, list) and len(scale) not in (1, len(nets)):
+        raise InputError(
+            f"{len(scale)} control scales for {len(nets)} ControlNet(s); give one for all or one per ControlNet"
+        )
+
+
+def _recipe_options(recipe: Any, config: ServerConfig) -> Any:
+    """The body's recipe with the server's image encoder filled in, after checking what it names."""
+    if not isinstance(recipe, dict) or not isinstance(recipe.get("adapter"), dict | list):
+        return recipe  # Recipe.from_dict says what is wrong with its structure
+    entries = recipe["adapter"] if isinstance(recipe["adapter"], list) else [recipe["adapter"]]
+    out = []
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            out.append(entry)
+            continue
+        where = f"recipe: adapter[{i}]"
+        if "image_encoder" in entry:
+            raise InputError(f"{where}.image_encoder is set by the server; leave it out")
+        if "path" in entry:
+            _served_name(entry["path"], config.adapters, f"{where}.path", "adapter")
+        images = entry.get("image")
+        for j, ref in enumerate(images if isinstance(images, list) else [images]):
+            if isinstance(ref, dict) and "embeds" in ref:
+                raise InputError(f"{where}.image[{j}].embeds {REFUSED['embeds']}")
+        extra = {"image_encoder": config.image_encoder} if config.image_encoder else {}
+        out.append({**entry, **extra})
+    return {**recipe, "adapter": out}
+
+
+def options_from_body(body: dict[str, Any], served: Served) -> tuple[dict[str, Any], float]:
+    """The body as ``job_from_options`` options (server keys filled in, names checked), and the video fps."""
+    config = served.config
+    _check_keys(body)
+    _check_limits(body, served)
+    options = {k: v for k, v in body.items() if k not in ("images", "fps")}
+    if "image" in body and "images" in body:
+        raise InputError("give 'image' (one reference) or 'images' (a list), not both")
+    if "image" in body and not isinstance(body["image"], str):
+        raise InputError(
+            f"'image' is {type(body['image']).__name__}; expected one base64 string (use 'images' for a list)"
+        )
+    if "images" in body:
+        if not isinstance(body["images"], list) or not body["images"]:
+            raise InputError("'images' must be a non-empty list of base64 image strings")
+        options["image"] = body["images"]
+    mode = body.get("mode") or "t2i"
+    if isinstance(mode, str) and mode in MODES and mode not in served.modes:
+        why = " (no motion adapter is served)" if mode == "video" else ""
+        raise InputError(
+            f"mode '{mode}' is not available on this server{why}; available: {', '.join(served.modes)}"
+        )
+    if body.get("recipe") is not None:
+        options["recipe"] = _recipe_options(body["recipe"], config)
+    else:
+        options["adapter"] = body.get("adapter") or config.adapters[0]
+        _served_name(options["adapter"], config.adapters, "adapter", "adapter")
+        options["image_encoder"] = config.image_encoder
+    _check_controlnets(body, config)
+    scheduler = body.get("scheduler")
+    if scheduler is not None:
+        from ..schedulers import SCHEDULERS
+
+        if scheduler not in SCHEDULERS:
+            raise InputError(
+                f"'scheduler' is {scheduler!r}; expected one of: {', '.join(sorted(SCHEDULERS))}"
+            )
+    fps = body.get("fps", 8.0)
+    if isinstance(fps, bool) or not isinstance(fps, int | float) or not 0 < fps <= 120:
+        raise InputError(f"'fps' is {fps!r}; expected a number in (0, 120]")
+    options.update(base=config.base, base_config=config.base_config)
+    if mode == "video":
+        options["motion_adapter"] = config.motion_adapter
+    return {k: v for k, v in options.items() if v is not None}, float(fps)
+
+
+def build_request(body: dict[str, Any], served: Served) -> Prepared:
+    """Check ``body`` and decode its images: a Job ready for the queue (InputError otherwise)."""
+    from ..images import image_key, load_image
+
+    options, fps = options_from_body(body, served)
+    max_pixels = served.config.max_pixels
+
+    def locate(value: Any, what: str) -> Image.Image:
+        """Base64 -> a decoded image in its own mode (the library converts it: RGB, or a grey mask)."""
+        return load_image(decode_image_data(value, what, max_pixels), what, convert=lambda img: img.copy())
+
+    job = job_from_options(options, locate=locate)
+    record: dict[str, Any] = {}
+    keys = [image_key(ref.path) for entry in job.recipe.adapters for ref in entry.images]
+    record["image_sha1"] = keys[0] if len(keys) == 1 and not job.per_frame else keys
+    if not job.per_frame:
+        record["recipe"] = recorded_recipe(job.recipe)
+    if job.init is not None:
+        record["init_sha1"] = image_key(job.init)
+    if job.controlnets:
+        record["controlnet"] = list(job.controlnets)
+    if job.mode == "video":
+        record["fps"] = fps
+    return Prepared(job, record, fps)
+
+
+def recorded_recipe(recipe: Recipe) -> dict[str, Any]:
+    """The recipe as a file would hold it, each image replaced by ``sha1:<content hash>`` (no pixel data)."""
+    from ..images import image_key
+
+    def named(value: Any) -> Any:
+        return f"sha1:{image_key(value)}" if isinstance(value, Image.Image) else value
+
+    entries = [
+        dataclasses.replace(
+            entry,
+            images=[dataclasses.replace(r, path=named(r.path), mask=named(r.mask)) for r in entry.images],
+            negative_image=named(entry.negative_image),
+        )
+        for entry in recipe.adapters
+    ]
+    return Recipe(entries).to_dict()

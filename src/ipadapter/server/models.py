@@ -1,0 +1,65 @@
+"""Loading what the server serves, once, at start: so a wrong model fails then, not on the first request."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from PIL import Image
+
+from ..generation import Engine, Job
+from ..recipe import AdapterRecipe, Recipe, Reference
+from .bodies import Served
+from .config import ServerConfig
+
+
+def _probe(config: ServerConfig, mode: str, nets: list[str]) -> Job:
+    """A job that names the models of one pipeline (it is never run; its images are blanks)."""
+    blank = Image.new("RGB", (8, 8))
+    recipe = Recipe([AdapterRecipe(path=config.adapters[0], images=[Reference(path=blank)])])
+    return Job(base=config.base, base_config=config.base_config, recipe=recipe, mode=mode, controlnets=nets,
+               control_images=[blank] * len(nets), init=blank, mask=blank.convert("L"),
+               motion_adapter=config.motion_adapter if mode == "video" else None)  # fmt: skip
+
+
+def preload(engine: Engine, config: ServerConfig) -> tuple[Served, dict[str, Any]]:
+    """Load the base, every ControlNet and the motion adapter; attach every adapter (to the motion UNet too).
+
+    Returns what requests may use and the description GET /v1/models gives.
+    """
+    base = engine.base(config.base, config.base_config)
+    inpainting = base.unet.config.in_channels == 9  # an inpainting base runs inpaint only
+    modes = ["inpaint"] if inpainting else ["t2i", "img2img", "inpaint"]
+    first = modes[0]
+    adapters = []
+    for name in config.adapters:
+        ip = engine.adapter(engine.pipeline(_probe(config, first, []))[0], name, config.image_encoder)
+        spec = ip.spec
+        adapters.append({"name": name, "variant": "/".join(spec.names) or spec.layout, "base": spec.base,
+                         "tokens": spec.num_tokens, "feature": spec.feature})  # fmt: skip
+    for net in config.controlnets:
+        engine.pipeline(_probe(config, first, [net]))
+    if config.motion_adapter:
+        video, _ = engine.pipeline(_probe(config, "video", []))
+        for name in config.adapters:
+            engine.adapter(video, name, config.image_encoder)
+        modes.append("video")
+    from ..schedulers import SCHEDULERS
+
+    info = {
+        "base": config.base,
+        "adapters": adapters,
+        "controlnets": list(config.controlnets),
+        "motion_adapter": config.motion_adapter,
+        "modes": modes,
+        "schedulers": sorted(SCHEDULERS),
+        "device": engine.device,
+        "dtype": str(engine.dtype).removeprefix("torch."),
+        "limits": {
+            "max_queue": config.max_queue,
+            "max_body_bytes": config.max_body_bytes,
+            "max_pixels": config.max_pixels,
+        },  # fmt: skip
+    }
+    from ..pipelines import native_size
+
+    return Served(config, modes, native_size(base)), info
