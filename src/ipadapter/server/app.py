@@ -171,6 +171,22 @@ def job_view(ticket: Ticket, queue: JobQueue) -> dict[str, Any]:
 # The app
 
 
+def _add_docs(app: FastAPI) -> None:
+    """``/docs``: Swagger UI from the swagger-ui-bundle-v2 package's files, so it works offline."""
+    from fastapi.openapi.docs import get_swagger_ui_html
+    from fastapi.staticfiles import StaticFiles
+    from swagger_ui_bundle import swagger_ui_path
+
+    app.mount("/docs-assets", StaticFiles(directory=swagger_ui_path), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url=app.openapi_url or "/openapi.json", title="ipadapter API",
+                                   swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+                                   swagger_css_url="/docs-assets/swagger-ui.css",
+                                   swagger_favicon_url="/docs-assets/favicon-32x32.png")  # fmt: skip
+
+
 def _page() -> str:
     return resources.files("ipadapter.server").joinpath("static/index.html").read_text(encoding="utf-8")
 
@@ -219,6 +235,8 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
         description="IP-Adapter image prompts for Stable Diffusion: synchronous generation, a job queue and "
         'a web page. Images travel as base64; errors as {"error": {"type", "message"}}.',
         lifespan=lifespan,
+        docs_url=None,  # served below from local files: FastAPI's default page loads Swagger UI from a CDN
+        redoc_url=None,
     )
     app.state.queue, app.state.engine, app.state.served = queue, engine, served
     app.add_middleware(BodyLimit, limit=config.max_body_bytes)
@@ -323,6 +341,8 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def index() -> HTMLResponse:
         return HTMLResponse(page, headers=_PAGE_HEADERS)
+
+    _add_docs(app)
 
     return app
 
