@@ -330,3 +330,11 @@ def test_prompt_count_and_controls_go_together(models: dict) -> None:
              generator=[torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)]).images  # fmt: skip
     one = call(ip, Control(images=[ref]), prompt="a cat", negative_prompt="")
     assert np.abs(two[0] - one[0]).max() < 1e-4
+
+
+def test_an_image_prompt_with_controls_for_a_call_of_one_s_own(models: dict) -> None:
+    pipe = load_pipe(models, "sd15")
+    ip = attach(pipe, ckpt(models, "sd15"), scale=0.7)
+    control = Control(images=[Reference(reference_image(), mask=half_mask("left"))], end=0.9)
+    own = call(pipe, cross_attention_kwargs={"image_prompt": ip.image_prompt(control)})
+    assert np.array_equal(own, call(ip, control))

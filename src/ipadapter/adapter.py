@@ -143,14 +143,20 @@ class IPAdapter:
         return pos_tokens, neg_tokens
 
     def image_prompt(
-        self, images: ImageInput | Sequence[ImageInput], num_prompts: int = 1, frames: int | None = None
+        self,
+        images: ImageInput | Sequence[ImageInput] | Control,
+        num_prompts: int = 1,
+        frames: int | None = None,
     ) -> ImagePrompt:
         """The ``image_prompt`` for a pipeline call with ``num_prompts`` text prompts.
 
         One reference serves every prompt (and every frame); or give one reference per prompt; or, for a
         video of ``frames`` frames, one reference per frame (the same sequence for every prompt). When the
-        count equals both the prompts and the frames of a video, it is read as one per frame.
+        count equals both the prompts and the frames of a video, it is read as one per frame. A
+        :class:`~ipadapter.recipe.Control` serves every prompt and frame with its references and options.
         """
+        if isinstance(images, Control):
+            return _prompt([(self, prepare(self, images))], num_prompts)
         pos, neg = self.tokens(images)
         count = pos.shape[0]
         if frames is not None and frames > 1 and count == frames:  # one per frame: (P, F, N, D)
