@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import secrets
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -95,14 +96,19 @@ ProgressCallback = Callable[[int, int], None]  # (steps done, steps in all); may
 
 
 class Engine:
-    """Loads models on first use and keeps them: one engine per device, one job at a time."""
+    """Loads models on first use and keeps them: one engine per device, one job at a time.
 
-    def __init__(self, device: str = "auto", dtype: str | None = None) -> None:
+    At most ``max_bases`` base models stay in memory (with their mode pipelines and attached adapters); a job
+    naming another one drops the least recently used, so a manifest naming many bases cannot exhaust memory.
+    """
+
+    def __init__(self, device: str = "auto", dtype: str | None = None, max_bases: int = 2) -> None:
         from .pipelines import pick_device, pick_dtype
 
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
-        self._bases: dict[tuple, Any] = {}
+        self.max_bases = max(1, int(max_bases))
+        self._bases: OrderedDict[tuple, Any] = OrderedDict()
         self._nets: dict[str, Any] = {}
         self._motion: dict[str, Any] = {}
         self._modes: dict[tuple, tuple[Any, Any]] = {}  # key -> (pipeline, its own scheduler)
@@ -115,18 +121,38 @@ class Engine:
 
         key = (base, base_config)
         if key not in self._bases:
+            while len(self._bases) >= self.max_bases:
+                self._forget(next(iter(self._bases)))
             pipe = load_pipeline(base, dtype=self.dtype, device=self.device, base_config=base_config)
             pipe.set_progress_bar_config(disable=True)
             self._bases[key] = pipe
+        self._bases.move_to_end(key)
         return self._bases[key]
+
+    def _forget(self, key: tuple) -> None:
+        """Drop base ``key`` with its mode pipelines and the adapters attached to them, and free the memory."""
+        import gc
+
+        import torch
+
+        self._bases.pop(key)
+        gone = [k for k in self._modes if k[:2] == key]
+        unets = {id(self._modes[k][0].unet) for k in gone}
+        for k in gone:
+            del self._modes[k]
+        for k in [k for k in self._adapters if k[0] in unets]:
+            del self._adapters[k]
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def pipeline(self, job: Job) -> Any:
         """The pipeline for the job's mode, ControlNets and motion adapter, built once over its base."""
         from .pipelines import load_controlnet, load_motion_adapter, mode_pipeline
 
         key = (job.base, job.base_config, job.mode, tuple(job.controlnets), job.motion_adapter)
+        base = self.base(job.base, job.base_config)  # loaded, or marked as just used
         if key not in self._modes:
-            base = self.base(job.base, job.base_config)
             nets = [self._load(self._nets, n, load_controlnet) for n in job.controlnets]
             motion = (
                 self._load(self._motion, job.motion_adapter, load_motion_adapter)
