@@ -31,7 +31,7 @@ _LAZY = {
     "IPAdapter": "adapter", "attach": "adapter", "attached": "adapter", "cross_attention_layers": "adapter",
     "detach": "adapter", "apply": "adapter", "run": "adapter", "RecipeRun": "adapter",
     "Reference": "recipe", "Control": "recipe", "AdapterRecipe": "recipe", "Recipe": "recipe",
-    "Checkpoint": "checkpoint", "load_checkpoint": "checkpoint",
+    "Engine": "generation", "Job": "generation", "Checkpoint": "checkpoint", "load_checkpoint": "checkpoint",
     "save_checkpoint": "checkpoint", "ImagePrompt": "conditioning", "ImageEncoder": "encoder",
     "load_image": "images", "load_mask": "images", "AdapterSpec": "variants", "ResamplerConfig": "variants",
     "detect": "variants",
@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
     from .conditioning import ImagePrompt
     from .encoder import ImageEncoder
+    from .generation import Engine, Job
     from .images import load_image, load_mask
     from .recipe import AdapterRecipe, Control, Recipe, Reference
     from .variants import AdapterSpec, ResamplerConfig, detect
@@ -68,12 +69,14 @@ __all__ = [
     "Checkpoint",
     "CheckpointError",
     "Control",
+    "Engine",
     "ImageEncoder",
     "ImagePrompt",
     "IncompatibleModelError",
     "InputError",
     "IPAdapter",
     "IPAdapterError",
+    "Job",
     "ModelNotAvailableError",
     "Recipe",
     "RecipeRun",
