@@ -365,6 +365,11 @@ def _check_fit(spec: AdapterSpec, layers: list[CrossLayer], encoder: ImageEncode
                 f"adapter '{source}' layer {2 * layer.index + 1} has hidden size {hidden} but the UNet's "
                 f"{layer.name.removesuffix('.processor')} has {layer.hidden_size}; use an adapter made for this base"
             )
+    check_encoder(spec, encoder, source)
+
+
+def check_encoder(spec: AdapterSpec, encoder: ImageEncoder, source: str) -> None:
+    """Refuse an image encoder whose features are not the ones adapter ``source`` reads."""
     have = encoder.feature_dim(spec.feature)
     if have != spec.feature_dim:
         what = "pooled image_embeds" if spec.feature == "pooled" else "hidden states"
@@ -414,16 +419,7 @@ def attach(
         raise InputError(
             f"an adapter named '{name}' is already attached; detach it first or choose another name"
         )
-    if isinstance(adapter, Checkpoint):
-        ckpt, source = adapter, adapter.source
-    else:
-        source = str(adapter)
-        resolved = resolve_adapter(adapter)
-        ckpt = load_checkpoint(resolved)
-        if (
-            source != str(resolved) and split_hub_path(source) is None
-        ):  # a name ("mini"): look beside the file
-            source = str(resolved)
+    ckpt, source = (adapter, adapter.source) if isinstance(adapter, Checkpoint) else open_adapter(adapter)
     spec = detect(ckpt)
     _check_supported(spec, source)
     layers = cross_attention_layers(unet)
@@ -453,6 +449,20 @@ def attach(
         state.processors[proc_name].add_branch(name, branch)
     state.adapters[name] = handle
     return handle
+
+
+def open_adapter(adapter: str | Path) -> tuple[Checkpoint, str]:
+    """Read adapter ``adapter`` (file, hub path or name) and the name messages use for it.
+
+    A hub path keeps its name (its encoder is found in the same repository); a name such as "mini" becomes the
+    file it stands for, so that the encoder is looked for beside that file.
+    """
+    source = str(adapter)
+    resolved = resolve_adapter(adapter)
+    ckpt = load_checkpoint(resolved)
+    if source != str(resolved) and split_hub_path(source) is None:
+        source = str(resolved)
+    return ckpt, source
 
 
 def _encoder(

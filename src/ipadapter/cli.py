@@ -189,7 +189,7 @@ def _recipe(args: argparse.Namespace, video: bool) -> Any:
         return recipe
     if video and args.adapter and args.image and per_frame_video({**options, "mode": "video"}):
         return None  # plain --image for a video: one reference for all frames, or one per frame
-    return recipe_from_options(options)  # its files are checked by _check_references, in the flags' words
+    return recipe_from_options(options)  # its files are read by _load_references, in the flags' words
 
 
 def _add_embed_options(p: argparse.ArgumentParser) -> None:
@@ -209,7 +209,7 @@ def _add_embed_options(p: argparse.ArgumentParser) -> None:
 
 def cmd_embed(args: argparse.Namespace) -> dict[str, Any]:
     """Encode a reference once and store its features, for --embeds / `embeds =` in a recipe."""
-    from .errors import IncompatibleModelError, InputError
+    from .errors import InputError
     from .images import image_key, load_image
 
     output = Path(args.output)
@@ -224,24 +224,19 @@ def cmd_embed(args: argparse.Namespace) -> dict[str, Any]:
     image = load_image(args.image)
     if args.quiet:
         _quiet_libraries()
-    from .checkpoint import load_checkpoint
+    from .adapter import check_encoder, open_adapter
     from .embeds import save_embeds
     from .encoder import ImageEncoder
     from .pipelines import pick_device, pick_dtype
-    from .sources import default_encoder, load_image_encoder, resolve_adapter, split_hub_path
+    from .sources import default_encoder, load_image_encoder
     from .variants import detect
 
-    resolved = resolve_adapter(args.adapter)
-    spec = detect(load_checkpoint(resolved))
-    source = args.adapter if split_hub_path(args.adapter) is not None else str(resolved)
+    ckpt, source = open_adapter(args.adapter)
+    spec = detect(ckpt)
     where = args.image_encoder or default_encoder(source, spec)
     device = pick_device(args.device)
     encoder = ImageEncoder(load_image_encoder(where, dtype=pick_dtype(None, device), device=device))
-    if encoder.feature_dim(spec.feature) != spec.feature_dim:
-        raise IncompatibleModelError(
-            f"adapter '{args.adapter}' needs {spec.feature_dim}-dim features but image encoder '{where}' gives "
-            f"{encoder.feature_dim(spec.feature)}; pass the encoder it was trained with via --image-encoder"
-        )
+    check_encoder(spec, encoder, source)
     features = encoder.features([image], spec.feature, args.crop)[0]
     variant = "/".join(spec.names) or spec.layout
     save_embeds(output, features, encoder.negative_features(spec.feature), feature=spec.feature, encoder=encoder,
@@ -705,27 +700,23 @@ def _controls(args: argparse.Namespace, frames: int | None) -> tuple[list[Any], 
     return controls, scale
 
 
-def _check_references(recipe: Any, from_file: bool) -> list[str]:
-    """Decode every reference, mask and negative image of ``recipe`` now: a bad file fails before models load.
-
-    Returns the references' content hashes (for the output's metadata)."""
+def _load_references(recipe: Any) -> tuple[Any, list[str]]:
+    """``recipe`` with its references, masks and negative images decoded now (a bad file fails before models
+    load), and the references' content hashes (for the output's metadata)."""
     from .errors import InputError
-    from .images import image_key, load_image, load_mask
+    from .generation import load_recipe_inputs
+    from .images import image_key
 
-    hashes = []
-    for a, entry in enumerate(recipe.adapters):
-        where = f"adapter[{a}]." if from_file else ""
-        for i, ref in enumerate(entry.images):
-            label = f"{where}image[{i}] reference image" if from_file else "reference image"
-            if ref.path is not None:
-                hashes.append(image_key(load_image(ref.path, label)))
-            elif not Path(ref.embeds).is_file():
-                raise InputError(f"embeddings '{ref.embeds}': no such file; make one with `ipadapter embed`")
-            if ref.mask is not None:
-                load_mask(ref.mask)
-        if entry.negative_image is not None:
-            load_image(entry.negative_image, f"{where}negative image")
-    return hashes
+    def embeds_file(value: str, what: str) -> str:
+        if not Path(value).is_file():
+            raise InputError(f"{what} '{value}': no such file; make one with `ipadapter embed`")
+        return value
+
+    loaded = load_recipe_inputs(recipe, lambda value, what: value, embeds_file)
+    hashes = [
+        image_key(ref.path) for entry in loaded.adapters for ref in entry.images if ref.path is not None
+    ]
+    return loaded, hashes
 
 
 def _init_image(args: argparse.Namespace) -> Any:
@@ -758,7 +749,7 @@ def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
             )
         hashes = [image_key(r) for r in references]
     else:
-        hashes = _check_references(recipe, from_file=bool(args.recipe))
+        loaded, hashes = _load_references(recipe)
     call: dict[str, Any] = {"prompt": args.prompt}
     if mode in ("img2img", "inpaint"):
         init = _init_image(args)
@@ -792,7 +783,7 @@ def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
                               images=[Reference(r) for r in references])  # fmt: skip
         job_recipe, per_frame = Recipe([entry]), True
     else:
-        job_recipe, per_frame = recipe, False
+        job_recipe, per_frame = loaded, False
     job = Job(
         base=args.base, base_config=args.base_config, mode=mode, recipe=job_recipe, per_frame=per_frame,
         prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance,

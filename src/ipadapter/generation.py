@@ -466,7 +466,7 @@ def job_from_options(
         )
     else:
         recipe = recipe_from_options(options, where)
-    recipe = _load_recipe_inputs(recipe, locate, resolve_file, where)
+    recipe = load_recipe_inputs(recipe, locate, resolve_file, where)
     steps = _number(options, "steps", where, integer=True, low=1)
     width = _number(options, "width", where, integer=True, low=8, multiple=8)
     height = _number(options, "height", where, integer=True, low=8, multiple=8)
@@ -525,13 +525,17 @@ def job_from_options(
     return Job(**job)
 
 
-def _load_recipe_inputs(
+def load_recipe_inputs(
     recipe: Recipe,
     locate: Callable[[str, str], Any],
     resolve_file: Callable[[str, str], str] | None,
-    where: str,
+    where: str = "",
 ) -> Recipe:
-    """The recipe with every image, mask and negative image decoded, and embeddings files located."""
+    """The recipe with every image, mask and negative image decoded, and embeddings files located.
+
+    Messages name a reference by its index only where its adapter has several (``image[1] reference image``),
+    and the adapter only where the recipe has several.
+    """
     from .images import load_image, load_mask
 
     entries = []
@@ -539,12 +543,13 @@ def _load_recipe_inputs(
         at = f"{where}adapter[{a}]." if len(recipe.adapters) > 1 else where
         refs = []
         for i, ref in enumerate(entry.images):
+            label = f"{at}image[{i}] reference image" if len(entry.images) > 1 else f"{at}reference image"
             changes: dict[str, Any] = {}
             if isinstance(ref.path, str | bytes) or hasattr(ref.path, "__fspath__"):
                 value = (
                     locate(str(ref.path), "reference image") if not isinstance(ref.path, bytes) else ref.path
                 )
-                changes["path"] = load_image(value, f"{at}image[{i}] reference image")
+                changes["path"] = load_image(value, label)
             if ref.embeds is not None:
                 if resolve_file is None:
                     raise InputError(
