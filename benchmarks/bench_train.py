@@ -68,7 +68,7 @@ def run_way(
         sys.executable, "-m", "ipadapter", "train", "--base", str(base), "--image-encoder", str(encoder),
         "--variant", args.variant, "--data", str(data), "--resolution", str(resolution), "--batch-size",
         str(args.batch_size), "--max-steps", str(steps), "--checkpoint-every", str(steps), "--report-to", "none",
-        "--output", str(root / f"run-{way}"), "--json",
+        "--output", str(root / f"run-{way}"), "--json", "--mixed-precision", args.mixed_precision,
     ]  # fmt: skip
     if way != "plain":
         argv += ["--cache-dir", str(root / "cache")]
@@ -84,7 +84,7 @@ def run_way(
         raise SystemExit(f"{way} failed: {errors.splitlines()[-1] if errors else proc.returncode}")
     result = json.loads(text)
     return {"samples_per_second": result["samples_per_second"], "seconds": result["seconds"],
-            "peak_rss_gb": _peak_rss_gb(usage)}  # fmt: skip
+            "peak_rss_gb": _peak_rss_gb(usage), "peak_gpu_gb": result.get("peak_gpu_gb")}  # fmt: skip
 
 
 def _peak_rss_gb(usage: Any) -> float | None:
@@ -106,13 +106,16 @@ def bench(size: str, args: argparse.Namespace) -> dict[str, dict]:
 
 def report(size: str, results: dict[str, dict]) -> str:
     plain = results["plain"]
-    lines = [f"{size}: way          samples/s  vs plain  setup s  cache s  peak RSS GB  vs plain"]
+    lines = [
+        f"{size}: way          samples/s  vs plain  setup s  cache s  peak RSS GB  vs plain  peak GPU GB"
+    ]
     for way, r in results.items():
         ratio = r["samples_per_second"] / plain["samples_per_second"]
         rss = r["peak_rss_gb"]
         rss_ratio = f"{rss / plain['peak_rss_gb']:.2f}x" if rss and plain["peak_rss_gb"] else "-"
         lines.append(f"  {way:<12} {r['samples_per_second']:>10.3f} {ratio:>8.2f}x {r['seconds']['setup']:>8.1f} "
-                     f"{r['seconds']['cache']:>8.1f} {rss or float('nan'):>12.2f} {rss_ratio:>9}")  # fmt: skip
+                     f"{r['seconds']['cache']:>8.1f} {rss or float('nan'):>12.2f} {rss_ratio:>9} "
+                     f"{r['peak_gpu_gb'] if r['peak_gpu_gb'] is not None else float('nan'):>12.2f}")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -128,6 +131,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--resolution", type=int, default=128, help="full-size training resolution (default 128)"
     )
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     out = {size: bench(size, args) for size in args.sizes.split(",")}

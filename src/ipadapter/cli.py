@@ -373,6 +373,8 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
 
 def cmd_train(args: argparse.Namespace) -> dict[str, Any] | None:
     """Train (or resume) an adapter; the result is an ordinary official-format adapter file."""
+    import torch
+
     from .errors import InputError
 
     given = {
@@ -409,12 +411,18 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any] | None:
         return None  # one report per run, from the main process
     if not args.json:
         processes = trainer.accelerator.num_processes
+        engine = (
+            ""
+            if trainer.engine == "plain"
+            else f" ({'DeepSpeed' if trainer.engine == 'deepspeed' else 'FSDP'})"
+        )
         print(
-            f"wrote {final} after {trainer.step} steps on {processes} process{'es' if processes > 1 else ''}"
+            f"wrote {final} after {trainer.step} steps on {processes} process{'es' if processes > 1 else ''}{engine}"
         )
     train_s = trainer.seconds["train"]
     return {"output": str(final), "steps": trainer.step, "skipped": len(trainer.skipped), "seconds": trainer.seconds,
-            "processes": trainer.accelerator.num_processes,
+            "processes": trainer.accelerator.num_processes, "engine": trainer.engine,
+            "peak_gpu_gb": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
             "samples_per_second": trainer.samples / train_s if train_s else None}  # fmt: skip
 
 

@@ -222,7 +222,8 @@ class AdapterTrainModule(nn.Module):
     ) -> torch.Tensor:
         from ..conditioning import ImagePrompt
 
-        tokens = self.projection(features)  # (B, N, D)
+        # DeepSpeed runs the whole module (adapter included) in fp16/bf16; elsewhere the adapter is float32
+        tokens = self.projection(features.to(next(self.projection.parameters()).dtype))  # (B, N, D)
         prompt = ImagePrompt({self.name: tokens}, {self.name: tokens}, guidance=False)
         return self.unet(
             noisy,
@@ -233,17 +234,36 @@ class AdapterTrainModule(nn.Module):
         ).sample
 
 
-def trainable_state(handle: Any) -> Any:
-    """The adapter's current weights as an official-layout :class:`Checkpoint` (float32, CPU)."""
+def trainable_state(handle: Any, gathered: dict[str, torch.Tensor] | None = None) -> Any:
+    """The adapter's current weights as an official-layout :class:`Checkpoint` (float32, CPU).
+
+    ``gathered``: a full state dict of the :class:`AdapterTrainModule` (FSDP gathers one from the shards);
+    without it the weights are read from the live modules, which hold them whole (single process, DDP,
+    DeepSpeed ZeRO 1/2).
+    """
     from ..checkpoint import Checkpoint
 
-    image_proj = {k: v.detach().float().cpu().clone() for k, v in handle.projection.state_dict().items()}
+    if gathered is None:
+        image_proj = dict(handle.projection.state_dict())
+        weights = {
+            (proc_name, part): getattr(branch, part).weight
+            for proc_name, branch in handle._branches.items()
+            for part in ("to_k_ip", "to_v_ip")
+        }
+    else:
+        image_proj = {
+            k.removeprefix("projection."): v for k, v in gathered.items() if k.startswith("projection.")
+        }
+        weights = {
+            (proc_name, part): gathered[f"unet.{proc_name}.branches.{handle.name}.{part}.weight"]
+            for proc_name in handle._branches
+            for part in ("to_k_ip", "to_v_ip")
+        }
     ids = dict(zip(handle._branches, handle.spec.layer_ids, strict=True))
-    ip_adapter = {}
-    for proc_name, branch in handle._branches.items():
-        for part in ("to_k_ip", "to_v_ip"):
-            weight = getattr(branch, part).weight
-            ip_adapter[f"{ids[proc_name]}.{part}.weight"] = weight.detach().float().cpu().clone()
+    ip_adapter = {
+        f"{ids[proc]}.{part}.weight": w.detach().float().cpu().clone() for (proc, part), w in weights.items()
+    }
+    image_proj = {k: v.detach().float().cpu().clone() for k, v in image_proj.items()}
     return Checkpoint(image_proj, ip_adapter, source="training")
 
 
@@ -336,16 +356,19 @@ class Trainer:
         AcceleratorState._reset_state()
         # Without CUDA, processes started by `accelerate launch --multi_gpu` or torchrun form a gloo group on
         # the CPU; accelerate only does that when asked for the CPU explicitly.
+        deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
         self.accelerator = Accelerator(
             cpu=not torch.cuda.is_available() and not torch.backends.mps.is_available(),
             mixed_precision=c.mixed_precision,
-            gradient_accumulation_steps=1,  # accumulation is done explicitly, step by step
+            # accumulation is done explicitly, step by step; DeepSpeed counts micro-steps itself
+            gradient_accumulation_steps=c.grad_accum if deepspeed else 1,
             log_with=None if c.report_to == "none" else c.report_to,
             project_config=ProjectConfiguration(
                 project_dir=str(self.output), logging_dir=str(self.output / "logs")
             ),
         )
         acc = self.accelerator
+        self._configure_engine()
         weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(c.mixed_precision, torch.float32)
         self.weight_dtype = weight_dtype
         pipe = load_pipeline(c.base, dtype=torch.float32, device="cpu", base_config=c.base_config)
@@ -402,17 +425,61 @@ class Trainer:
         lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: min(1.0, (step + 1) / c.warmup_steps) if c.warmup_steps else 1.0
         )
+        self.step = 0
+        latest = self._latest_checkpoint() if c.resume else None
+        if latest is not None:  # weights go in before wrapping: FSDP shards and DDP broadcasts what it finds
+            load_trainable(handle, load_checkpoint(latest / "adapter.safetensors"))
         self.module, self.optimizer = acc.prepare(module, optimizer)
         self.lr_scheduler = lr_scheduler
-        self.step = 0
-        if c.resume:
-            self._load_latest()
+        if latest is not None:
+            self._load_state(latest)
         if acc.is_main_process:
             self.output.mkdir(parents=True, exist_ok=True)
             (self.output / CONFIG).write_text(json.dumps(c.to_dict(), indent=2))
         self.seconds["setup"] = time.perf_counter() - started
         if c.report_to != "none":
             acc.init_trackers("ipadapter", config={k: v for k, v in c.to_dict().items() if v is not None})
+
+    @property
+    def engine(self) -> str:
+        """How the adapter is wrapped: ``plain`` (one process or DDP), ``deepspeed`` or ``fsdp``."""
+        from accelerate.utils import DistributedType
+
+        kind = self.accelerator.distributed_type
+        return {DistributedType.DEEPSPEED: "deepspeed", DistributedType.FSDP: "fsdp"}.get(kind, "plain")
+
+    def _configure_engine(self) -> None:
+        """Fit an accelerate DeepSpeed / FSDP config to this run, or say why it cannot (before any loading)."""
+        c, acc = self.config, self.accelerator
+        if self.engine == "deepspeed":
+            plugin = acc.state.deepspeed_plugin
+            cfg = plugin.deepspeed_config
+            stage = cfg.get("zero_optimization", {}).get("stage", 0)
+            if stage not in (0, 1, 2, "auto"):
+                raise InputError(f"DeepSpeed ZeRO stage {stage} is not supported: stage 3 partitions the frozen UNet, "
+                                 "whose layers the adapter's branches run inside; use zero_stage 1 or 2 (they "
+                                 "partition the adapter's optimizer state and gradients) or an FSDP config")  # fmt: skip
+            if stage == "auto":
+                cfg.setdefault("zero_optimization", {})["stage"] = 2
+            # "auto" (or absent) values follow the command line; explicit ones must agree with it
+            wanted = {"train_micro_batch_size_per_gpu": (c.batch_size, "--batch-size"),
+                      "gradient_accumulation_steps": (c.grad_accum, "--grad-accum"),
+                      "gradient_clipping": (c.max_grad_norm or 0.0, "--max-grad-norm")}  # fmt: skip
+            for key, (value, flag) in wanted.items():
+                current = cfg.get(key, "auto")
+                if current == "auto":
+                    cfg[key] = value
+                elif float(current) != float(value):
+                    raise InputError(f"the DeepSpeed config sets {key} = {current} but this run has {flag} {value}; "
+                                     f'set it to "auto" in the config (it then follows {flag}) or pass {flag} {current}')  # fmt: skip
+            if cfg.get("train_batch_size", "auto") == "auto":
+                cfg["train_batch_size"] = c.batch_size * c.grad_accum * acc.num_processes
+        elif self.engine == "fsdp":
+            plugin = acc.state.fsdp_plugin
+            # FSDP1 flattens each wrapped module's parameters into one tensor that is trained or frozen as a
+            # whole; the adapter's branches sit inside the frozen UNet's layers, so keep the parameters apart.
+            if getattr(plugin, "fsdp_version", 1) == 1:
+                plugin.use_orig_params = True
 
     @staticmethod
     def _text_encoders(pipe: Any) -> list[nn.Module]:
@@ -596,9 +663,12 @@ class Trainer:
                     batch = last_good
                 last_good = batch
                 gen = step_generator(c.seed, self.step, micro, acc.process_index)
-                loss = self._loss(batch, gen) / c.grad_accum
-                acc.backward(loss)
-                total += loss.detach().item()
+                # accumulate() tells DeepSpeed which micro-batch ends a step (it counts and scales itself);
+                # elsewhere accelerate's count is 1 and the loss is scaled here
+                with acc.accumulate(self.module):
+                    raw = self._loss(batch, gen)
+                    acc.backward(raw if self.engine == "deepspeed" else raw / c.grad_accum)
+                total += raw.detach().item() / c.grad_accum
                 seen += len(batch["texts"]) * acc.num_processes
             if c.max_grad_norm:
                 acc.clip_grad_norm_(self.params, c.max_grad_norm)
@@ -625,23 +695,39 @@ class Trainer:
 
     # -- checkpoints -------------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path | None:
-        """``checkpoints/step-N``: adapter weights, optimizer, lr schedule, position; written atomically."""
+        """``checkpoints/step-N``: adapter weights, optimizer, lr schedule, position; written atomically.
+
+        Every process takes part (FSDP gathers the adapter from its shards, DeepSpeed writes each rank's
+        optimizer partition); the main process then renames the finished folder into place.
+        """
         from ..checkpoint import save_checkpoint
 
         acc = self.accelerator
-        acc.wait_for_everyone()
         folder = self.output / CHECKPOINTS / f"step-{self.step:07d}"
+        tmp = folder.with_name(f".{folder.name}.tmp")
+        acc.wait_for_everyone()
         if acc.is_main_process:
-            tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            ckpt = trainable_state(self.handle)
+        acc.wait_for_everyone()
+        ckpt = self._adapter_checkpoint()
+        state: dict[str, Any] = {"lr_scheduler": self.lr_scheduler.state_dict()}
+        if self.engine == "deepspeed":
+            self.module.save_checkpoint(str(tmp / "deepspeed"), tag="state", exclude_frozen_parameters=True)
+        elif self.engine == "fsdp":
+            from accelerate.utils import save_fsdp_optimizer
+
+            save_fsdp_optimizer(acc.state.fsdp_plugin, acc, self.optimizer, self.module, str(tmp))
+        else:
+            state["optimizer"] = self.optimizer.state_dict()
+        acc.wait_for_everyone()
+        if acc.is_main_process:
             ckpt.metadata = self._metadata()
             save_checkpoint(ckpt, tmp / "adapter.safetensors")
-            torch.save({"optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict()},
-                       tmp / "optimizer.pt")  # fmt: skip
-            state = {"step": self.step, "skipped": len(self.skipped), "config": self.config.to_dict()}
-            (tmp / "state.json").write_text(json.dumps(state, indent=2))
+            torch.save(state, tmp / "optimizer.pt")
+            position = {"step": self.step, "skipped": len(self.skipped), "config": self.config.to_dict(),
+                        "engine": self.engine, "processes": acc.num_processes}  # fmt: skip
+            (tmp / "state.json").write_text(json.dumps(position, indent=2))
             if folder.exists():
                 shutil.rmtree(folder)
             os.replace(tmp, folder)  # a checkpoint exists whole or not at all
@@ -650,19 +736,45 @@ class Trainer:
         acc.wait_for_everyone()
         return folder
 
-    def _load_latest(self) -> None:
-        from ..checkpoint import load_checkpoint
+    def _adapter_checkpoint(self) -> Any:
+        """The adapter's weights on the main process (every process must call: FSDP gathers)."""
+        if self.engine == "fsdp":
+            gathered = self.accelerator.get_state_dict(self.module)  # full, on the main process only
+            return trainable_state(self.handle, gathered) if self.accelerator.is_main_process else None
+        return trainable_state(self.handle)
 
+    def _latest_checkpoint(self) -> Path | None:
+        """The newest complete checkpoint of the run being resumed, checked against this launch."""
         if self.accelerator.is_main_process:  # a run killed while writing leaves its temporary folder
-            for stale in (self.output / CHECKPOINTS).glob(".step-*.tmp-*"):
+            for stale in (self.output / CHECKPOINTS).glob(".step-*.tmp*"):
                 shutil.rmtree(stale, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
         found = checkpoints(self.output)
         if not found:
-            return  # the run stopped before its first checkpoint: start from the beginning
-        folder = found[-1]
-        load_trainable(self.handle, load_checkpoint(folder / "adapter.safetensors"))
+            return None  # the run stopped before its first checkpoint: start from the beginning
+        saved = json.loads((found[-1] / "state.json").read_text())
+        engine = saved.get("engine", "plain")
+        if engine != self.engine or (
+            engine != "plain" and saved.get("processes") != self.accelerator.num_processes
+        ):
+            raise InputError(f"--resume: the last checkpoint {found[-1].name} was written by a {engine} run on "
+                             f"{saved.get('processes', '?')} process(es); this launch is {self.engine} on "
+                             f"{self.accelerator.num_processes}: launch it the same way to resume")  # fmt: skip
+        return found[-1]
+
+    def _load_state(self, folder: Path) -> None:
+        """Optimizer, lr schedule and position from a checkpoint (after the adapter is wrapped)."""
         state = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.engine == "deepspeed":
+            self.module.load_checkpoint(str(folder / "deepspeed"), tag="state", load_module_strict=False,
+                                        load_lr_scheduler_states=False)  # fmt: skip
+        elif self.engine == "fsdp":
+            from accelerate.utils import load_fsdp_optimizer
+
+            load_fsdp_optimizer(self.accelerator.state.fsdp_plugin, self.accelerator, self.optimizer, self.module,
+                                str(folder))  # fmt: skip
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         saved = json.loads((folder / "state.json").read_text())
         self.step = int(saved["step"])
@@ -679,29 +791,65 @@ class Trainer:
         acc = self.accelerator
         acc.wait_for_everyone()
         path = None
-        if acc.is_main_process:
-            c = self.config
-            self.handle.projection.eval()
-            with torch.no_grad(), acc.autocast():
-                image = self.handle(
-                    self.validation_reference,
-                    prompt=c.validation_prompt,
-                    num_inference_steps=30 if c.resolution >= 256 else 4,
-                    height=c.resolution,
-                    width=c.resolution,
-                    generator=torch.Generator("cpu").manual_seed(c.seed),
-                ).images[0]
-            self.handle.projection.train()
-            folder = self.output / "validation"
-            folder.mkdir(parents=True, exist_ok=True)
-            path = folder / f"step-{self.step:07d}.png"
-            image.save(path)
-            for tracker in acc.trackers:
-                if tracker.name == "tensorboard":
-                    import numpy as np
-
-                    tracker.writer.add_image("validation", np.asarray(image), self.step, dataformats="HWC")
+        with self._whole_weights():
+            if acc.is_main_process:
+                path = self._render_validation()
         acc.wait_for_everyone()
+        return path
+
+    def _whole_weights(self) -> Any:
+        """A context in which every module holds its whole weights outside the wrapped forward (FSDP gathers)."""
+        import contextlib
+
+        if self.engine != "fsdp":
+            return contextlib.nullcontext()
+        if getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1) == 1:
+            from torch.distributed.fsdp import FullyShardedDataParallel
+
+            return FullyShardedDataParallel.summon_full_params(self.module, writeback=False)
+        from torch.distributed.fsdp import FSDPModule
+
+        @contextlib.contextmanager
+        def unsharded() -> Iterator[None]:
+            sharded = [m for m in self.module.modules() if isinstance(m, FSDPModule)]
+            for m in sharded:
+                m.unshard()
+            try:
+                yield
+            finally:
+                for m in sharded:
+                    m.reshard()
+
+        return unsharded()
+
+    def _render_validation(self) -> Path:
+        """The validation image from the current weights (main process)."""
+        acc = self.accelerator
+        c = self.config
+        self.handle.projection.eval()
+        # the UNet may be in fp16/bf16 beside a float32 VAE (DeepSpeed casts the whole wrapped module)
+        mixed = torch.autocast(
+            acc.device.type, dtype=self.weight_dtype, enabled=self.weight_dtype != torch.float32
+        )
+        with torch.no_grad(), mixed:
+            image = self.handle(
+                self.validation_reference,
+                prompt=c.validation_prompt,
+                num_inference_steps=30 if c.resolution >= 256 else 4,
+                height=c.resolution,
+                width=c.resolution,
+                generator=torch.Generator("cpu").manual_seed(c.seed),
+            ).images[0]
+        self.handle.projection.train()
+        folder = self.output / "validation"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"step-{self.step:07d}.png"
+        image.save(path)
+        for tracker in acc.trackers:
+            if tracker.name == "tensorboard":
+                import numpy as np
+
+                tracker.writer.add_image("validation", np.asarray(image), self.step, dataformats="HWC")
         return path
 
     def export(self, path: Path) -> Path:
@@ -710,11 +858,11 @@ class Trainer:
 
         acc = self.accelerator
         acc.wait_for_everyone()
+        ckpt = self._adapter_checkpoint()
         if acc.is_main_process:
             dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(
                 self.config.export_dtype, torch.float32
             )
-            ckpt = trainable_state(self.handle)
             ckpt.image_proj = {k: v.to(dtype) for k, v in ckpt.image_proj.items()}
             ckpt.ip_adapter = {k: v.to(dtype) for k, v in ckpt.ip_adapter.items()}
             ckpt.metadata = self._metadata()
