@@ -367,3 +367,83 @@ def test_engine_options_gradient_checkpointing_accumulation_bf16(
     assert runs["accum"][0].samples == 2 * runs["plain"][0].samples  # two micro-batches per step
     assert np.isfinite(runs["bf16"][0].losses).all() and runs["bf16"][0].weight_dtype == torch.bfloat16
     assert all(v.dtype == torch.float32 for v in runs["bf16"][1].values())
+
+
+def test_an_fsdp_gathered_state_dict_gives_the_same_adapter(
+    models: dict, pairs: Path, tmp_path: Path
+) -> None:
+    from ipadapter.training.trainer import trainable_state
+
+    trainer = Trainer(config(models, pairs, tmp_path / "run", variant="plus"))
+    trainer.setup()
+    trainer.train()
+    live = trainable_state(trainer.handle).flat()
+    # FSDP's full state dict has the wrapped module's own parameter names (here: the unwrapped module's)
+    gathered = trainable_state(trainer.handle, dict(trainer.module.state_dict())).flat()
+    assert live.keys() == gathered.keys()
+    for key in live:
+        assert torch.equal(live[key], gathered[key]), key
+
+
+def _deepspeed_train(
+    models: dict, pairs: Path, out: Path, env: dict, *extra: str
+) -> subprocess.CompletedProcess:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    argv = [sys.executable, str(Path(__file__).parent / "deepspeed_cpu.py"),
+            *_train_argv(models, pairs, out, "--variant", "plus", "--grad-accum", "2", "--export-dtype", "float32",
+                         "--checkpoint-every", "2", *extra)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(port), **env}
+    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_deepspeed_zero2_trains_the_same_weights_and_resumes_exactly(
+    models: dict, pairs: Path, tmp_path: Path
+) -> None:
+    pytest.importorskip("deepspeed")
+    plain = Trainer(config(models, pairs, tmp_path / "plain", variant="plus", batch_size=2, grad_accum=2,
+                           export_dtype="float32"))  # fmt: skip
+    plain.setup()
+    plain.train()
+    zero2 = {"ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}
+    first = _deepspeed_train(models, pairs, tmp_path / "ds", zero2, "--max-steps", "2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "(DeepSpeed)" in first.stdout
+    assert (
+        tmp_path / "ds" / "checkpoints" / "step-0000002" / "deepspeed"
+    ).is_dir()  # ZeRO optimizer partitions
+    second = _deepspeed_train(
+        models, pairs, tmp_path / "ds", zero2, "--max-steps", "4", "--resume", str(tmp_path / "ds")
+    )
+    assert second.returncode == 0, second.stderr[-3000:]
+    a = adapter_tensors(tmp_path / "plain" / "ip-adapter.safetensors")
+    b = adapter_tensors(tmp_path / "ds" / "ip-adapter.safetensors")
+    for key in a:  # DeepSpeed's accumulation, clipping off and optimizer step are the plain run's
+        assert torch.allclose(a[key], b[key], atol=1e-6), key
+    with pytest.raises(InputError, match="written by a deepspeed run on 1 process.*launch it the same way"):
+        Trainer(config(models, pairs, tmp_path / "ds", variant="plus", batch_size=2, grad_accum=2,
+                       export_dtype="float32", max_steps=6, resume=True)).setup()  # fmt: skip
+
+
+def test_deepspeed_configs_that_cannot_work_are_refused_in_one_line(
+    models: dict, pairs: Path, tmp_path: Path
+) -> None:
+    pytest.importorskip("deepspeed")
+    stage3 = _deepspeed_train(models, pairs, tmp_path / "z3", {"ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"})
+    assert stage3.returncode != 0
+    lines = [line for line in stage3.stderr.splitlines() if line.startswith("ipadapter: error")]
+    assert len(lines) == 1 and "ZeRO stage 3 is not supported" in lines[0] and "zero_stage 1 or 2" in lines[0]
+    config_file = tmp_path / "ds.json"
+    config_file.write_text(
+        json.dumps({"train_micro_batch_size_per_gpu": 5, "zero_optimization": {"stage": 2}})
+    )
+    batch = _deepspeed_train(
+        models, pairs, tmp_path / "b", {"ACCELERATE_DEEPSPEED_CONFIG_FILE": str(config_file)}
+    )
+    lines = [line for line in batch.stderr.splitlines() if line.startswith("ipadapter: error")]
+    assert batch.returncode != 0 and len(lines) == 1, batch.stderr[-2000:]
+    assert "train_micro_batch_size_per_gpu = 5 but this run has --batch-size 2" in lines[0]
+    assert (
+        not (tmp_path / "z3").exists() and not (tmp_path / "b").exists()
+    )  # refused before anything is written

@@ -254,11 +254,12 @@ def trainable_state(handle: Any, gathered: dict[str, torch.Tensor] | None = None
         image_proj = {
             k.removeprefix("projection."): v for k, v in gathered.items() if k.startswith("projection.")
         }
-        weights = {
-            (proc_name, part): gathered[f"unet.{proc_name}.branches.{handle.name}.{part}.weight"]
-            for proc_name in handle._branches
-            for part in ("to_k_ip", "to_v_ip")
-        }
+        unet = handle.pipe.unet
+        weights = {}
+        for proc_name in handle._branches:
+            key = unet.get_submodule(proc_name)._keys[handle.name]  # the branch's slot in that processor
+            for part in ("to_k_ip", "to_v_ip"):
+                weights[proc_name, part] = gathered[f"unet.{proc_name}.branches.{key}.{part}.weight"]
     ids = dict(zip(handle._branches, handle.spec.layer_ids, strict=True))
     ip_adapter = {
         f"{ids[proc]}.{part}.weight": w.detach().float().cpu().clone() for (proc, part), w in weights.items()
