@@ -9,7 +9,7 @@ random-weight SD1.5-style models, three times (engines side by side, --jobs at a
 and checked: both finish, the resumed run ends with the same adapter as the whole one (max |diff| printed),
 the validation images exist, and the export loads in diffusers' `load_ip_adapter` and gives the same image as
 this library's loader. Configurations that must be refused (ZeRO stage 3, a DeepSpeed config whose batch size
-disagrees with --batch-size) are launched too and their one-line message is checked.
+disagrees with --batch-size, FSDP's size-based wrapping) are launched too and their one-line message is checked.
 
     python benchmarks/train_engines.py [--engines plain-fp16,deepspeed-fp16,...] [--out FOLDER]
 
@@ -41,7 +41,12 @@ sys.path[:0] = [str(HERE.parent / "tests")]
 
 _DS_AUTO = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
             "gradient_clipping": "auto", "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"}}  # fmt: skip
-_WRAP = ["--fsdp_auto_wrap_policy", "SIZE_BASED_WRAP", "--fsdp_min_num_params", "2000"]
+_WRAP = [
+    "--fsdp_auto_wrap_policy",
+    "TRANSFORMER_BASED_WRAP",
+    "--fsdp_transformer_layer_cls_to_wrap",
+    "BasicTransformerBlock",
+]
 
 # name -> (accelerate launch flags, DeepSpeed config file contents or None)
 ENGINES: dict[str, tuple[list[str], dict | None]] = {
@@ -53,13 +58,16 @@ ENGINES: dict[str, tuple[list[str], dict | None]] = {
     "fsdp1-bf16": (["--mixed_precision", "bf16", "--use_fsdp", "--fsdp_version", "1", *_WRAP], None),
     "fsdp2-bf16": (["--mixed_precision", "bf16", "--use_fsdp", "--fsdp_version", "2", *_WRAP], None),
 }
-REFUSED: dict[str, tuple[dict, str]] = {
-    "deepspeed-zero3": ({**_DS_AUTO, "zero_optimization": {"stage": 3}}, "ZeRO stage 3 is not supported"),
-    "deepspeed-batch": (
-        {**_DS_AUTO, "train_micro_batch_size_per_gpu": 5, "zero_optimization": {"stage": 2}},
-        "--batch-size",
-    ),
-}
+# name -> (accelerate launch flags, DeepSpeed config or None, what the one-line refusal must say)
+REFUSED: dict[str, tuple[list[str], dict | None, str]] = {
+    "deepspeed-zero3": (["--mixed_precision", "bf16"], {**_DS_AUTO, "zero_optimization": {"stage": 3}},
+                        "ZeRO stage 3 is not supported"),
+    "deepspeed-batch": (["--mixed_precision", "bf16"],
+                        {**_DS_AUTO, "train_micro_batch_size_per_gpu": 5, "zero_optimization": {"stage": 2}},
+                        "--batch-size"),
+    "fsdp-size-wrap": (["--mixed_precision", "bf16", "--use_fsdp", "--fsdp_auto_wrap_policy", "SIZE_BASED_WRAP",
+                        "--fsdp_min_num_params", "2000"], None, "TRANSFORMER_BASED_WRAP"),
+}  # fmt: skip
 
 
 def _port() -> int:
@@ -171,12 +179,12 @@ def check_engine(name: str, runs: list[subprocess.CompletedProcess], models: dic
 
 
 def launch_refused(name: str, models: dict, root: Path) -> list[subprocess.CompletedProcess]:
-    config, _ = REFUSED[name]
-    return [_launch(["--mixed_precision", "bf16"], config, root, _train_args(models, root / name, 2))]
+    flags, config, _ = REFUSED[name]
+    return [_launch(flags, config, root, _train_args(models, root / name, 2))]
 
 
 def check_refused(name: str, runs: list[subprocess.CompletedProcess]) -> dict:
-    _, expected = REFUSED[name]
+    expected = REFUSED[name][2]
     run = runs[0]
     message = [line for line in run.stderr.splitlines() if line.startswith("ipadapter: error")]
     return {"engine": name, "ok": run.returncode != 0 and bool(message) and expected in message[0],

@@ -99,7 +99,7 @@ def test_fp16_checkpoint_weights_take_the_model_dtype(models: dict) -> None:
     assert load_checkpoint(models["ckpt"]["sd15", "bin"]).image_proj["proj.weight"].dtype == torch.float16
     ip = attach(pipe, models["ckpt"]["sd15", "bin"])
     assert {p.dtype for p in ip.projection.parameters()} == {torch.float32}
-    branch_dtypes = {p.dtype for proc in pipe.unet.attn_processors.values() if hasattr(proc, "branches")
+    branch_dtypes = {p.dtype for proc in pipe.unet.attn_processors.values() if hasattr(proc, "named_branches")
                      for p in proc.parameters()}  # fmt: skip
     assert branch_dtypes == {torch.float32}
 

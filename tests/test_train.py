@@ -447,3 +447,95 @@ def test_deepspeed_configs_that_cannot_work_are_refused_in_one_line(
     assert (
         not (tmp_path / "z3").exists() and not (tmp_path / "b").exists()
     )  # refused before anything is written
+
+
+def _fsdp_train(
+    models: dict,
+    pairs: Path,
+    out: Path,
+    processes: int,
+    *extra: str,
+    version: int = 2,
+    check: bool = True,
+    **env: str,
+) -> str:
+    """Run the CLI under FSDP on `processes` CPU processes (gloo); rank 0's stdout (+ stderr when not checked)."""
+    rendezvous = out.parent / f".{out.name}-rendezvous-{time.time_ns()}"  # a file: no port to race for
+    argv = [sys.executable, str(Path(__file__).parent / "fsdp_cpu.py"),
+            *_train_argv(models, pairs, out, "--variant", "plus", "--grad-accum", "2", "--export-dtype", "float32",
+                         "--checkpoint-every", "2", *extra)]  # fmt: skip
+    procs, logs = [], []
+    for rank in range(processes):
+        rank_env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "RANK": str(rank),
+                    "WORLD_SIZE": str(processes), "FSDP_RENDEZVOUS": str(rendezvous), "FSDP_VERSION": str(version),
+                    **env}  # fmt: skip
+        log = out.parent / f".{out.name}-rank{rank}.log"  # files, not pipes: a full pipe would block a rank
+        logs.append(log)
+        with open(log, "w") as sink:
+            procs.append(subprocess.Popen(argv, env=rank_env, stdout=sink, stderr=subprocess.STDOUT))
+    deadline = time.time() + 300
+    while any(p.poll() is None for p in procs) and time.time() < deadline:
+        if any(
+            p.returncode not in (None, 0) for p in procs
+        ):  # one rank failed: the others would wait forever
+            break
+        time.sleep(0.2)
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+        p.wait()
+    texts = [log.read_text() for log in logs]
+    if check:
+        for rank, (p, text) in enumerate(zip(procs, texts, strict=True)):
+            assert p.returncode == 0, f"rank {rank}: {text[-3000:]}"
+    return texts[0]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="gloo CPU launch tested on Linux")
+def test_fsdp_over_two_processes_trains_like_ddp_and_resumes(
+    models: dict, pairs: Path, tmp_path: Path
+) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ddp = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+           str(port), "-m", "ipadapter",
+           *_train_argv(models, pairs, tmp_path / "ddp", "--variant", "plus", "--grad-accum", "2", "--export-dtype",
+                        "float32", "--max-steps", "4", "--checkpoint-every", "2")]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run(ddp, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = tmp_path / "fsdp"
+    validation = ["--validate-every", "2", "--validation-image", str(pairs / "img0.png")]
+    first = _fsdp_train(models, pairs, out, 2, "--max-steps", "2", *validation)
+    assert "on 2 processes (FSDP)" in first
+    assert (
+        out / "checkpoints" / "step-0000002" / "optimizer.bin"
+    ).is_file()  # FSDP's gathered optimizer state
+    _fsdp_train(models, pairs, out, 2, "--max-steps", "4", "--resume", str(out), *validation)
+    a = adapter_tensors(tmp_path / "ddp" / "ip-adapter.safetensors")
+    b = adapter_tensors(out / "ip-adapter.safetensors")
+    for key in a:  # sharded gradients and optimizer, gathered for export: DDP's weights up to summation order
+        assert torch.allclose(a[key], b[key], atol=1e-5), key
+    images = sorted(p.name for p in (out / "validation").glob("*.png"))
+    assert images == ["step-0000002.png", "step-0000004.png"]  # rendered by every rank, saved by one
+
+
+def test_fsdp1_trains_the_plain_runs_weights(models: dict, pairs: Path, tmp_path: Path) -> None:
+    plain = Trainer(config(models, pairs, tmp_path / "plain", variant="plus", batch_size=2, grad_accum=2,
+                           export_dtype="float32", max_steps=2))  # fmt: skip
+    plain.setup()
+    plain.train()
+    assert "(FSDP)" in _fsdp_train(models, pairs, tmp_path / "fsdp1", 1, "--max-steps", "2", version=1)
+    a = adapter_tensors(tmp_path / "plain" / "ip-adapter.safetensors")
+    b = adapter_tensors(tmp_path / "fsdp1" / "ip-adapter.safetensors")
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-6), key
+
+
+def test_fsdp_size_based_wrapping_is_refused_in_one_line(models: dict, pairs: Path, tmp_path: Path) -> None:
+    out = _fsdp_train(models, pairs, tmp_path / "sized", 1, check=False, FSDP_POLICY="size_based_wrap")
+    lines = [line for line in out.splitlines() if line.startswith("ipadapter: error")]
+    assert len(lines) == 1 and "SIZE_BASED_WRAP" in lines[0] and "TRANSFORMER_BASED_WRAP" in lines[0]
+    assert not (tmp_path / "sized").exists()

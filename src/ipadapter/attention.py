@@ -27,6 +27,14 @@ class IPBranch(nn.Module):
         self.to_v_ip = nn.Linear(cross_attention_dim, hidden_size, bias=False)
         self.scale = float(scale)
 
+    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image keys and values for image tokens (B, N, D) -> ((B, N, hidden), (B, N, hidden)).
+
+        Called as a module (not through ``to_k_ip`` directly) so that wrappers which gather weights on a
+        forward call, such as FSDP, see the branch being used.
+        """
+        return self.to_k_ip(tokens), self.to_v_ip(tokens)
+
 
 def _split_heads(t: torch.Tensor, batch: int, heads: int) -> torch.Tensor:
     return t.view(batch, -1, heads, t.shape[-1] // heads).transpose(1, 2)  # (B, heads, L, d)
@@ -38,25 +46,40 @@ class IPAttnProcessor(nn.Module):
     def __init__(self, layer: int) -> None:
         super().__init__()
         self.layer = layer  # index among the UNet's cross-attention layers, in attn_processors order
-        # Registered under neutral keys: an adapter may be named like a Module attribute ("train", "to").
-        self.branches = nn.ModuleDict()
-        self._keys: dict[str, str] = {}  # adapter name -> key in self.branches
+        # Branches are the processor's own submodules (no container module, which FSDP could not wrap),
+        # under neutral keys: an adapter may be named like a Module attribute ("train", "to").
+        self._keys: dict[str, str] = {}  # adapter name -> submodule name
         self._next = 0
 
     def add_branch(self, name: str, branch: IPBranch) -> None:
         self._keys[name] = key = f"adapter{self._next}"
         self._next += 1
-        self.branches[key] = branch
+        self.add_module(key, branch)
 
     def remove_branch(self, name: str) -> None:
         key = self._keys.pop(name, None)
         if key is not None:
-            del self.branches[key]
+            delattr(self, key)
 
     def named_branches(self) -> list[tuple[str, IPBranch]]:
-        return [(name, self.branches[key]) for name, key in self._keys.items()]
+        return [(name, getattr(self, key)) for name, key in self._keys.items()]
 
     def __call__(
+        self,
+        attn: Any,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        image_prompt: ImagePrompt | None = None,
+    ) -> torch.Tensor:
+        # The explicit signature is what diffusers reads to pass `image_prompt` on; the call goes through
+        # nn.Module so that forward hooks (FSDP's weight gathering) run.
+        return super().__call__(
+            attn, hidden_states, encoder_hidden_states, attention_mask, temb, image_prompt
+        )
+
+    def forward(
         self,
         attn: Any,
         hidden_states: torch.Tensor,
@@ -125,8 +148,9 @@ class IPAttnProcessor(nn.Module):
                 if tokens is None:
                     return None
                 tokens = tokens.to(device=query.device, dtype=branch.to_k_ip.weight.dtype)
-                k_ip = _split_heads(branch.to_k_ip(tokens), batch, heads)  # (B, heads, N, d)
-                v_ip = _split_heads(branch.to_v_ip(tokens), batch, heads)
+                k_ip, v_ip = branch(tokens)
+                k_ip = _split_heads(k_ip, batch, heads)  # (B, heads, N, d)
+                v_ip = _split_heads(v_ip, batch, heads)
                 weights = prompt.control(name).value_weights
                 if weights is not None:  # weighted references attended together: scale their values
                     v_ip = v_ip * weights.to(device=v_ip.device, dtype=v_ip.dtype)[:, None]

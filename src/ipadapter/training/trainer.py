@@ -259,7 +259,7 @@ def trainable_state(handle: Any, gathered: dict[str, torch.Tensor] | None = None
         for proc_name in handle._branches:
             key = unet.get_submodule(proc_name)._keys[handle.name]  # the branch's slot in that processor
             for part in ("to_k_ip", "to_v_ip"):
-                weights[proc_name, part] = gathered[f"unet.{proc_name}.branches.{key}.{part}.weight"]
+                weights[proc_name, part] = gathered[f"unet.{proc_name}.{key}.{part}.weight"]
     ids = dict(zip(handle._branches, handle.spec.layer_ids, strict=True))
     ip_adapter = {
         f"{ids[proc]}.{part}.weight": w.detach().float().cpu().clone() for (proc, part), w in weights.items()
@@ -476,7 +476,19 @@ class Trainer:
             if cfg.get("train_batch_size", "auto") == "auto":
                 cfg["train_batch_size"] = c.batch_size * c.grad_accum * acc.num_processes
         elif self.engine == "fsdp":
+            import functools
+
+            from torch.distributed.fsdp.wrap import size_based_auto_wrap_policy
+
             plugin = acc.state.fsdp_plugin
+            policy = plugin.auto_wrap_policy
+            if (
+                policy.func if isinstance(policy, functools.partial) else policy
+            ) is size_based_auto_wrap_policy:
+                raise InputError("FSDP's SIZE_BASED_WRAP cannot wrap a diffusers UNet: it picks module lists whose "
+                                 "layers are called one by one, so their weights are never gathered; use "
+                                 "--fsdp_auto_wrap_policy TRANSFORMER_BASED_WRAP --fsdp_transformer_layer_cls_to_wrap "
+                                 "BasicTransformerBlock (or NO_WRAP)")  # fmt: skip
             # FSDP1 flattens each wrapped module's parameters into one tensor that is trained or frozen as a
             # whole; the adapter's branches sit inside the frozen UNet's layers, so keep the parameters apart.
             if getattr(plugin, "fsdp_version", 1) == 1:
@@ -788,13 +800,18 @@ class Trainer:
 
     # -- validation and export ---------------------------------------------------------------------------
     def validate(self) -> Path | None:
-        """An image from the validation reference and prompt with the current weights (main process)."""
+        """An image from the validation reference and prompt with the current weights (saved by the main process).
+
+        Under FSDP every process renders it too: the sharded layers gather their weights collectively.
+        """
         acc = self.accelerator
         acc.wait_for_everyone()
         path = None
         with self._whole_weights():
-            if acc.is_main_process:
-                path = self._render_validation()
+            if self.engine == "fsdp" or acc.is_main_process:
+                image = self._render_validation()
+        if acc.is_main_process:
+            path = self._save_validation(image)
         acc.wait_for_everyone()
         return path
 
@@ -823,8 +840,8 @@ class Trainer:
 
         return unsharded()
 
-    def _render_validation(self) -> Path:
-        """The validation image from the current weights (main process)."""
+    def _render_validation(self) -> Any:
+        """The validation image (PIL) from the current weights."""
         acc = self.accelerator
         c = self.config
         self.handle.projection.eval()
@@ -842,6 +859,10 @@ class Trainer:
                 generator=torch.Generator("cpu").manual_seed(c.seed),
             ).images[0]
         self.handle.projection.train()
+        return image
+
+    def _save_validation(self, image: Any) -> Path:
+        acc = self.accelerator
         folder = self.output / "validation"
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"step-{self.step:07d}.png"
