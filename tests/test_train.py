@@ -430,17 +430,22 @@ def test_deepspeed_configs_that_cannot_work_are_refused_in_one_line(
     models: dict, pairs: Path, tmp_path: Path
 ) -> None:
     pytest.importorskip("deepspeed")
-    stage3 = _deepspeed_train(models, pairs, tmp_path / "z3", {"ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"})
-    assert stage3.returncode != 0
-    lines = [line for line in stage3.stderr.splitlines() if line.startswith("ipadapter: error")]
-    assert len(lines) == 1 and "ZeRO stage 3 is not supported" in lines[0] and "zero_stage 1 or 2" in lines[0]
+    from concurrent.futures import ThreadPoolExecutor
+
     config_file = tmp_path / "ds.json"
     config_file.write_text(
         json.dumps({"train_micro_batch_size_per_gpu": 5, "zero_optimization": {"stage": 2}})
     )
-    batch = _deepspeed_train(
-        models, pairs, tmp_path / "b", {"ACCELERATE_DEEPSPEED_CONFIG_FILE": str(config_file)}
-    )
+    with ThreadPoolExecutor(2) as pool:  # two independent launches, side by side
+        runs = [
+            pool.submit(_deepspeed_train, models, pairs, tmp_path / "z3", {"ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}),
+            pool.submit(_deepspeed_train, models, pairs, tmp_path / "b",
+                        {"ACCELERATE_DEEPSPEED_CONFIG_FILE": str(config_file)}),
+        ]  # fmt: skip
+        stage3, batch = (run.result() for run in runs)
+    assert stage3.returncode != 0
+    lines = [line for line in stage3.stderr.splitlines() if line.startswith("ipadapter: error")]
+    assert len(lines) == 1 and "ZeRO stage 3 is not supported" in lines[0] and "zero_stage 1 or 2" in lines[0]
     lines = [line for line in batch.stderr.splitlines() if line.startswith("ipadapter: error")]
     assert batch.returncode != 0 and len(lines) == 1, batch.stderr[-2000:]
     assert "train_micro_batch_size_per_gpu = 5 but this run has --batch-size 2" in lines[0]
