@@ -187,6 +187,10 @@ def _recipe(args: argparse.Namespace, video: bool) -> Any:
         recipe = Recipe.load(args.recipe)
         recipe.check_files()
         return recipe
+    start, end = (0.0 if args.start is None else args.start), (1.0 if args.end is None else args.end)
+    if not 0.0 <= start < end <= 1.0:  # said in the flags' words (the recipe would name its own fields)
+        raise InputError(f"--start {start:g} --end {end:g}: expected 0 <= start < end <= 1, the part of the "
+                         "denoising run the image prompt acts in; e.g. --start 0.2 --end 0.8")  # fmt: skip
     if video and args.adapter and args.image and per_frame_video({**options, "mode": "video"}):
         return None  # plain --image for a video: one reference for all frames, or one per frame
     return recipe_from_options(options)  # its files are read by _load_references, in the flags' words
