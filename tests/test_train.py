@@ -426,7 +426,7 @@ def test_deepspeed_zero2_trains_the_same_weights_and_resumes_exactly(
                        export_dtype="float32", max_steps=6, resume=True)).setup()  # fmt: skip
 
 
-def test_deepspeed_configs_that_cannot_work_are_refused_in_one_line(
+def test_deepspeed_bf16_validates_and_bad_configs_are_refused_in_one_line(
     models: dict, pairs: Path, tmp_path: Path
 ) -> None:
     pytest.importorskip("deepspeed")
@@ -436,13 +436,22 @@ def test_deepspeed_configs_that_cannot_work_are_refused_in_one_line(
     config_file.write_text(
         json.dumps({"train_micro_batch_size_per_gpu": 5, "zero_optimization": {"stage": 2}})
     )
-    with ThreadPoolExecutor(2) as pool:  # two independent launches, side by side
+    zero2 = {"ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}
+    bf16_args = ("--mixed-precision", "bf16", "--max-steps", "2", "--validate-every", "2", "--validation-image",
+                 str(pairs / "img0.png"))  # fmt: skip
+    with ThreadPoolExecutor(3) as pool:  # independent launches, side by side
         runs = [
             pool.submit(_deepspeed_train, models, pairs, tmp_path / "z3", {"ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}),
             pool.submit(_deepspeed_train, models, pairs, tmp_path / "b",
                         {"ACCELERATE_DEEPSPEED_CONFIG_FILE": str(config_file)}),
+            pool.submit(_deepspeed_train, models, pairs, tmp_path / "bf16", zero2, *bf16_args),
         ]  # fmt: skip
-        stage3, batch = (run.result() for run in runs)
+        stage3, batch, bf16 = (run.result() for run in runs)
+    # bf16: DeepSpeed casts the whole wrapped module (the adapter too); training and validation still run
+    assert bf16.returncode == 0, bf16.stderr[-3000:]
+    assert [p.name for p in (tmp_path / "bf16" / "validation").glob("*.png")] == ["step-0000002.png"]
+    exported = adapter_tensors(tmp_path / "bf16" / "ip-adapter.safetensors")
+    assert all(torch.isfinite(v).all() for v in exported.values())
     assert stage3.returncode != 0
     lines = [line for line in stage3.stderr.splitlines() if line.startswith("ipadapter: error")]
     assert len(lines) == 1 and "ZeRO stage 3 is not supported" in lines[0] and "zero_stage 1 or 2" in lines[0]
@@ -527,20 +536,25 @@ def test_fsdp_over_two_processes_trains_like_ddp_and_resumes(
     assert images == ["step-0000002.png", "step-0000004.png"]  # rendered by every rank, saved by one
 
 
-def test_fsdp1_trains_the_plain_runs_weights(models: dict, pairs: Path, tmp_path: Path) -> None:
-    plain = Trainer(config(models, pairs, tmp_path / "plain", variant="plus", batch_size=2, grad_accum=2,
-                           export_dtype="float32", max_steps=2))  # fmt: skip
-    plain.setup()
-    plain.train()
-    assert "(FSDP)" in _fsdp_train(models, pairs, tmp_path / "fsdp1", 1, "--max-steps", "2", version=1)
+def test_fsdp1_trains_the_plain_runs_weights_and_size_based_wrapping_is_refused(
+    models: dict, pairs: Path, tmp_path: Path
+) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as pool:  # independent launches, side by side
+        fsdp1 = pool.submit(_fsdp_train, models, pairs, tmp_path / "fsdp1", 1, "--max-steps", "2", version=1)
+        sized = pool.submit(_fsdp_train, models, pairs, tmp_path / "sized", 1, check=False,
+                            FSDP_POLICY="size_based_wrap")  # fmt: skip
+        plain = Trainer(config(models, pairs, tmp_path / "plain", variant="plus", batch_size=2, grad_accum=2,
+                               export_dtype="float32", max_steps=2))  # fmt: skip
+        plain.setup()
+        plain.train()
+        fsdp1_out, sized_out = fsdp1.result(), sized.result()
+    assert "(FSDP)" in fsdp1_out
     a = adapter_tensors(tmp_path / "plain" / "ip-adapter.safetensors")
     b = adapter_tensors(tmp_path / "fsdp1" / "ip-adapter.safetensors")
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-6), key
-
-
-def test_fsdp_size_based_wrapping_is_refused_in_one_line(models: dict, pairs: Path, tmp_path: Path) -> None:
-    out = _fsdp_train(models, pairs, tmp_path / "sized", 1, check=False, FSDP_POLICY="size_based_wrap")
-    lines = [line for line in out.splitlines() if line.startswith("ipadapter: error")]
+    lines = [line for line in sized_out.splitlines() if line.startswith("ipadapter: error")]
     assert len(lines) == 1 and "SIZE_BASED_WRAP" in lines[0] and "TRANSFORMER_BASED_WRAP" in lines[0]
-    assert not (tmp_path / "sized").exists()
+    assert not (tmp_path / "sized").exists()  # refused before anything is written
