@@ -357,12 +357,10 @@ class Trainer:
         AcceleratorState._reset_state()
         # Without CUDA, processes started by `accelerate launch --multi_gpu` or torchrun form a gloo group on
         # the CPU; accelerate only does that when asked for the CPU explicitly.
-        deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
         self.accelerator = Accelerator(
             cpu=not torch.cuda.is_available() and not torch.backends.mps.is_available(),
             mixed_precision=c.mixed_precision,
-            # accumulation is done explicitly, step by step; DeepSpeed counts micro-steps itself
-            gradient_accumulation_steps=c.grad_accum if deepspeed else 1,
+            gradient_accumulation_steps=1,  # accumulation is done explicitly, step by step (DeepSpeed: see below)
             log_with=None if c.report_to == "none" else c.report_to,
             project_config=ProjectConfiguration(
                 project_dir=str(self.output), logging_dir=str(self.output / "logs")
@@ -429,11 +427,11 @@ class Trainer:
         self.step = 0
         latest = self._latest_checkpoint() if c.resume else None
         if latest is not None:  # weights go in before wrapping: FSDP shards and DDP broadcasts what it finds
-            load_trainable(handle, load_checkpoint(latest / "adapter.safetensors"))
+            load_trainable(handle, load_checkpoint(latest[0] / "adapter.safetensors"))
         self.module, self.optimizer = acc.prepare(module, optimizer)
         self.lr_scheduler = lr_scheduler
         if latest is not None:
-            self._load_state(latest)
+            self._load_state(*latest)
         if acc.is_main_process:
             self.output.mkdir(parents=True, exist_ok=True)
             (self.output / CONFIG).write_text(json.dumps(c.to_dict(), indent=2))
@@ -475,6 +473,7 @@ class Trainer:
                                      f'set it to "auto" in the config (it then follows {flag}) or pass {flag} {current}')  # fmt: skip
             if cfg.get("train_batch_size", "auto") == "auto":
                 cfg["train_batch_size"] = c.batch_size * c.grad_accum * acc.num_processes
+            acc.gradient_accumulation_steps = c.grad_accum  # DeepSpeed counts the micro-steps itself
         elif self.engine == "fsdp":
             import functools
 
@@ -750,14 +749,13 @@ class Trainer:
         return folder
 
     def _adapter_checkpoint(self) -> Any:
-        """The adapter's weights on the main process (every process must call: FSDP gathers)."""
-        if self.engine == "fsdp":
-            gathered = self.accelerator.get_state_dict(self.module)  # full, on the main process only
-            return trainable_state(self.handle, gathered) if self.accelerator.is_main_process else None
-        return trainable_state(self.handle)
+        """The adapter's weights on the main process, None elsewhere (every process must call: FSDP gathers)."""
+        gathered = self.accelerator.get_state_dict(self.module) if self.engine == "fsdp" else None
+        return trainable_state(self.handle, gathered) if self.accelerator.is_main_process else None
 
-    def _latest_checkpoint(self) -> Path | None:
-        """The newest complete checkpoint of the run being resumed, checked against this launch."""
+    def _latest_checkpoint(self) -> tuple[Path, dict[str, Any]] | None:
+        """The newest complete checkpoint of the run being resumed and its state.json, checked against this
+        launch."""
         if self.accelerator.is_main_process:  # a run killed while writing leaves its temporary folder
             for stale in (self.output / CHECKPOINTS).glob(".step-*.tmp*"):
                 shutil.rmtree(stale, ignore_errors=True)
@@ -773,9 +771,9 @@ class Trainer:
             raise InputError(f"--resume: the last checkpoint {found[-1].name} was written by a {engine} run on "
                              f"{saved.get('processes', '?')} process(es); this launch is {self.engine} on "
                              f"{self.accelerator.num_processes}: launch it the same way to resume")  # fmt: skip
-        return found[-1]
+        return found[-1], saved
 
-    def _load_state(self, folder: Path) -> None:
+    def _load_state(self, folder: Path, saved: dict[str, Any]) -> None:
         """Optimizer, lr schedule and position from a checkpoint (after the adapter is wrapped)."""
         state = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
         if self.engine == "deepspeed":
@@ -789,7 +787,6 @@ class Trainer:
         else:
             self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
-        saved = json.loads((folder / "state.json").read_text())
         self.step = int(saved["step"])
 
     def _metadata(self) -> dict[str, str]:
