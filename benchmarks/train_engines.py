@@ -77,12 +77,12 @@ def _port() -> int:
 
 
 def _launch(
-    flags: list[str], ds_config: dict | None, root: Path, train: list[str]
+    name: str, flags: list[str], ds_config: dict | None, root: Path, train: list[str]
 ) -> subprocess.CompletedProcess:
     argv = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
             "--dynamo_backend", "no", "--main_process_port", str(_port()), *flags]  # fmt: skip
     if ds_config is not None:
-        path = root / f"ds-{len(list(root.glob('ds-*.json')))}.json"
+        path = root / f"ds-{name}.json"  # one file per engine: engines launch side by side
         path.write_text(json.dumps(ds_config))
         argv += ["--use_deepspeed", "--deepspeed_config_file", str(path)]
     argv += ["-m", "ipadapter", "train", *train]
@@ -153,10 +153,12 @@ def launch_engine(name: str, models: dict, root: Path) -> list[subprocess.Comple
     """The whole run, then the split run and its resumption (the split's second launch needs its first)."""
     flags, ds_config = ENGINES[name]
     whole, split = root / f"{name}-whole", root / f"{name}-split"
-    runs = [_launch(flags, ds_config, root, _train_args(models, whole, 4))]
-    runs.append(_launch(flags, ds_config, root, _train_args(models, split, 2)))
+    runs = [_launch(name, flags, ds_config, root, _train_args(models, whole, 4))]
+    runs.append(_launch(name, flags, ds_config, root, _train_args(models, split, 2)))
     if not runs[-1].returncode:
-        runs.append(_launch(flags, ds_config, root, _train_args(models, split, 4, "--resume", str(split))))
+        runs.append(
+            _launch(name, flags, ds_config, root, _train_args(models, split, 4, "--resume", str(split)))
+        )
     return runs
 
 
@@ -180,7 +182,7 @@ def check_engine(name: str, runs: list[subprocess.CompletedProcess], models: dic
 
 def launch_refused(name: str, models: dict, root: Path) -> list[subprocess.CompletedProcess]:
     flags, config, _ = REFUSED[name]
-    return [_launch(flags, config, root, _train_args(models, root / name, 2))]
+    return [_launch(name, flags, config, root, _train_args(models, root / name, 2))]
 
 
 def check_refused(name: str, runs: list[subprocess.CompletedProcess]) -> dict:
