@@ -1,7 +1,7 @@
 """`ipadapter train` under each accelerate engine on the visible GPU: mixed precision, DeepSpeed, FSDP.
 
 For every engine the real command is launched with `accelerate launch` (one process per GPU here) on tiny
-random-weight SD1.5-style models, three times (engines side by side, --jobs at a time):
+random-weight SD1.5-style models, three ways (engines side by side, --jobs at a time):
 
     whole    4 optimizer steps (2 micro-batches each), a checkpoint and a validation image every 2
     again    the whole run once more (how far two identical runs drift: GPU kernels are not all deterministic)
@@ -10,13 +10,14 @@ random-weight SD1.5-style models, three times (engines side by side, --jobs at a
 and checked: all finish, the resumed run ends with the adapter of the whole one as closely as a rerun does
 (max and mean |diff| printed for both),
 the validation images exist, and the export loads in diffusers' `load_ip_adapter` and gives the same image as
-this library's loader. Configurations that must be refused (ZeRO stage 3, a DeepSpeed config whose batch size
+this library's loader. Engines named `*-deterministic` train with `--deterministic`: for them both differences
+must be 0. Configurations that must be refused (ZeRO stage 3, a DeepSpeed config whose batch size
 disagrees with --batch-size, FSDP's size-based wrapping) are launched too and their one-line message is checked.
 
     python benchmarks/train_engines.py [--engines plain-fp16,deepspeed-fp16,...] [--out FOLDER]
 
 Prints one line per engine (samples/s, peak GPU memory, resume difference, export difference) and writes
-engines.json to --out. Needs CUDA (except plain-fp32, a smoke run on CPU); DeepSpeed engines need the deepspeed package.
+engines.json to --out. Needs CUDA (except plain-fp32[-deterministic], smoke runs on CPU); DeepSpeed engines need the deepspeed package.
 """
 
 from __future__ import annotations
@@ -60,6 +61,10 @@ ENGINES: dict[str, tuple[list[str], dict | None]] = {
     "fsdp1-bf16": (["--mixed_precision", "bf16", "--use_fsdp", "--fsdp_version", "1", *_WRAP], None),
     "fsdp2-bf16": (["--mixed_precision", "bf16", "--use_fsdp", "--fsdp_version", "2", *_WRAP], None),
 }
+# the same engines with `ipadapter train --deterministic`: the rerun and the resumed run should match bit for bit
+DETERMINISTIC = "-deterministic"
+for _name in ("plain-fp32", "deepspeed-fp16", "fsdp2-bf16"):
+    ENGINES[_name + DETERMINISTIC] = ENGINES[_name]
 # name -> (accelerate launch flags, DeepSpeed config or None, what the one-line refusal must say)
 REFUSED: dict[str, tuple[list[str], dict | None, str]] = {
     "deepspeed-zero3": (["--mixed_precision", "bf16"], {**_DS_AUTO, "zero_optimization": {"stage": 3}},
@@ -158,15 +163,15 @@ def build(root: Path) -> dict:
 def launch_engine(name: str, models: dict, root: Path) -> list[subprocess.CompletedProcess]:
     """The whole run, then the split run and its resumption (the split's second launch needs its first)."""
     flags, ds_config = ENGINES[name]
+    extra = ["--deterministic"] if name.endswith(DETERMINISTIC) else []
     whole, split = root / f"{name}-whole", root / f"{name}-split"
-    runs = [_launch(name, flags, ds_config, root, _train_args(models, whole, 4))]
+    runs = [_launch(name, flags, ds_config, root, _train_args(models, whole, 4, *extra))]
     # the same whole run again: how far two identical GPU runs drift (non-deterministic kernels)
-    runs.append(_launch(name, flags, ds_config, root, _train_args(models, root / f"{name}-again", 4)))
-    runs.append(_launch(name, flags, ds_config, root, _train_args(models, split, 2)))
+    runs.append(_launch(name, flags, ds_config, root, _train_args(models, root / f"{name}-again", 4, *extra)))
+    runs.append(_launch(name, flags, ds_config, root, _train_args(models, split, 2, *extra)))
     if not runs[-1].returncode:
-        runs.append(
-            _launch(name, flags, ds_config, root, _train_args(models, split, 4, "--resume", str(split)))
-        )
+        resume = _train_args(models, split, 4, "--resume", str(split), *extra)
+        runs.append(_launch(name, flags, ds_config, root, resume))
     return runs
 
 
@@ -183,6 +188,8 @@ def check_engine(name: str, runs: list[subprocess.CompletedProcess], models: dic
     export = _export_matches_diffusers(models, whole / "ip-adapter.safetensors")
     expected = name.split("-")[0].removesuffix("1").removesuffix("2")
     ok = report.get("engine") == expected and images == ["step-0000002.png", "step-0000004.png"]
+    if name.endswith(DETERMINISTIC):
+        ok = ok and resumed[0] == rerun[0] == 0.0
     return {"engine": name, "ok": ok, "reported": report.get("engine"),
             "samples_per_second": report["samples_per_second"], "peak_gpu_gb": report.get("peak_gpu_gb"),
             "resume_max_diff": resumed[0], "resume_mean_diff": resumed[1], "rerun_max_diff": rerun[0],
@@ -210,10 +217,11 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
-    if not torch.cuda.is_available() and args.engines != "plain-fp32":
+    cpu_ok = {"plain-fp32", "plain-fp32" + DETERMINISTIC}
+    if not torch.cuda.is_available() and not set(args.engines.split(",")) <= cpu_ok:
         raise SystemExit(
             "train_engines.py needs a CUDA GPU (DeepSpeed and FSDP run on CUDA only); "
-            "without one only --engines plain-fp32 runs"
+            "without one only --engines plain-fp32[-deterministic] run"
         )
     results = []
     with tempfile.TemporaryDirectory(prefix="train-engines-") as tmp:

@@ -122,6 +122,43 @@ def test_resumed_run_ends_with_the_same_weights(models: dict, pairs: Path, tmp_p
     assert kept == ["step-0000002", "step-0000004", "step-0000006"]
 
 
+def test_deterministic_runs_with_deterministic_kernels_and_puts_torch_back(
+    models: dict, pairs: Path, tmp_path: Path
+) -> None:
+    plain = Trainer(config(models, pairs, tmp_path / "plain", max_steps=2))
+    plain.setup()
+    plain.train()
+    seen = []
+    strict = Trainer(config(models, pairs, tmp_path / "strict", max_steps=1, deterministic=True))
+    strict.setup()
+    loss = strict._loss
+    strict._loss = lambda *a: (seen.append(torch.are_deterministic_algorithms_enabled()), loss(*a))[1]
+    strict.train()
+    assert seen == [True] and not torch.are_deterministic_algorithms_enabled()
+    # the switch may change on resume (it changes how, not what, the run computes); the CLI passes it on
+    assert main([*_train_argv(models, pairs, tmp_path / "strict", "--resume", str(tmp_path / "strict"),
+                              "--max-steps", "2", "--deterministic", "--batch-size", "4")]) == 0  # fmt: skip
+    assert not torch.are_deterministic_algorithms_enabled()
+    a = adapter_tensors(tmp_path / "plain" / "ip-adapter.safetensors")
+    b = adapter_tensors(tmp_path / "strict" / "ip-adapter.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # on the CPU the kernels were deterministic already
+    broken = Trainer(config(models, tmp_path / "no-such-data", tmp_path / "broken", deterministic=True))
+    with pytest.raises(InputError):
+        broken.setup()
+    assert not torch.are_deterministic_algorithms_enabled()  # a failed setup leaves nothing switched on
+    # an op with no deterministic kernel (torch raises on CUDA) stops the run with a message saying what to do
+    stuck = Trainer(config(models, pairs, tmp_path / "stuck", max_steps=1, deterministic=True))
+    stuck.setup()
+
+    def no_kernel(*args: object) -> torch.Tensor:
+        raise RuntimeError("foo_backward_cuda does not have a deterministic implementation, but you set ...")
+
+    stuck._loss = no_kernel
+    with pytest.raises(InputError, match="foo_backward_cuda .* without --deterministic"):
+        stuck.train()
+    assert not torch.are_deterministic_algorithms_enabled()
+
+
 def _train_argv(models: dict, data: Path, out: Path, *extra: str) -> list[str]:
     return [
         "train", "--base", str(models["sd15"]), "--image-encoder", str(models["vit_h"]), "--variant", "basic",

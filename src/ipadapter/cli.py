@@ -372,6 +372,8 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--report-to", choices=["tensorboard", "none"], help="default tensorboard (in OUTPUT/logs)"
     )
+    p.add_argument("--deterministic", action="store_true", default=None,
+                   help="deterministic GPU kernels: reruns and resumed runs repeat bit for bit (slower)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
 

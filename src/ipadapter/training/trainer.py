@@ -40,7 +40,7 @@ CONFIG = "train_config.json"
 # Fields that may change when a run is resumed (they do not change what the finished run computes).
 RESUMABLE_CHANGES = {"max_steps", "checkpoint_every", "keep_checkpoints", "validate_every", "validation_image",
                      "validation_prompt", "num_workers", "report_to", "log_every", "resume", "export_dtype",
-                     "output", "base_config", "cache_dir"}  # fmt: skip
+                     "output", "base_config", "cache_dir", "deterministic"}  # fmt: skip
 
 
 @dataclass
@@ -83,6 +83,7 @@ class TrainConfig:
     num_workers: int = 0
     log_every: int = 10
     report_to: str = "tensorboard"  # tensorboard | none
+    deterministic: bool = False  # deterministic CUDA kernels: a rerun or a resumed run repeats bit for bit
     resume: bool = False
 
     def __post_init__(self) -> None:
@@ -146,6 +147,27 @@ class TrainConfig:
             if saved[f.name] != getattr(self, f.name):
                 out.append(f"{f.name}: run has {saved[f.name]!r}, now {getattr(self, f.name)!r}")
         return out
+
+
+def deterministic_kernels(
+    on: bool, warn_only: bool = False, benchmark: bool = False
+) -> tuple[bool, bool, bool]:
+    """Switch torch to deterministic kernels (or back); returns the previous (on, warn_only, cudnn benchmark).
+
+    On CUDA the same run then gives the same weights bit for bit (at some speed: cuDNN's autotuner is off and
+    attention's backward takes its slower ordered path); an op with no deterministic kernel raises. cuBLAS
+    needs ``CUBLAS_WORKSPACE_CONFIG`` set before its first call, so this sets it when it is unset.
+    """
+    before = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.backends.cudnn.benchmark,
+    )
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(on, warn_only=warn_only)
+    torch.backends.cudnn.benchmark = benchmark
+    return before
 
 
 def step_generator(seed: int, *parts: int) -> torch.Generator:
@@ -325,6 +347,22 @@ class Trainer:
         return None
 
     def setup(self) -> None:
+        """Validate everything, load the models, wrap them for the engine, and restore a resumed run."""
+        # deterministic kernels are chosen before anything runs on the GPU (cuBLAS reads its workspace
+        # setting once); torch's process-wide switches are put back when the run ends or setup fails
+        self._kernels_before = deterministic_kernels(True) if self.config.deterministic else None
+        try:
+            self._setup()
+        except BaseException:
+            self._restore_kernels()
+            raise
+
+    def _restore_kernels(self) -> None:
+        if getattr(self, "_kernels_before", None) is not None:
+            deterministic_kernels(*self._kernels_before)
+            self._kernels_before = None
+
+    def _setup(self) -> None:
         from accelerate import Accelerator
         from accelerate.utils import ProjectConfiguration
         from diffusers import DDPMScheduler
@@ -655,6 +693,18 @@ class Trainer:
 
     # -- the loop ----------------------------------------------------------------------------------------
     def train(self) -> Path:
+        """Train to ``max_steps`` (checkpointing and validating on the way); export and return the adapter."""
+        try:
+            return self._train()
+        except RuntimeError as e:
+            if "deterministic" not in str(e) or not self.config.deterministic:
+                raise
+            raise InputError(f"--deterministic: {str(e).splitlines()[0]} Train without --deterministic (a "
+                             "resumed run then matches the whole one within float tolerance).") from e  # fmt: skip
+        finally:
+            self._restore_kernels()
+
+    def _train(self) -> Path:
         from tqdm.auto import tqdm
 
         c, acc = self.config, self.accelerator
