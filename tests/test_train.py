@@ -159,6 +159,33 @@ def test_deterministic_runs_with_deterministic_kernels_and_puts_torch_back(
     assert not torch.are_deterministic_algorithms_enabled()
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _ddp_train(train_argv: list[str]) -> subprocess.CompletedProcess:
+    """`accelerate launch` of the CLI on two CPU processes (DDP over gloo)."""
+    # accelerate's `--cpu --num_processes 2` starts ONE process unless MPI is set up; its torch-elastic launcher
+    # (`--multi_gpu`) with no visible GPU starts two CPU processes in a gloo group.
+    argv = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+            str(_free_port()), "-m", "ipadapter", *train_argv]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _engine_argv(models: dict, data: Path, out: Path, *extra: str) -> list[str]:
+    """The CLI run the engine tests compare: plus, two micro-batches a step, float32 export, checkpoints every 2."""
+    return _train_argv(models, data, out, "--variant", "plus", "--grad-accum", "2", "--export-dtype", "float32",
+                       "--checkpoint-every", "2", *extra)  # fmt: skip
+
+
+def _error_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("ipadapter: error")]
+
+
 def _train_argv(models: dict, data: Path, out: Path, *extra: str) -> list[str]:
     return [
         "train", "--base", str(models["sd15"]), "--image-encoder", str(models["vit_h"]), "--variant", "basic",
@@ -281,16 +308,7 @@ def test_validation_images_are_written(models: dict, pairs: Path, tmp_path: Path
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo CPU launch tested on Linux")
 def test_two_process_cpu_run_writes_one_checkpoint(models: dict, pairs: Path, tmp_path: Path) -> None:
     out = tmp_path / "ddp"
-    # accelerate's `--cpu --num_processes 2` starts ONE process unless MPI is set up; its torch-elastic launcher
-    # (`--multi_gpu`) with no visible GPU starts two CPU processes in a gloo group.
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    argv = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-            str(port), "-m", "ipadapter", *_train_argv(models, pairs, out, "--max-steps", "2", "--checkpoint-every", "2")]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    done = _ddp_train(_train_argv(models, pairs, out, "--max-steps", "2", "--checkpoint-every", "2"))
     assert done.returncode == 0, done.stderr[-3000:]
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-0000002"]
     assert done.stdout.count("wrote ") == 1  # one report, from the main process
@@ -425,13 +443,12 @@ def test_an_fsdp_gathered_state_dict_gives_the_same_adapter(
 def _deepspeed_train(
     models: dict, pairs: Path, out: Path, env: dict, *extra: str
 ) -> subprocess.CompletedProcess:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    argv = [sys.executable, str(Path(__file__).parent / "deepspeed_cpu.py"),
-            *_train_argv(models, pairs, out, "--variant", "plus", "--grad-accum", "2", "--export-dtype", "float32",
-                         "--checkpoint-every", "2", *extra)]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(port), **env}
+    argv = [
+        sys.executable,
+        str(Path(__file__).parent / "deepspeed_cpu.py"),
+        *_engine_argv(models, pairs, out, *extra),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(_free_port()), **env}
     return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -490,9 +507,9 @@ def test_deepspeed_bf16_validates_and_bad_configs_are_refused_in_one_line(
     exported = adapter_tensors(tmp_path / "bf16" / "ip-adapter.safetensors")
     assert all(torch.isfinite(v).all() for v in exported.values())
     assert stage3.returncode != 0
-    lines = [line for line in stage3.stderr.splitlines() if line.startswith("ipadapter: error")]
+    lines = _error_lines(stage3.stderr)
     assert len(lines) == 1 and "ZeRO stage 3 is not supported" in lines[0] and "zero_stage 1 or 2" in lines[0]
-    lines = [line for line in batch.stderr.splitlines() if line.startswith("ipadapter: error")]
+    lines = _error_lines(batch.stderr)
     assert batch.returncode != 0 and len(lines) == 1, batch.stderr[-2000:]
     assert "train_micro_batch_size_per_gpu = 5 but this run has --batch-size 2" in lines[0]
     assert (
@@ -512,9 +529,11 @@ def _fsdp_train(
 ) -> str:
     """Run the CLI under FSDP on `processes` CPU processes (gloo); rank 0's stdout (+ stderr when not checked)."""
     rendezvous = out.parent / f".{out.name}-rendezvous-{time.time_ns()}"  # a file: no port to race for
-    argv = [sys.executable, str(Path(__file__).parent / "fsdp_cpu.py"),
-            *_train_argv(models, pairs, out, "--variant", "plus", "--grad-accum", "2", "--export-dtype", "float32",
-                         "--checkpoint-every", "2", *extra)]  # fmt: skip
+    argv = [
+        sys.executable,
+        str(Path(__file__).parent / "fsdp_cpu.py"),
+        *_engine_argv(models, pairs, out, *extra),
+    ]
     procs, logs = [], []
     for rank in range(processes):
         rank_env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "RANK": str(rank),
@@ -546,16 +565,7 @@ def _fsdp_train(
 def test_fsdp_over_two_processes_trains_like_ddp_and_resumes(
     models: dict, pairs: Path, tmp_path: Path
 ) -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    ddp = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-           str(port), "-m", "ipadapter",
-           *_train_argv(models, pairs, tmp_path / "ddp", "--variant", "plus", "--grad-accum", "2", "--export-dtype",
-                        "float32", "--max-steps", "4", "--checkpoint-every", "2")]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    done = subprocess.run(ddp, env=env, capture_output=True, text=True, timeout=300)
+    done = _ddp_train(_engine_argv(models, pairs, tmp_path / "ddp", "--max-steps", "4"))
     assert done.returncode == 0, done.stderr[-3000:]
     out = tmp_path / "fsdp"
     validation = ["--validate-every", "2", "--validation-image", str(pairs / "img0.png")]
@@ -592,6 +602,6 @@ def test_fsdp1_trains_the_plain_runs_weights_and_size_based_wrapping_is_refused(
     b = adapter_tensors(tmp_path / "fsdp1" / "ip-adapter.safetensors")
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-6), key
-    lines = [line for line in sized_out.splitlines() if line.startswith("ipadapter: error")]
+    lines = _error_lines(sized_out)
     assert len(lines) == 1 and "SIZE_BASED_WRAP" in lines[0] and "TRANSFORMER_BASED_WRAP" in lines[0]
     assert not (tmp_path / "sized").exists()  # refused before anything is written

@@ -323,6 +323,7 @@ class Trainer:
         self.losses: list[float] = []  # per optimizer step, this process
         self.seconds = {"setup": 0.0, "cache": 0.0, "train": 0.0}
         self.samples = 0  # examples trained on in this session, all processes
+        self._kernels_before: tuple[bool, bool, bool] | None = None  # torch's switches, while --deterministic
 
     # -- setup -------------------------------------------------------------------------------------------
     def _check_output(self) -> dict[str, Any] | None:
@@ -358,7 +359,7 @@ class Trainer:
             raise
 
     def _restore_kernels(self) -> None:
-        if getattr(self, "_kernels_before", None) is not None:
+        if self._kernels_before is not None:
             deterministic_kernels(*self._kernels_before)
             self._kernels_before = None
 
