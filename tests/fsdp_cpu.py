@@ -5,6 +5,7 @@ a rendezvous file FSDP_RENDEZVOUS, or MASTER_ADDR/MASTER_PORT, from the environm
 suite drives the same wrapping, sharded optimizer, gathered checkpoints and validation that a multi-GPU FSDP run
 does. FSDP_VERSION picks the version (default 2; FSDP1 on the CPU handles one process only), FSDP_POLICY the
 auto-wrap policy (default transformer_based_wrap, per BasicTransformerBlock; size_based_wrap uses 2000 parameters).
+FSDP_LATE_S makes every rank but 0 start that many seconds after the group forms (a slow machine).
 
     RANK=0 WORLD_SIZE=2 FSDP_RENDEZVOUS=/tmp/x python tests/fsdp_cpu.py train --base ... (`ipadapter train` arguments)
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 import accelerate
 import torch
@@ -28,6 +30,8 @@ VERSION = int(os.environ.get("FSDP_VERSION", "2"))
 rendezvous = os.environ.get("FSDP_RENDEZVOUS")
 dist.init_process_group("gloo", init_method=f"file://{rendezvous}" if rendezvous else None,
                         rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))  # fmt: skip
+if dist.get_rank() > 0:
+    time.sleep(float(os.environ.get("FSDP_LATE_S", "0")))
 _init = accelerate.Accelerator.__init__
 
 

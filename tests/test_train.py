@@ -569,7 +569,8 @@ def test_fsdp_over_two_processes_trains_like_ddp_and_resumes(
     assert done.returncode == 0, done.stderr[-3000:]
     out = tmp_path / "fsdp"
     validation = ["--validate-every", "2", "--validation-image", str(pairs / "img0.png")]
-    first = _fsdp_train(models, pairs, out, 2, "--max-steps", "2", *validation)
+    # rank 1 starts late: rank 0 must not make the folder a run before rank 1 has checked it is free
+    first = _fsdp_train(models, pairs, out, 2, "--max-steps", "2", *validation, FSDP_LATE_S="8")
     assert "on 2 processes (FSDP)" in first
     assert (
         out / "checkpoints" / "step-0000002" / "optimizer.bin"

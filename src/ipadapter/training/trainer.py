@@ -471,6 +471,9 @@ class Trainer:
         self.lr_scheduler = lr_scheduler
         if latest is not None:
             self._load_state(*latest)
+        # every rank has checked the output folder (_check_output) before it holds a run: wrapping need not
+        # synchronise the ranks (FSDP2 shards locally), and a late rank would otherwise find this run's config
+        acc.wait_for_everyone()
         if acc.is_main_process:
             self.output.mkdir(parents=True, exist_ok=True)
             (self.output / CONFIG).write_text(json.dumps(c.to_dict(), indent=2))
