@@ -17,6 +17,7 @@ from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 from ipadapter import ImagePrompt, InputError, attach, attached
 from ipadapter.adapter import apply
 from ipadapter.adapter import run as run_adapters
+from ipadapter.conditioning import BranchControl
 from ipadapter.pipelines import load_controlnet, load_motion_adapter, mode_pipeline
 from ipadapter.recipe import AdapterRecipe, Control, Recipe, Reference
 
@@ -142,9 +143,9 @@ def test_negative_image_tokens_replace_the_unconditional_ones(models: dict) -> N
     ip = attach(pipe, ckpt(models, "plus_sd15"), scale=0.7)
     pos, _ = ip.tokens(ref)
     neg_tokens, _ = ip.tokens(neg)
-    by_hand = call(
-        pipe, cross_attention_kwargs={"image_prompt": ImagePrompt({"default": pos}, {"default": neg_tokens})}
-    )
+    # a prompt built by hand carries its own controls (none: full strength)
+    by_hand = ImagePrompt({"default": pos}, {"default": neg_tokens}, controls={"default": BranchControl(0.7)})
+    by_hand = call(pipe, cross_attention_kwargs={"image_prompt": by_hand})
     got = call(ip, Control(images=[ref], negative_image=neg))
     assert np.array_equal(got, by_hand)
     assert np.abs(got - call(ip, ref)).max() > 1e-3

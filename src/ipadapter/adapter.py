@@ -10,7 +10,6 @@ from __future__ import annotations
 import inspect
 import math
 import numbers
-import sys
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ from torch import nn
 
 from .attention import IPAttnProcessor, IPBranch, PassThroughProcessor
 from .checkpoint import Checkpoint, load_checkpoint
-from .conditioning import ImagePrompt
+from .conditioning import BranchControl, ImagePrompt, Step, compiling
 from .encoder import ImageEncoder
 from .errors import CheckpointError, IncompatibleModelError, InputError
 from .images import ImageInput, load_image, load_mask
@@ -115,15 +114,14 @@ class IPAdapter:
         self.set_scale(value)
 
     def set_scale(self, value: float) -> IPAdapter:
-        value = check_scale(value)
-        for branch in self._branches.values():
-            branch.scale = value
-        self._scale = value
+        """Set the strength for later calls: it travels in each call's prompt as a tensor, so a compiled UNet
+        never recompiles for a new scale."""
+        self._scale = check_scale(value)
         return self
 
     @property
     def attached(self) -> bool:
-        state = getattr(self.pipe.unet, STATE_ATTR, None)
+        state = getattr(base_module(self.pipe.unet), STATE_ATTR, None)
         return state is not None and state.adapters.get(self.name) is self
 
     @torch.no_grad()
@@ -147,6 +145,9 @@ class IPAdapter:
         images: ImageInput | Sequence[ImageInput] | Control,
         num_prompts: int = 1,
         frames: int | None = None,
+        *,
+        images_per_prompt: int = 1,
+        output_size: tuple[int, int] | None = None,
     ) -> ImagePrompt:
         """The ``image_prompt`` for a pipeline call with ``num_prompts`` text prompts.
 
@@ -154,9 +155,20 @@ class IPAdapter:
         video of ``frames`` frames, one reference per frame (the same sequence for every prompt). When the
         count equals both the prompts and the frames of a video, it is read as one per frame. A
         :class:`~ipadapter.recipe.Control` serves every prompt and frame with its references and options.
+        The prompt carries the adapter's current scale. ``images_per_prompt``: the call's
+        ``num_images_per_prompt``. ``output_size``: ``(height, width)`` of the images, for regional masks
+        (default: the pipeline's own size; eager mode adapts to another, a compiled UNet needs it right).
         """
         if isinstance(images, Control):
-            return _prompt([(self, prepare(self, images))], num_prompts)
+            prompt = _prompt([(self, prepare(self, images))], num_prompts)
+        else:
+            prompt = self._plain_prompt(images, num_prompts, frames)
+        size = output_size or (native_size(self.pipe),) * 2
+        return _with_facts(prompt, self.pipe, images_per_prompt, frames, size)
+
+    def _plain_prompt(
+        self, images: ImageInput | Sequence[ImageInput], num_prompts: int, frames: int | None
+    ) -> ImagePrompt:
         pos, neg = self.tokens(images)
         count = pos.shape[0]
         if frames is not None and frames > 1 and count == frames:  # one per frame: (P, F, N, D)
@@ -169,7 +181,8 @@ class IPAdapter:
             )
         if pos.shape[0] != num_prompts:
             pos, neg = pos.expand(num_prompts, *pos.shape[1:]), neg.expand(num_prompts, *neg.shape[1:])
-        return ImagePrompt({self.name: pos}, {self.name: neg.contiguous()})
+        control = BranchControl(scale=self.scale, layer_scales=(1.0,) * len(self._branches))
+        return ImagePrompt({self.name: pos}, {self.name: neg.contiguous()}, controls={self.name: control})
 
     def __call__(
         self,
@@ -191,7 +204,7 @@ class IPAdapter:
             return run(self.pipe if pipeline is None else pipeline, [(self, reference)], **pipe_kwargs)
 
         def build(num_prompts: int, frames: int | None) -> ImagePrompt:
-            return self.image_prompt(reference, num_prompts, frames)
+            return self._plain_prompt(reference, num_prompts, frames)
 
         return _call(pipeline or self.pipe, [self], build, pipe_kwargs)
 
@@ -218,6 +231,10 @@ def _prompt(prepared: Sequence[tuple[IPAdapter, Prepared]], num_prompts: int) ->
     tokens, negative, controls = {}, {}, {}
     for ip, ready in prepared:
         pos, neg, control = control_tokens(ip, ready)  # (1, N, D)
+        if control.scale is None:
+            control.scale = ip.scale
+        if control.layer_scales is None:  # ones rather than None: adding weights later is no new graph
+            control.layer_scales = (1.0,) * len(ip._branches)
         tokens[ip.name] = pos.expand(num_prompts, *pos.shape[1:])
         negative[ip.name] = neg.expand(num_prompts, *neg.shape[1:]).contiguous()
         controls[ip.name] = control
@@ -229,7 +246,7 @@ def _call(pipe: Any, adapters: Sequence[IPAdapter], build: Any, pipe_kwargs: dic
     for ip in adapters:
         if not ip.attached:
             raise InputError(f"adapter '{ip.name}' is detached; attach it again before generating")
-        if getattr(pipe, "unet", None) is not ip.pipe.unet:
+        if base_module(getattr(pipe, "unet", None)) is not base_module(ip.pipe.unet):
             raise InputError(
                 f"{type(pipe).__name__} does not share the UNet adapter '{ip.name}' is attached to (a video "
                 "pipeline builds its own); attach the adapter to the pipeline you call"
@@ -239,9 +256,55 @@ def _call(pipe: Any, adapters: Sequence[IPAdapter], build: Any, pipe_kwargs: dic
     prompt = pipe_kwargs.get("prompt")
     embeds = pipe_kwargs.get("prompt_embeds")
     num_prompts = len(prompt) if isinstance(prompt, list) else embeds.shape[0] if embeds is not None else 1
+    copies = int(pipe_kwargs.get("num_images_per_prompt") or 1)
+    image_prompt = _with_facts(
+        build(num_prompts, frames), pipe, copies, frames, output_size(pipe, pipe_kwargs)
+    )
     kwargs = dict(pipe_kwargs.pop("cross_attention_kwargs", None) or {})
-    kwargs["image_prompt"] = build(num_prompts, frames)
+    kwargs["image_prompt"] = image_prompt
     return pipe(cross_attention_kwargs=kwargs, **pipe_kwargs)
+
+
+def _with_facts(
+    prompt: ImagePrompt, pipe: Any, copies: int, frames: int | None, size: tuple[int, int]
+) -> ImagePrompt:
+    """``prompt`` told the facts of the pipeline call it serves (nothing in the UNet looks for them)."""
+    prompt.images_per_prompt, prompt.frames, prompt.output_size = copies, frames or 1, size
+    prompt.vae_scale = int(getattr(pipe, "vae_scale_factor", 8) or 8)
+    scheduler = getattr(getattr(pipe, "scheduler", None), "config", None)
+    prompt.train_timesteps = int(getattr(scheduler, "num_train_timesteps", None) or 1000)
+    return prompt.prepare()
+
+
+def output_size(pipe: Any, kwargs: dict[str, Any]) -> tuple[int, int]:
+    """The ``(height, width)`` a diffusers pipeline call will make, as its own defaults decide it.
+
+    ``height`` / ``width`` if given; else the init or control ``image``'s size rounded down to a multiple of
+    the VAE factor (img2img, inpainting, ControlNet); else the UNet's native size. Regional masks are
+    prepared for it; should a pipeline decide otherwise, eager mode adapts and a compiled UNet says so.
+    """
+    factor = int(getattr(pipe, "vae_scale_factor", 8) or 8)
+    image = kwargs.get("image")
+    if isinstance(image, (list, tuple)) and image:
+        image = image[0]
+    if isinstance(image, Image.Image):
+        found = (image.height - image.height % factor, image.width - image.width % factor)
+    elif isinstance(image, torch.Tensor) and image.ndim >= 3:
+        found = (int(image.shape[-2]), int(image.shape[-1]))
+    else:
+        found = (native_size(pipe),) * 2
+    return int(kwargs.get("height") or found[0]), int(kwargs.get("width") or found[1])
+
+
+def native_size(pipe: Any) -> int:
+    """The image side a pipeline's UNet was built for (its default height and width)."""
+    unet = base_module(pipe.unet)
+    return int(unet.config.sample_size) * int(getattr(pipe, "vae_scale_factor", 8) or 8)
+
+
+def base_module(module: Any) -> Any:
+    """The module itself, from under a ``torch.compile`` wrapper if it has one."""
+    return getattr(module, "_orig_mod", module)
 
 
 class RecipeRun:
@@ -413,7 +476,7 @@ def attach(
     Validates everything before touching the pipeline.
     """
     scale = check_scale(scale)
-    unet = pipe.unet
+    unet = base_module(pipe.unet)  # from under torch.compile's wrapper, if compiled first
     state: _Attachment | None = getattr(unet, STATE_ATTR, None)
     if state is not None and name in state.adapters:
         raise InputError(
@@ -434,14 +497,14 @@ def attach(
     projection.to(device=device, dtype=dtype).eval()  # fp16 checkpoint weights become the model's dtype
     branches: dict[str, IPBranch] = {}
     for layer, layer_id in zip(layers, spec.layer_ids, strict=True):
-        branch = IPBranch(layer.cross_attention_dim, layer.hidden_size, scale)
+        branch = IPBranch(layer.cross_attention_dim, layer.hidden_size)
         weights = {p: ckpt.ip_adapter[f"{layer_id}.{p}.weight"] for p in ("to_k_ip", "to_v_ip")}
         _load_weights(branch, {f"{p}.weight": w for p, w in weights.items()}, f"layer {layer_id}", source)
         branches[layer.name] = branch.to(device=device, dtype=dtype)
 
     # Everything is checked; from here on only the UNet changes.
     if state is None:
-        state = _install(pipe, layers)
+        state = _install(unet, layers)
     handle = IPAdapter(pipe, name, spec, projection, encoder, branches, source)
     handle.encoder_key = encoder_key
     handle._scale = scale
@@ -487,62 +550,43 @@ def _encoder(
     return ImageEncoder(load_image_encoder(where, dtype=dtype, device=device)), key
 
 
-def _install(pipe: Any, layers: list[CrossLayer]) -> _Attachment:
+def _install(unet: nn.Module, layers: list[CrossLayer]) -> _Attachment:
     """Replace every processor: ours on cross-attention, pass-through on the rest; hook the UNet."""
-    unet = pipe.unet
     originals = dict(unet.attn_processors)
     cross = {layer.name: IPAttnProcessor(layer.index) for layer in layers}
     new = {n: cross.get(n) or PassThroughProcessor(p) for n, p in originals.items()}
     unet.set_attn_processor(dict(new))  # diffusers empties the dict it is given
-
-    def before_unet(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        prompt = (kwargs.get("cross_attention_kwargs") or {}).get("image_prompt")
-        if not isinstance(prompt, ImagePrompt):
-            return
-        pipe = running_pipeline(module)
-        guidance = getattr(pipe, "do_classifier_free_guidance", None)
-        if isinstance(guidance, bool):
-            prompt.guidance = guidance  # the pipeline knows whether negatives lead the batch
-        sample = args[0] if args else kwargs.get("sample")
-        timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
-        if isinstance(sample, torch.Tensor):
-            prompt.latent_size = (int(sample.shape[-2]), int(sample.shape[-1]))
-        prompt.vae_scale = int(getattr(pipe, "vae_scale_factor", 8) or 8)
-        if timestep is not None:
-            t = float(timestep.flatten()[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
-            total = getattr(
-                getattr(getattr(pipe, "scheduler", None), "config", None), "num_train_timesteps", None
-            )
-            prompt.progress = min(max(1.0 - t / float(total or 1000), 0.0), 1.0)
-
-    hook = unet.register_forward_pre_hook(before_unet, with_kwargs=True)
+    hook = unet.register_forward_pre_hook(_before_unet, with_kwargs=True)
     state = _Attachment(originals, cross, hook)
     setattr(unet, STATE_ATTR, state)
     return state
 
 
-def running_pipeline(unet: nn.Module) -> Any:
-    """The pipeline whose ``__call__`` is calling ``unet`` right now, or None (e.g. a training loop).
+def _before_unet(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    """At every UNet call with an image prompt, hand the processors this step's :class:`Step`.
 
-    Pipelines made with ``from_pipe`` share one UNet, so the one the adapter was attached to may not be the
-    one running; the caller's frame a few levels up the stack tells.
+    It runs inside a compiled UNet's graph, so it reads only the call's arguments (no frames, no pipeline)
+    and, under ``torch.compile``, keeps the timestep a tensor; eager mode reads it once, to skip idle branches.
     """
-    frame = sys._getframe(1)
-    for _ in range(16):
-        if frame is None:
-            break
-        owner = frame.f_locals.get("self")
-        if owner is not None and owner is not unet:
-            owned = getattr(owner, "unet", None)
-            if owned is unet or getattr(owned, "_orig_mod", None) is unet:  # torch.compile wraps the UNet
-                return owner
-        frame = frame.f_back
-    return None
+    attention_kwargs = kwargs.get("cross_attention_kwargs") or {}
+    prompt = attention_kwargs.get("image_prompt")
+    if not isinstance(prompt, ImagePrompt):
+        return None
+    sample = args[0] if args else kwargs["sample"]
+    timestep = args[1] if len(args) > 1 else kwargs["timestep"]
+    t = torch.as_tensor(timestep).flatten()[0]  # pipelines pass one timestep; training the batch's own
+    if compiling():
+        progress: float | torch.Tensor = (1.0 - t.float() / prompt.train_timesteps).clamp(0.0, 1.0)
+    else:
+        progress = min(max(1.0 - float(t) / prompt.train_timesteps, 0.0), 1.0)
+    step = Step(progress, (sample.shape[-2], sample.shape[-1]))
+    kwargs = {**kwargs, "cross_attention_kwargs": {**attention_kwargs, "image_prompt_step": step}}
+    return args, kwargs
 
 
 def detach(pipe: Any, name: str | None = None) -> None:
     """Detach adapter ``name`` (all adapters if None). With none left, the original processors return."""
-    unet = pipe.unet
+    unet = base_module(pipe.unet)
     state: _Attachment | None = getattr(unet, STATE_ATTR, None)
     if state is None:
         return
@@ -562,5 +606,5 @@ def detach(pipe: Any, name: str | None = None) -> None:
 
 def attached(pipe: Any) -> dict[str, IPAdapter]:
     """The adapters attached to ``pipe``, by name."""
-    state = getattr(pipe.unet, STATE_ATTR, None)
+    state = getattr(base_module(pipe.unet), STATE_ATTR, None)
     return dict(state.adapters) if state is not None else {}

@@ -15,17 +15,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .conditioning import ImagePrompt
+from .conditioning import ImagePrompt, Step, compiling
 
 
 class IPBranch(nn.Module):
     """One adapter's image key/value projections for one attention layer."""
 
-    def __init__(self, cross_attention_dim: int, hidden_size: int, scale: float = 1.0) -> None:
+    def __init__(self, cross_attention_dim: int, hidden_size: int) -> None:
         super().__init__()
         self.to_k_ip = nn.Linear(cross_attention_dim, hidden_size, bias=False)
         self.to_v_ip = nn.Linear(cross_attention_dim, hidden_size, bias=False)
-        self.scale = float(scale)
 
     def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Image keys and values for image tokens (B, N, D) -> ((B, N, hidden), (B, N, hidden)).
@@ -72,11 +71,12 @@ class IPAttnProcessor(nn.Module):
         attention_mask: torch.Tensor | None = None,
         temb: torch.Tensor | None = None,
         image_prompt: ImagePrompt | None = None,
+        image_prompt_step: Step | None = None,
     ) -> torch.Tensor:
         # The explicit signature is what diffusers reads to pass `image_prompt` on; the call goes through
         # nn.Module so that forward hooks (FSDP's weight gathering) run.
         return super().__call__(
-            attn, hidden_states, encoder_hidden_states, attention_mask, temb, image_prompt
+            attn, hidden_states, encoder_hidden_states, attention_mask, temb, image_prompt, image_prompt_step
         )
 
     def forward(
@@ -87,6 +87,7 @@ class IPAttnProcessor(nn.Module):
         attention_mask: torch.Tensor | None = None,
         temb: torch.Tensor | None = None,
         image_prompt: ImagePrompt | None = None,
+        image_prompt_step: Step | None = None,
     ) -> torch.Tensor:
         residual = hidden_states
         if attn.spatial_norm is not None:
@@ -121,8 +122,10 @@ class IPAttnProcessor(nn.Module):
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0)
         out = out.transpose(1, 2).reshape(batch, -1, inner).to(query.dtype)  # (B, L, inner)
 
-        if image_prompt is not None:
-            out = self._add_image_branches(out, query, image_prompt, attn.heads, batch, inner)
+        if image_prompt is not None and image_prompt_step is not None:
+            out = self._add_image_branches(
+                out, query, image_prompt, image_prompt_step, attn.heads, batch, inner
+            )
 
         out = attn.to_out[0](out)
         out = attn.to_out[1](out)
@@ -133,47 +136,52 @@ class IPAttnProcessor(nn.Module):
         return out / attn.rescale_output_factor
 
     def _add_image_branches(
-        self, out: torch.Tensor, query: torch.Tensor, prompt: ImagePrompt, heads: int, batch: int, inner: int
-    ) -> torch.Tensor:
+        self, out: torch.Tensor, query: torch.Tensor, prompt: ImagePrompt, step: Step, heads: int, batch: int,
+        inner: int,
+    ) -> torch.Tensor:  # fmt: skip
         for name, branch in self.named_branches():
             control = prompt.control(name)
-            scale = control.layer_scale(self.layer, branch.scale)
-            if scale == 0 or not control.active(prompt.progress):
+            values = prompt.values(name) if name in prompt.tokens else None
+            weight = None if values is None else control.weight(self.layer, step.progress, values)
+            if weight is None:
                 continue  # exactly the model without this adapter (at this layer / step)
 
-            def project(
-                name: str = name, branch: IPBranch = branch
-            ) -> tuple[torch.Tensor, torch.Tensor] | None:
+            def project(name: str = name, branch: IPBranch = branch) -> tuple[torch.Tensor, torch.Tensor]:
                 tokens = prompt.rows(name, batch)  # (B, N, D)
-                if tokens is None:
-                    return None
                 tokens = tokens.to(device=query.device, dtype=branch.to_k_ip.weight.dtype)
                 k_ip, v_ip = branch(tokens)
                 k_ip = _split_heads(k_ip, batch, heads)  # (B, heads, N, d)
                 v_ip = _split_heads(v_ip, batch, heads)
-                weights = prompt.control(name).value_weights
+                weights = prompt.values(name).value_weights
                 if weights is not None:  # weighted references attended together: scale their values
-                    v_ip = v_ip * weights.to(device=v_ip.device, dtype=v_ip.dtype)[:, None]
+                    v_ip = v_ip * weights.to(dtype=v_ip.dtype)[:, None]
                 return k_ip.to(query.dtype), v_ip.to(query.dtype)
 
-            kv = prompt.cached((self.layer, name, batch, prompt.guidance), project)
-            if kv is None:
-                continue
+            k_ip, v_ip = prompt.cached((self.layer, name, batch), project)
             if control.groups is None:
-                out = out + scale * _attend(query, *kv, batch, inner)
+                out = out + _times(weight, _attend(query, k_ip, v_ip, batch, inner))
                 continue
             # One attention per reference, each on its own region (diffusers' ip_adapter_masks semantics)
             start = 0
             for group, count in enumerate(control.groups):
-                k_g, v_g = kv[0][:, :, start : start + count], kv[1][:, :, start : start + count]
+                k_g, v_g = k_ip[:, :, start : start + count], v_ip[:, :, start : start + count]
                 start += count
                 part = _attend(query, k_g, v_g, batch, inner)  # (B, L, inner)
-                mask = prompt.mask_rows(name, group, part.shape[1], part)
+                mask = prompt.mask_rows(name, group, part.shape[1], step, part)
                 if mask is not None:
                     part = part * mask
-                weight = 1.0 if control.group_weights is None else control.group_weights[group]
-                out = out + (scale * weight) * part
+                group_weight = weight
+                if control.group_weights is not None:  # the reference's own weight
+                    group_weight = weight * (
+                        values.group_weights[group] if compiling() else control.group_weights[group]
+                    )
+                out = out + _times(group_weight, part)
         return out
+
+
+def _times(weight: float | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``weight * x`` in ``x``'s dtype (a tensor weight is float32: cast it, never promote ``x``)."""
+    return (weight.to(x.dtype) if isinstance(weight, torch.Tensor) else weight) * x
 
 
 def _attend(
@@ -197,5 +205,6 @@ class PassThroughProcessor:
         attention_mask: torch.Tensor | None = None,
         temb: torch.Tensor | None = None,
         image_prompt: ImagePrompt | None = None,
+        image_prompt_step: Step | None = None,
     ) -> torch.Tensor:
         return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb)

@@ -11,12 +11,20 @@ N tokens of width D. ``(P, N, D)`` is accepted as R = 1. The batch a processor s
 where each prompt's block holds its rows for num_images_per_prompt copies, and, in AnimateDiff, frames as
 consecutive rows inside each copy. Diffusers builds its text batch the same way, so laying each prompt's R
 references out as ``(copies, R)`` is always right; any other ratio is an error, never a silent broadcast.
+
+Compile safety (DESIGN.md §1): the prompt is built before the pipeline runs and is never changed while the
+UNet runs. Everything that varies per call (scales, block weights, the step window, group weights, masks) is
+held twice: as Python values, which eager mode uses to skip a branch that contributes nothing, and as tensors,
+which are what a ``torch.compile``-d UNet reads, so a new value never makes dynamo specialise or recompile.
+The per-step facts (denoising progress, latent size) come in a separate :class:`Step` that the UNet's
+pre-hook makes at every UNet call.
 """
 
 from __future__ import annotations
 
-import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -26,18 +34,35 @@ from PIL import Image
 from .errors import InputError
 
 
+class Step(NamedTuple):
+    """What one UNet call adds to the prompt: made by the attached UNet's pre-hook, read by the processors.
+
+    ``progress``: ``1 - t / num_train_timesteps`` of the running step, clamped to [0, 1]; a Python float in
+    eager mode (one read per UNet call), a 0-d tensor under ``torch.compile`` (no ``.item()`` in the graph).
+    ``latent_size``: ``(h, w)`` of the UNet's input (static under compile: it comes from a shape).
+    """
+
+    progress: float | torch.Tensor
+    latent_size: tuple[int, int]
+
+
+def compiling() -> bool:
+    """True while dynamo traces: then no decision may depend on a per-call value."""
+    return torch.compiler.is_compiling()
+
+
 @dataclass(eq=False)
 class BranchControl:
     """How one adapter's branch behaves in one call (all optional; defaults = the plain adapter).
 
-    ``scale``: replaces the adapter's scale for the call. ``layer_scales``: a multiplier per cross-attention
-    layer (attn_processors order). ``window``: the branch acts while the denoising progress
-    ``p = 1 - t / num_train_timesteps`` lies in ``[start, end]`` (both ends included).
-    ``groups``: token counts per reference when the references are attended one at a time (regional masks);
-    ``masks``: per group, a greyscale mask image (resized to the output size and binarised at 0.5 when the
-    call runs) or a ready ``(H, W)`` float tensor at the output size, or None (the whole image);
-    ``group_weights``: per group, a multiplier of its output. ``value_weights``: ``(N,)`` multipliers of the
-    image values per token (weighted references attended together).
+    ``scale``: the adapter's strength for the call (None = 1.0; the handle fills in its own scale).
+    ``layer_scales``: a multiplier per cross-attention layer (attn_processors order). ``window``: the branch
+    acts while the denoising progress ``p = 1 - t / num_train_timesteps`` lies in ``[start, end]`` (both ends
+    included). ``groups``: token counts per reference when the references are attended one at a time
+    (regional masks); ``masks``: per group, a greyscale mask image (resized to the output size and binarised at
+    0.5) or a ready ``(H, W)`` float tensor at the output size, or None (the whole image); ``group_weights``:
+    per group, a multiplier of its output. ``value_weights``: ``(N,)`` multipliers of the image values per
+    token (weighted references attended together).
     """
 
     scale: float | None = None
@@ -48,15 +73,52 @@ class BranchControl:
     group_weights: tuple[float, ...] | None = None
     value_weights: torch.Tensor | None = None
 
-    def layer_scale(self, layer: int, adapter_scale: float) -> float:
-        scale = adapter_scale if self.scale is None else self.scale
+    def layer_scale(self, layer: int) -> float:
+        scale = 1.0 if self.scale is None else self.scale
         return scale if self.layer_scales is None else scale * self.layer_scales[layer]
 
-    def active(self, progress: float | None) -> bool:
+    def active(self, progress: float) -> bool:
         start, end = self.window
-        if progress is None or (start <= 0 and end >= 1):
-            return True
-        return start <= progress <= end
+        return (start <= 0 and end >= 1) or start <= progress <= end
+
+    def weight(
+        self, layer: int, progress: float | torch.Tensor, values: _Tensors
+    ) -> float | torch.Tensor | None:
+        """The multiplier of this branch's output at ``layer`` and this step; None = skip the branch.
+
+        Eager: a Python float (None when the scale is 0 or the step is outside the window, so the output is
+        exactly the model without this adapter). Compiled: a 0-d tensor, the window applied as a 0/1 gate.
+        """
+        if isinstance(progress, torch.Tensor):
+            factor = values.scale if values.layers is None else values.scale * values.layers[layer]
+            start, end = values.window[0], values.window[1]
+            return factor * ((progress >= start) & (progress <= end)).to(factor.dtype)
+        scale = self.layer_scale(layer)
+        if scale == 0 or not self.active(progress):
+            return None
+        return scale
+
+    def tensors(self, device: torch.device) -> _Tensors:
+        """The per-call values as float32 tensors on ``device`` (what a compiled UNet reads)."""
+
+        def put(values: Any) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.float32, device=device)
+
+        return _Tensors(
+            scale=put(1.0 if self.scale is None else self.scale),
+            layers=None if self.layer_scales is None else put(self.layer_scales),
+            window=put(self.window),
+            group_weights=None if self.group_weights is None else put(self.group_weights),
+            value_weights=None if self.value_weights is None else self.value_weights.to(device),
+        )
+
+
+class _Tensors(NamedTuple):
+    scale: torch.Tensor  # ()
+    layers: torch.Tensor | None  # (layers,)
+    window: torch.Tensor  # (2,) start, end
+    group_weights: torch.Tensor | None  # (groups,)
+    value_weights: torch.Tensor | None  # (N,)
 
 
 PLAIN = BranchControl()
@@ -67,18 +129,25 @@ class ImagePrompt:
     """Image tokens for one pipeline call.
 
     ``tokens`` and ``negative`` map an attached adapter's name to ``(P, R, N, D)`` tensors (``(P, N, D)``
-    means R = 1). ``guidance`` says whether the call runs classifier-free guidance (negatives first); an
-    attached adapter sets it from the running pipeline at the start of each UNet call.
+    means R = 1). ``controls``: per adapter, a :class:`BranchControl` (none = full strength, every layer,
+    every step). Facts of the call, which the handle fills in from the pipeline it runs:
+    ``guidance`` (whether negatives lead the batch; None = read it from the batch size, which is
+    ``(2 or 1) x prompts x images_per_prompt x frames``), ``images_per_prompt``, ``frames`` (1 for images),
+    ``train_timesteps`` (the scheduler's ``num_train_timesteps``, for the step window), ``vae_scale`` (pixels
+    per latent) and ``output_size`` (the ``(height, width)`` regional masks are prepared for).
     """
 
     tokens: dict[str, torch.Tensor]
     negative: dict[str, torch.Tensor]
-    guidance: bool = True
+    guidance: bool | None = None
     controls: dict[str, BranchControl] = field(default_factory=dict)
-    # Set by the attached UNet's pre-hook at every UNet call:
-    progress: float | None = None  # 1 - t / num_train_timesteps of the running step
-    latent_size: tuple[int, int] | None = None  # (h, w) of the UNet's input
+    images_per_prompt: int = 1
+    frames: int = 1
+    train_timesteps: int = 1000
     vae_scale: int = 8
+    output_size: tuple[int, int] | None = None
+    _values: dict[str, _Tensors] = field(default_factory=dict, repr=False)
+    _masks: dict[tuple[str, int, int, int], torch.Tensor] = field(default_factory=dict, repr=False)
     _cache: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -92,88 +161,135 @@ class ImagePrompt:
                 )
             if pos.ndim == 3:
                 self.tokens[name], self.negative[name] = pos.unsqueeze(1), neg.unsqueeze(1)
+        self.prepare()
+
+    def prepare(self) -> ImagePrompt:
+        """Make the per-call tensors (on the tokens' device) and the masks at ``output_size``.
+
+        Run again after changing ``controls`` or ``output_size``; the handle does before every call.
+        """
+        self._values = {name: self.control(name).tensors(pos.device) for name, pos in self.tokens.items()}
+        self._masks = {}
+        if self.output_size is not None:
+            for name, pos in self.tokens.items():
+                for group, mask in enumerate(self.control(name).masks or ()):
+                    if mask is not None:
+                        full = self._full_mask(mask, self.output_size).to(pos.device)
+                        self._masks[(name, group, *self.output_size)] = full
+        self._cache = {}
+        return self
+
+    def values(self, name: str) -> _Tensors:
+        return self._values[name]
 
     def rows(self, name: str, batch: int) -> torch.Tensor | None:
         """Tokens of adapter ``name`` laid out for a query batch of ``batch`` rows, or None if it has none."""
         pos = self.tokens.get(name)
         if pos is None:
             return None
-        halves = [self.negative[name], pos] if self.guidance else [pos]
         prompts, refs, n, d = pos.shape
-        per_prompt, rest = divmod(batch, len(halves) * prompts)
-        if rest or per_prompt % refs:
-            what = "negative + positive" if self.guidance else "positive"
-            if refs > 1:
-                raise InputError(
-                    f"image prompt for adapter '{name}' has {refs} references per prompt (one per frame) but "
-                    f"the UNet runs {batch} rows ({what} for {prompts} prompt(s)); give as many references "
-                    "as frames, or one for all"
-                )
-            raise InputError(
-                f"image prompt for adapter '{name}' has {len(halves) * prompts} rows ({what} for {prompts} "
-                f"prompt(s)) but the UNet runs a batch of {batch}; expected a whole multiple. Give one "
-                "reference per prompt"
-            )
-        copies = per_prompt // refs  # num_images_per_prompt (a frame's references repeat per copy)
-        laid = [h[:, None].expand(prompts, copies, refs, n, d).reshape(-1, n, d) for h in halves]
+        halves = self._halves(name, batch, prompts, refs)
+        laid_halves = [self.negative[name], pos] if halves == 2 else [pos]
+        copies = batch // (halves * prompts * refs)  # num_images_per_prompt (a frame's references repeat)
+        laid = [h[:, None].expand(prompts, copies, refs, n, d).reshape(-1, n, d) for h in laid_halves]
         return torch.cat(laid) if len(laid) > 1 else laid[0]  # (batch, N, D)
+
+    def _halves(self, name: str, batch: int, prompts: int, refs: int) -> int:
+        """2 when negatives lead the batch (classifier-free guidance), else 1; any other layout is refused.
+
+        Only shapes are read, so under ``torch.compile`` this is decided once, when the graph is traced.
+        """
+        if self.guidance is not None:
+            halves = 2 if self.guidance else 1
+        else:
+            unit = prompts * self.images_per_prompt * max(self.frames, 1)
+            halves = batch // unit if batch % unit == 0 and batch // unit in (1, 2) else 0
+        if halves and batch % (halves * prompts) == 0 and (batch // (halves * prompts)) % refs == 0:
+            return halves
+        what = {None: "", True: "negative + positive ", False: "positive "}[self.guidance]
+        if refs > 1:
+            raise InputError(
+                f"image prompt for adapter '{name}' has {refs} references per prompt (one per frame) but the "
+                f"UNet runs {batch} rows ({what}for {prompts} prompt(s)); give as many references as frames, "
+                "or one for all"
+            )
+        raise InputError(
+            f"image prompt for adapter '{name}' serves {prompts} prompt(s) x {self.images_per_prompt} "
+            f"image(s) x {self.frames} frame(s) ({what}rows) but the UNet runs a batch of {batch}; expected "
+            "that many rows, or twice as many under classifier-free guidance. Give one reference per prompt"
+        )
 
     def control(self, name: str) -> BranchControl:
         return self.controls.get(name, PLAIN)
 
-    def mask_rows(self, name: str, group: int, queries: int, like: torch.Tensor) -> torch.Tensor | None:
+    def mask_rows(
+        self, name: str, group: int, queries: int, step: Step, like: torch.Tensor
+    ) -> torch.Tensor | None:
         """Group ``group``'s mask of adapter ``name`` on a layer grid of ``queries`` positions: ``(1, L, 1)``.
 
-        The mask (at the output size) is resized to the layer's grid with bicubic interpolation, as
+        The mask (binarised at the output size) is resized to the layer's grid with bicubic interpolation, as
         diffusers' ``IPAdapterMaskProcessor.downsample`` does; the grid is found from the UNet input's size
         (each down stage halves it, rounding up), so any aspect ratio maps exactly.
         """
         masks = self.control(name).masks
-        mask = None if masks is None else masks[group]
-        if mask is None:
+        if masks is None or masks[group] is None:
             return None
+        size = (step.latent_size[0] * self.vae_scale, step.latent_size[1] * self.vae_scale)
 
         def compute() -> torch.Tensor:
-            grid = self._grid(queries)
-            full = self._at_output_size(mask) if isinstance(mask, Image.Image) else mask.float()
+            full = self._masks.get((name, group, *size))
+            if full is None:
+                full = self._mask_now(masks[group], size)
+            grid = _grid(step.latent_size, queries)
             small = F.interpolate(full[None, None], size=grid, mode="bicubic")
             return small.reshape(1, -1, 1).to(device=like.device, dtype=like.dtype)
 
-        return self.cached(("mask", name, group, queries, like.dtype), compute)
+        return self.cached(("mask", name, group, queries, size, like.dtype), compute)
 
-    def _at_output_size(self, mask: Image.Image) -> torch.Tensor:
-        """A greyscale mask at the output size, binarised at 0.5 (diffusers' ``IPAdapterMaskProcessor``)."""
-        if self.latent_size is None:
-            raise InputError("regional masks need the UNet's input size; run them through a pipeline call")
-        h, w = (side * self.vae_scale for side in self.latent_size)
-        key = ("mask-full", id(mask), h, w)
-
-        def compute() -> torch.Tensor:
-            resized = mask.convert("L").resize((w, h), Image.Resampling.LANCZOS)
-            grey = torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0)
-            return (grey >= 0.5).float()
-
-        return self.cached(key, compute)
-
-    def _grid(self, queries: int) -> tuple[int, int]:
-        if self.latent_size is None:
-            side = math.isqrt(queries)
-            if side * side != queries:
-                raise InputError(f"cannot place a regional mask on a {queries}-position layer grid")
-            return side, side
-        h, w = self.latent_size
-        while h * w > queries and (h > 1 or w > 1):
-            h, w = -(-h // 2), -(-w // 2)
-        if h * w != queries:
+    def _mask_now(self, mask: Image.Image | torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """A mask for an output size nobody prepared: fine in eager mode, impossible inside a compiled UNet."""
+        if compiling():
             raise InputError(
-                f"cannot place a regional mask on a layer of {queries} positions for a {self.latent_size} latent"
+                f"a regional mask was prepared for an output of {self.output_size} but the compiled UNet makes "
+                f"{size}; pass the output size when building the image prompt (output_size=(height, width))"
             )
-        return h, w
+        return self._full_mask(mask, size).to(self.tokens[next(iter(self.tokens))].device)
 
-    def cached(self, key: tuple, compute):  # noqa: ANN001 - tiny internal memo
-        """Memoise per-call work (image keys/values are the same at every denoising step)."""
-        if torch.is_grad_enabled():  # training: every step needs its own graph
+    @staticmethod
+    def _full_mask(mask: Image.Image | torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """A mask at the output size ``(h, w)``; an image is binarised at 0.5 (diffusers'
+        ``IPAdapterMaskProcessor``), a tensor is used as it is."""
+        if isinstance(mask, torch.Tensor):
+            if tuple(mask.shape[-2:]) != tuple(size):
+                raise InputError(
+                    f"regional mask tensor is {tuple(mask.shape)}, the output is {size}; give masks at the "
+                    "output size or as images (they are resized)"
+                )
+            return mask.float()
+        h, w = size
+        resized = mask.convert("L").resize((w, h), Image.Resampling.LANCZOS)
+        grey = torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0)
+        return (grey >= 0.5).float()
+
+    def cached(self, key: tuple, compute: Callable[[], Any]) -> Any:
+        """Memoise per-call work in eager inference (image keys/values are the same at every step).
+
+        Training needs a graph per step, and a compiled UNet must not mutate Python state: both recompute.
+        """
+        if torch.is_grad_enabled() or compiling():
             return compute()
         if key not in self._cache:
             self._cache[key] = compute()
         return self._cache[key]
+
+
+def _grid(latent_size: tuple[int, int], queries: int) -> tuple[int, int]:
+    """The ``(h, w)`` of the layer grid with ``queries`` positions for a UNet input of ``latent_size``."""
+    h, w = latent_size
+    while h * w > queries and (h > 1 or w > 1):
+        h, w = -(-h // 2), -(-w // 2)
+    if h * w != queries:
+        raise InputError(
+            f"cannot place a regional mask on a layer of {queries} positions for a {latent_size} latent"
+        )
+    return h, w

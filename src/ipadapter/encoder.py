@@ -89,9 +89,11 @@ class ImageEncoder:
     def features(
         self, images: list[Image.Image], feature: str, crop: str | list[str] = "center"
     ) -> torch.Tensor:
-        """Features of several RGB images, encoded in one batch; repeated images come from the cache.
+        """Features of several RGB images; repeated images come from the cache.
 
-        ``crop``: how each image is fitted to the square input (one mode for all, or one per image).
+        ``crop``: how each image is fitted to the square input (one mode for all, or one per image). Each image
+        is encoded on its own: a batched matmul may round differently for another batch size, and a cached
+        value must be the one any job would compute (the same job gives the same pixels whatever ran before).
         """
         crops = [crop] * len(images) if isinstance(crop, str) else list(crop)
         keys = [
@@ -100,10 +102,10 @@ class ImageEncoder:
         ]
         todo = [i for i, k in enumerate(keys) if k not in self._cache]
         fresh: dict[tuple, torch.Tensor] = {}
-        if todo:
-            fitted = [fit_square(images[i], crops[i], self.image_size) for i in todo]
-            encoded = self._run(self.pixels(fitted), feature)
-            fresh = {keys[i]: encoded[row] for row, i in enumerate(todo)}
+        for i in todo:
+            if keys[i] not in fresh:
+                fitted = fit_square(images[i], crops[i], self.image_size)
+                fresh[keys[i]] = self._run(self.pixels([fitted]), feature)[0]
         rows = []
         for k in keys:  # read before remembering: a batch larger than the cache must not evict itself
             if k not in fresh:
@@ -127,12 +129,6 @@ class ImageEncoder:
                 value = self._run(zeros, feature)[0]
             self._remember(key, value)
         return self._cache[key]
-
-    def seed_negative(self, feature: str, value: torch.Tensor) -> None:
-        """Use ``value`` (e.g. stored beside embeddings of this encoder) as the negative features."""
-        self._remember(
-            ("<negative>", feature, self.dtype, str(self.device)), value.to(self.device, self.dtype)
-        )
 
     def probe(self) -> torch.Tensor:
         """A few of the model's weights (float32): tells encoders apart whatever dtype they were loaded in."""

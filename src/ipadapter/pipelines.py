@@ -27,7 +27,7 @@ from diffusers import (
 )
 from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 
-from .adapter import STATE_ATTR
+from .adapter import STATE_ATTR, native_size  # noqa: F401 - native_size is part of this module's API
 from .errors import IncompatibleModelError, InputError
 from .schedulers import SCHEDULERS, set_scheduler  # noqa: F401 - part of this module's API
 from .sources import NETWORK_ERRORS, _unavailable, split_hub_path
@@ -50,11 +50,6 @@ def pick_device(device: str = "auto") -> str:
     if not (device == "cpu" or device == "mps" or device.startswith("cuda")):
         raise InputError(f"unknown device '{device}'; expected auto, cpu, cuda, cuda:N or mps")
     return device
-
-
-def native_size(pipe: Any) -> int:
-    """The image side a pipeline's UNet was built for (its default height and width)."""
-    return int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
 
 
 def pick_dtype(dtype: str | None, device: str) -> torch.dtype:

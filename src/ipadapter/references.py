@@ -86,12 +86,13 @@ def control_tokens(ip: IPAdapter, prepared: Prepared) -> tuple[torch.Tensor, tor
     """``(positive, negative, control)`` for one call; tokens are ``(1, N, D)``."""
     control = prepared.control
     param = next(ip.projection.parameters())
-    feats = _features(ip, control.images, prepared.images).to(
-        device=param.device, dtype=param.dtype
-    )  # (R, ...)
+    feats, stored_negative = _features(ip, control.images, prepared.images)
+    feats = feats.to(device=param.device, dtype=param.dtype)  # (R, ...)
     weights = [float(ref.weight) for ref in control.images]
     if prepared.negative_image is not None:
         neg = ip.encoder.features([prepared.negative_image], ip.spec.feature)
+    elif stored_negative is not None:  # an embeddings file's own: no encoder run, and for this call only
+        neg = stored_negative.unsqueeze(0)
     else:
         neg = ip.encoder.negative_features(ip.spec.feature).unsqueeze(0)
     neg_tokens = ip.projection(neg.to(device=param.device, dtype=param.dtype))  # (1, N, D)
@@ -103,28 +104,35 @@ def control_tokens(ip: IPAdapter, prepared: Prepared) -> tuple[torch.Tensor, tor
     tokens = ip.projection(feats)  # (R, N, D)
     count, n, d = tokens.shape
     pos, neg = tokens.reshape(1, count * n, d), neg_tokens.repeat(1, count, 1)
+    # Weights are always given as tensors (ones multiply exactly), so a compiled UNet sees the same structure
+    # whatever the weights are: a new weight is a new value, never a new graph.
     if any(m is not None for m in prepared.masks):
         branch.groups = (n,) * count
         branch.masks = tuple(prepared.masks)
-        branch.group_weights = None if all(w == 1 for w in weights) else tuple(weights)
-    elif any(w != 1 for w in weights):
+        branch.group_weights = tuple(weights)
+    else:
         branch.value_weights = torch.tensor(weights).repeat_interleave(n)  # (R * N,)
     return pos, neg, branch
 
 
-def _features(ip: IPAdapter, refs: list[Reference], loaded: list[Image.Image | Embeds]) -> torch.Tensor:
-    """Encoder features of every reference, images encoded in one batch (cached by content)."""
+def _features(
+    ip: IPAdapter, refs: list[Reference], loaded: list[Image.Image | Embeds]
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Encoder features of every reference (images cached by content), and the negative features stored in
+    the first embeddings file among them (None without one)."""
     feature = ip.spec.feature
     todo = [i for i, item in enumerate(loaded) if isinstance(item, Image.Image)]
     rows: dict[int, torch.Tensor] = {}
     if todo:
         encoded = ip.encoder.features([loaded[i] for i in todo], feature, [refs[i].crop for i in todo])
         rows = {i: encoded[k] for k, i in enumerate(todo)}
+    negative = None
     for i, item in enumerate(loaded):
         if isinstance(item, Embeds):
-            ip.encoder.seed_negative(feature, item.negative)
             rows[i] = item.features.to(device=ip.encoder.device, dtype=ip.encoder.dtype)
-    return torch.stack([rows[i] for i in range(len(loaded))])
+            if negative is None:
+                negative = item.negative.to(device=ip.encoder.device, dtype=ip.encoder.dtype)
+    return torch.stack([rows[i] for i in range(len(loaded))]), negative
 
 
 def combine(feats: torch.Tensor, weights: list[float], mode: str) -> torch.Tensor:

@@ -1,0 +1,308 @@
+"""torch.compile with adapters attached (issue 15): fullgraph works in both idioms, before or after attach, for
+every variant, control and mode; compiled output equals eager; a later call with the same shapes but another
+reference, scale, block weights, window, mask, negative image or prompt makes no new graph.
+
+Most cases compile with the ``aot_eager`` backend (dynamo's tracing and AOT autograd, the parts that break or
+recompile; a few seconds on the tiny models); one case runs inductor, the default backend, end to end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from helpers import load_pipe, reference_image, run
+from PIL import Image
+from torch._dynamo.utils import counters
+
+from ipadapter import attach
+from ipadapter.adapter import run as run_adapters
+from ipadapter.embeds import save_embeds
+from ipadapter.pipelines import load_controlnet, load_motion_adapter, mode_pipeline
+from ipadapter.recipe import Control, Reference
+
+TOL = 1e-3  # compiled vs eager, float32, output_type="np"
+
+
+def ckpt(models: dict, variant: str) -> Path:
+    return models["ckpt"][variant, "safetensors"]
+
+
+def half_mask(side: str, size: int = 32) -> Image.Image:
+    mask = Image.new("L", (size, size), 0)
+    mask.paste(255, (0, 0, size // 2, size) if side == "left" else (size // 2, 0, size, size))
+    return mask
+
+
+def compile_unet(pipe: Any, idiom: str, backend: str = "aot_eager") -> None:
+    """The two ways users compile a denoiser, both with fullgraph=True (a graph break is an error)."""
+    if idiom == "wrap":
+        pipe.unet = torch.compile(pipe.unet, fullgraph=True, backend=backend)
+    else:
+        pipe.unet.compile(fullgraph=True, backend=backend)
+
+
+def graphs() -> int:
+    return counters["stats"]["unique_graphs"]
+
+
+def check_compiled(
+    pipe: Any,
+    calls: list[Callable[[], np.ndarray]],
+    idiom: str = "wrap",
+    before: Callable[[], Any] | None = None,
+) -> list[np.ndarray]:
+    """Run ``calls`` eagerly, compile, run them again: equal within TOL, no graph break, and no graph made
+    after the first call (every later call differs from it in values only).
+
+    ``before``: attach the adapters after compiling (the other calls' order: attach, then compile).
+    """
+    eager = [call() for call in calls] if before is None else None
+    torch._dynamo.reset()
+    counters.clear()
+    compile_unet(pipe, idiom)
+    if before is not None:
+        before()
+        eager = None
+    got = [calls[0]()]
+    made = graphs()
+    assert made >= 1
+    got += [call() for call in calls[1:]]
+    assert graphs() == made, "a call with other values but the same shapes compiled a new graph"
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    if eager is not None:
+        for i, (a, b) in enumerate(zip(got, eager, strict=True)):
+            assert np.abs(a - b).max() <= TOL, (
+                f"call {i}: compiled differs from eager by {np.abs(a - b).max()}"
+            )
+    return got
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo() -> Any:
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def everything(a: Image.Image, b: Image.Image, neg_seed: int = 9, end: float = 0.9) -> Control:
+    """Every per-call control at once: weighted masked references, a window, block weights, a negative image."""
+    return Control(images=[Reference(a, mask=half_mask("left")), Reference(b, weight=0.5, mask=half_mask("right"))],
+                   start=0.1, end=end, layer_weights={"t0": 1.0, "t2": 0.5}, negative_image=reference_image(neg_seed),
+                   scale=0.7)  # fmt: skip
+
+
+def other_values(a: Image.Image, b: Image.Image) -> Control:
+    """The same structure as :func:`everything` with every value changed (the mask content too)."""
+    top = Image.new("L", (32, 32), 0)
+    top.paste(255, (0, 0, 32, 12))
+    return Control(images=[Reference(b, weight=0.8, mask=top), Reference(a, weight=1.3, mask=half_mask("left"))],
+                   start=0.0, end=0.6, layer_weights={"t1": 0.3, "t3": 1.5}, preset=None,
+                   negative_image=reference_image(11), scale=0.4)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Variants, idioms, before / after attach
+
+
+@pytest.mark.parametrize(
+    ("variant", "idiom", "after"),
+    [
+        ("sd15", "wrap", True),
+        ("sd15", "inplace", True),
+        ("plus_sd15", "wrap", False),
+        ("full-face_sd15", "inplace", False),
+        ("plus_sdxl_vit-h", "wrap", True),
+    ],
+)
+def test_each_variant_compiles_fullgraph_and_a_new_reference_or_scale_recompiles_nothing(
+    models: dict, variant: str, idiom: str, after: bool
+) -> None:
+    base = "sdxl" if "sdxl" in variant else "sd15"
+    pipe = load_pipe(models, base)
+    a, b = reference_image(), reference_image(seed=4)
+    holder: dict[str, Any] = {}
+
+    def attach_it() -> None:
+        holder["ip"] = attach(pipe, ckpt(models, variant), scale=0.7)
+
+    def first() -> np.ndarray:
+        holder["ip"].scale = 0.7
+        return run(holder["ip"], a)
+
+    def second() -> np.ndarray:  # another reference, scale and prompt
+        holder["ip"].scale = 0.3
+        return run(holder["ip"], b, prompt="a dog on a hill", negative_prompt="dark")
+
+    if after:
+        attach_it()
+        check_compiled(pipe, [first, second], idiom)
+    else:
+        got = check_compiled(pipe, [first, second], idiom, before=attach_it)
+        # compiled before attaching: compare with the same calls on a fresh eager pipeline
+        eager_pipe = load_pipe(models, base)
+        holder["ip"] = attach(eager_pipe, ckpt(models, variant))
+        assert np.abs(got[0] - first()).max() <= TOL and np.abs(got[1] - second()).max() <= TOL
+
+
+def test_every_control_changes_values_without_a_new_graph(models: dict) -> None:
+    pipe = load_pipe(models, "sd15")
+    ip = attach(pipe, ckpt(models, "plus_sd15"))
+    a, b, c = reference_image(), reference_image(seed=4), reference_image(seed=5)
+    got = check_compiled(
+        pipe,
+        [
+            lambda: run(ip, everything(a, b), num_inference_steps=3),
+            lambda: run(ip, other_values(c, a), num_inference_steps=3, prompt="a red house"),
+            lambda: run(ip, dataclasses.replace(everything(b, c), scale=0.0), num_inference_steps=3),
+        ],
+    )  # fmt: skip
+    plain = run(pipe, num_inference_steps=3)
+    assert np.abs(got[0] - got[1]).max() > 1e-3  # the values did reach the compiled graph
+    assert np.abs(got[2] - plain).max() <= TOL  # scale 0 under compile: the plain model
+
+
+@pytest.mark.parametrize("combine", ["concat", "average", "norm-average", "add", "subtract"])
+def test_each_combine_mode_compiles_once(models: dict, combine: str) -> None:
+    pipe = load_pipe(models, "sd15")
+    ip = attach(pipe, ckpt(models, "sd15"))
+    a, b, c = reference_image(), reference_image(seed=4), reference_image(seed=5)
+    check_compiled(
+        pipe,
+        [
+            lambda: run(ip, Control(images=[a, Reference(b, weight=0.5)], combine=combine, scale=0.8)),
+            lambda: run(ip, Control(images=[Reference(c, weight=1.5), a], combine=combine, scale=0.6)),
+        ],
+    )
+
+
+def test_two_adapters_at_once(models: dict) -> None:
+    pipe = load_pipe(models, "sd15")
+    basic = attach(pipe, ckpt(models, "sd15"), name="basic")
+    plus = attach(pipe, ckpt(models, "plus_sd15"), name="plus")
+    a, b = reference_image(), reference_image(seed=4)
+
+    def both(x: Image.Image, y: Image.Image, s: float) -> np.ndarray:
+        out = run_adapters(pipe, [(basic, Control(images=[x], scale=s)), (plus, Control(images=[y], end=s))],
+                           generator=torch.Generator().manual_seed(0), prompt="a cat", num_inference_steps=2,
+                           height=32, width=32, output_type="np")  # fmt: skip
+        return out.images
+
+    check_compiled(pipe, [lambda: both(a, b, 0.7), lambda: both(b, a, 0.4)])
+
+
+def test_embeddings_files(models: dict, tmp_path: Path) -> None:
+    pipe = load_pipe(models, "sd15")
+    ip = attach(pipe, ckpt(models, "plus_sd15"), scale=0.6)
+    paths = []
+    for seed in (0, 4):
+        image = reference_image(seed=seed)
+        feats = ip.encoder.features([image], ip.spec.feature)[0]
+        path = tmp_path / f"e{seed}.safetensors"
+        save_embeds(path, feats, ip.encoder.negative_features(ip.spec.feature), feature=ip.spec.feature,
+                    encoder=ip.encoder, encoder_name="tiny", crop="center", variant="plus", image_sha1=str(seed))  # fmt: skip
+        paths.append(path)
+    got = check_compiled(pipe, [lambda p=p: run(ip, Control(images=[Reference(embeds=p)])) for p in paths])
+    assert np.abs(got[0] - got[1]).max() > 1e-3
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Modes
+
+
+def mode_setup(models: dict, mode: str) -> tuple[Any, dict[str, Any]]:
+    init = reference_image(7, (32, 32))
+    pipe = load_pipe(models, "sd15")
+    extra: dict[str, Any] = {"num_inference_steps": 3}
+    if mode == "img2img":
+        pipe, extra = mode_pipeline(pipe, "img2img"), {**extra, "image": init, "strength": 0.8}
+    elif mode == "inpaint":
+        pipe = mode_pipeline(pipe, "inpaint")
+        extra.update(image=init, mask_image=half_mask("left"))
+    elif mode == "controlnet":
+        pipe = mode_pipeline(pipe, "t2i", controlnet=load_controlnet(models["controlnet"]["sd15"]))
+        extra["image"] = init
+    elif mode == "video":
+        pipe = mode_pipeline(pipe, "video", motion_adapter=load_motion_adapter(models["motion"]))
+        extra["num_frames"] = 2
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, extra
+
+
+@pytest.mark.parametrize("mode", ["img2img", "inpaint", "controlnet", "video"])
+def test_every_mode_compiles_with_every_control(models: dict, mode: str) -> None:
+    pipe, extra = mode_setup(models, mode)
+    ip = attach(pipe, ckpt(models, "sd15"))
+    a, b, c = reference_image(), reference_image(seed=4), reference_image(seed=5)
+    check_compiled(
+        pipe,
+        [lambda: run(ip, everything(a, b), **extra), lambda: run(ip, other_values(c, a), **extra)],
+        idiom="inplace" if mode == "video" else "wrap",
+    )
+
+
+def test_per_frame_references_compile(models: dict) -> None:
+    pipe, extra = mode_setup(models, "video")
+    ip = attach(pipe, ckpt(models, "sd15"), scale=0.8)
+    a, b, c = reference_image(), reference_image(seed=4), reference_image(seed=5)
+    check_compiled(pipe, [lambda: run(ip, [a, b], **extra), lambda: run(ip, [c, a], **extra)])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Inductor end to end, and what does recompile
+
+
+def test_inductor_equals_eager_and_detach_restores_the_plain_model(models: dict) -> None:
+    pipe = load_pipe(models, "sd15")
+    ip = attach(pipe, ckpt(models, "plus_sd15"))
+    a, b = reference_image(), reference_image(seed=4)
+    eager = [run(ip, everything(a, b)), run(ip, other_values(b, a))]
+    counters.clear()
+    pipe.unet = torch.compile(pipe.unet, fullgraph=True)  # inductor, the default backend
+    got = [run(ip, everything(a, b))]
+    made = graphs()
+    got.append(run(ip, other_values(b, a)))
+    assert graphs() == made and not counters["graph_break"]
+    for x, y in zip(got, eager, strict=True):
+        assert np.abs(x - y).max() <= TOL
+    ip.detach()
+    plain_eager = run(load_pipe(models, "sd15"))
+    assert np.abs(run(pipe) - plain_eager).max() <= TOL
+
+
+def test_a_new_size_or_reference_count_is_a_new_graph_and_still_right(models: dict) -> None:
+    """What does recompile (README): a new output size, and another number of references or adapters."""
+    pipe = load_pipe(models, "sd15")
+    ip = attach(pipe, ckpt(models, "sd15"), scale=0.7)
+    a, b = reference_image(), reference_image(seed=4)
+    eager_wide = run(ip, a, width=48)
+    eager_two = run(ip, Control(images=[a, b]))
+    compile_unet(pipe, "wrap")
+    counters.clear()
+    run(ip, a)
+    made = graphs()
+    assert np.abs(run(ip, a, width=48) - eager_wide).max() <= TOL
+    assert graphs() > made
+    made = graphs()
+    assert np.abs(run(ip, Control(images=[a, b])) - eager_two).max() <= TOL
+    assert graphs() > made
+
+
+def test_a_mask_prepared_for_another_size_is_refused_under_compile(models: dict) -> None:
+    """A prompt built by hand for the default size, run at another: eager adapts, compiled says what to do."""
+    pipe = load_pipe(models, "sd15")
+    ip = attach(pipe, ckpt(models, "sd15"))
+    control = Control(images=[Reference(reference_image(), mask=half_mask("left", 48))])
+    prompt = ip.image_prompt(control)  # prepared for 32 x 32
+    eager = run(pipe, cross_attention_kwargs={"image_prompt": prompt}, width=48)
+    assert eager.shape == (1, 32, 48, 3)
+    compile_unet(pipe, "wrap")
+    with pytest.raises(Exception, match=r"output_size=\(height, width\)"):
+        run(pipe, cross_attention_kwargs={"image_prompt": ip.image_prompt(control)}, width=48)
+    ready = ip.image_prompt(control, output_size=(32, 48))
+    assert np.abs(run(pipe, cross_attention_kwargs={"image_prompt": ready}, width=48) - eager).max() <= TOL
