@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -9,6 +10,7 @@ import pytest
 from helpers import reference_image
 
 import ipadapter.pipelines as pipelines
+from ipadapter.cli import main
 from ipadapter.generation import Engine, Job
 from ipadapter.recipe import AdapterRecipe, Recipe, Reference
 
@@ -48,3 +50,36 @@ def test_a_seed_is_picked_and_reported_when_none_is_given(models: dict) -> None:
     replay = engine.run(job(models, "sd15", seed=result.seed))
     assert result.params["seed"] == result.seed
     assert np.array_equal(np.asarray(result.images[0]), np.asarray(replay.images[0]))
+
+
+def test_the_same_job_gives_the_same_pixels_whatever_ran_before(models: dict, tmp_path: Path) -> None:
+    """Caches (features, negatives, K/V) hold values any job would compute: batch and order change nothing."""
+    a, b, neg = reference_image(), reference_image(seed=3, size=(40, 40)), reference_image(seed=8)
+    basic, plus = (str(models["ckpt"][v, "safetensors"]) for v in ("sd15", "plus_sd15"))
+    b.save(tmp_path / "b.png")
+    assert main(["embed", "--adapter", basic, "--image", str(tmp_path / "b.png"),
+                 "--output", str(tmp_path / "b.safetensors"), "--device", "cpu"]) == 0  # fmt: skip
+
+    def make(*entries: AdapterRecipe, **kw: Any) -> Job:
+        settings = {"prompt": "a cat", "negative_prompt": "blurry", "steps": 2, "width": 32, "height": 32,
+                    "seed": 0, **kw}  # fmt: skip
+        return Job(base=str(models["sd15"]), recipe=Recipe(list(entries)), **settings)
+
+    target = make(AdapterRecipe(path=basic, scale=0.6, combine="average", negative_image=neg,
+                                images=[Reference(a), Reference(b, weight=0.5)]), num_images=2)  # fmt: skip
+    fresh = [np.asarray(image) for image in Engine("cpu").run(target).images]
+    engine = Engine("cpu")
+    before = [
+        make(AdapterRecipe(path=basic, images=[Reference(b)])),  # each reference encoded alone first
+        make(AdapterRecipe(path=basic, images=[Reference(neg)]), seed=5),
+        make(AdapterRecipe(path=basic, images=[Reference(embeds=str(tmp_path / "b.safetensors"))])),
+        make(AdapterRecipe(path=plus, scale=0.3, images=[Reference(a), Reference(b)])),  # another adapter
+        make(AdapterRecipe(path=basic, images=[Reference(b), Reference(a)], combine="concat"),
+             AdapterRecipe(path=plus, images=[Reference(neg)]), num_images=3),  # a two-adapter recipe
+    ]  # fmt: skip
+    for job_before in before:
+        engine.run(job_before)
+    again = engine.run(target).images
+    assert len(again) == 2
+    for x, y in zip(fresh, again, strict=True):
+        assert np.array_equal(x, np.asarray(y))
