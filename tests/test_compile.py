@@ -8,23 +8,33 @@ recompile; a few seconds on the tiny models); one case runs inductor, the defaul
 
 from __future__ import annotations
 
+import base64
 import dataclasses
+import io
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+import tiny_models as tm
 import torch
+from diffusers import UNet2DConditionModel
+from fastapi.testclient import TestClient
 from helpers import load_pipe, reference_image, run
 from PIL import Image
 from torch._dynamo.utils import counters
 
-from ipadapter import attach
+from ipadapter import InputError, attach, cross_attention_layers, generation, save_checkpoint
 from ipadapter.adapter import run as run_adapters
+from ipadapter.batch import run_batch
+from ipadapter.cli import main
 from ipadapter.embeds import save_embeds
+from ipadapter.generation import Engine, Job
 from ipadapter.pipelines import load_controlnet, load_motion_adapter, mode_pipeline
-from ipadapter.recipe import Control, Reference
+from ipadapter.recipe import AdapterRecipe, Control, Recipe, Reference
+from ipadapter.server import ServerConfig, create_app
 
 TOL = 1e-3  # compiled vs eager, float32, output_type="np"
 
@@ -45,6 +55,12 @@ def compile_unet(pipe: Any, idiom: str, backend: str = "aot_eager") -> None:
         pipe.unet = torch.compile(pipe.unet, fullgraph=True, backend=backend)
     else:
         pipe.unet.compile(fullgraph=True, backend=backend)
+
+
+def png_b64(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def graphs() -> int:
@@ -139,11 +155,14 @@ def test_each_variant_compiles_fullgraph_and_a_new_reference_or_scale_recompiles
         holder["ip"].scale = 0.3
         return run(holder["ip"], b, prompt="a dog on a hill", negative_prompt="dark")
 
+    def third() -> np.ndarray:  # one reference through a Control: the same graph as a plain reference
+        return run(holder["ip"], Control(images=[b], end=0.8, layer_weights={"t1": 0.5}, scale=0.9))
+
     if after:
         attach_it()
-        check_compiled(pipe, [first, second], idiom)
+        check_compiled(pipe, [first, second, third], idiom)
     else:
-        got = check_compiled(pipe, [first, second], idiom, before=attach_it)
+        got = check_compiled(pipe, [first, second, third], idiom, before=attach_it)
         # compiled before attaching: compare with the same calls on a fresh eager pipeline
         eager_pipe = load_pipe(models, base)
         holder["ip"] = attach(eager_pipe, ckpt(models, variant))
@@ -306,3 +325,117 @@ def test_a_mask_prepared_for_another_size_is_refused_under_compile(models: dict)
         run(pipe, cross_attention_kwargs={"image_prompt": ip.image_prompt(control)}, width=48)
     ready = ip.image_prompt(control, output_size=(32, 48))
     assert np.abs(run(pipe, cross_attention_kwargs={"image_prompt": ready}, width=48) - eager).max() <= TOL
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Front ends: --compile on the command line, batch and the server (the Engine compiles each denoiser once)
+
+
+@pytest.fixture
+def quick_compile(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Engine's compile options with the aot_eager backend (inductor is tested above)."""
+    monkeypatch.setitem(generation.COMPILE_OPTIONS, "backend", "aot_eager")
+
+
+def test_engine_compiles_each_denoiser_once_and_jobs_reuse_it(models: dict, quick_compile: None) -> None:
+    adapter = str(models["ckpt"]["sd15", "safetensors"])
+    a, b = reference_image(), reference_image(seed=4)
+
+    def job(ref: Image.Image, scale: float, **kw: Any) -> Job:
+        recipe = Recipe([AdapterRecipe(path=adapter, scale=scale, images=[Reference(ref)])])
+        return Job(
+            base=str(models["sd15"]),
+            recipe=recipe,
+            prompt="a cat",
+            steps=2,
+            width=32,
+            height=32,
+            seed=0,
+            **kw,
+        )
+
+    eager = Engine("cpu")
+    expected = [np.asarray(eager.run(job(a, 0.7)).images[0]), np.asarray(eager.run(job(b, 0.4)).images[0])]
+    notices: list[str] = []
+    engine = Engine("cpu", compile=True, notice=notices.append)
+    counters.clear()
+    first = np.asarray(engine.run(job(a, 0.7)).images[0])
+    made = graphs()
+    second = np.asarray(engine.run(job(b, 0.4)).images[0])
+    assert graphs() == made and not counters["graph_break"]
+    # img2img shares the compiled UNet; its latents come in another memory layout (one more graph, once)
+    init = reference_image(7, (32, 32))
+    engine.run(job(a, 0.5, mode="img2img", init=init, strength=0.8))
+    made = graphs()
+    engine.run(job(b, 0.9, mode="img2img", init=init, strength=0.8))
+    assert graphs() == made and not counters["graph_break"]
+    assert len(notices) == 1 and "compiling the denoiser" in notices[0]
+    for got, want in zip((first, second), expected, strict=True):
+        assert np.abs(got.astype(int) - want.astype(int)).max() <= 1  # PNG pixels: at most 1/255 apart
+    with pytest.raises(InputError, match="one of --compile and --cpu-offload"):
+        engine.run(job(a, 0.7, cpu_offload=True))
+
+
+def test_generate_and_batch_take_compile(
+    models: dict, tmp_path: Path, quick_compile: None, capsys: Any
+) -> None:
+    adapter = str(models["ckpt"]["sd15", "safetensors"])
+    reference_image().save(tmp_path / "ref.png")
+    args = ["generate", "--base", str(models["sd15"]), "--adapter", adapter, "--image", str(tmp_path / "ref.png"),
+            "--prompt", "a cat", "--steps", "2", "--seed", "0", "--width", "32", "--height", "32", "--device", "cpu"]  # fmt: skip
+    assert main([*args, "--output", str(tmp_path / "eager.png")]) == 0
+    capsys.readouterr()
+    assert main([*args, "--compile", "--output", str(tmp_path / "compiled.png")]) == 0
+    err = capsys.readouterr().err
+    assert err.count("compiling the denoiser") == 1
+    eager, compiled = (
+        np.asarray(Image.open(tmp_path / f"{n}.png"), dtype=int) for n in ("eager", "compiled")
+    )
+    assert np.abs(eager - compiled).max() <= 1
+    line = {"base": str(models["sd15"]), "adapter": adapter, "image": "ref.png", "prompt": "a cat", "steps": 2, "width": 32,
+            "height": 32, "seed": 0}  # fmt: skip
+    (tmp_path / "jobs.jsonl").write_text(json.dumps(line) + "\n" + json.dumps({**line, "seed": 1}) + "\n")
+    report = run_batch(tmp_path / "jobs.jsonl", tmp_path / "out", device="cpu", quiet=True, compile=True)
+    assert report is not None and report["counts"] == {"done": 2, "failed": 0, "skipped": 0}
+    assert np.abs(np.asarray(Image.open(tmp_path / "out" / "00001.png"), dtype=int) - eager).max() <= 1
+
+
+def test_the_server_warms_the_compiled_denoiser_up_at_start(models: dict, quick_compile: None) -> None:
+    config = ServerConfig(base=str(models["sd15"]), adapters=[str(models["ckpt"]["sd15", "safetensors"])],
+                          compile=True)  # fmt: skip
+    counters.clear()
+    engine = Engine("cpu", compile=True, notice=lambda _: None)
+    app = create_app(config, engine)
+    warmed = graphs()
+    assert warmed >= 1  # compiled during start-up, before any request
+    body = {"prompt": "a cat", "steps": 2, "seed": 0, "image": png_b64(reference_image())}
+    with TestClient(app) as client:
+        response = client.post("/v1/generate", json=body)
+    assert response.status_code == 200, response.text
+    assert graphs() == warmed  # the first request of the native size compiled nothing
+
+
+def test_presets_and_curves_change_block_weights_without_a_new_graph(models: dict, tmp_path: Path) -> None:
+    """Presets need SD1.5's 16 transformer blocks: a tiny UNet of that topology, with an adapter that fits it."""
+    pipe = load_pipe(models, "sd15")
+    torch.manual_seed(0)
+    pipe.unet = UNet2DConditionModel(
+        block_out_channels=(32, 32, 32, 32), layers_per_block=2, sample_size=16, cross_attention_dim=tm.SD15_CROSS,
+        attention_head_dim=8, norm_num_groups=32, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    ).eval()  # fmt: skip
+    hidden = tuple(layer.hidden_size for layer in cross_attention_layers(pipe.unet))
+    assert len(hidden) == 16
+    path = save_checkpoint(tm.make_checkpoint("sd15", hidden=hidden), tmp_path / "ip-adapter_16.safetensors")
+    ip = attach(pipe, path, models["vit_h"])
+    a, b = reference_image(), reference_image(seed=4)
+    got = check_compiled(
+        pipe,
+        [
+            lambda: run(ip, Control(images=[a], preset="style", scale=0.8)),
+            lambda: run(ip, Control(images=[b], preset="composition", scale=0.8)),
+            lambda: run(ip, Control(images=[a], preset="style+composition", composition_weight=0.4)),
+            lambda: run(ip, Control(images=[a], curve="ease-in", layer_weights={"t3": 0.5})),
+        ],
+    )
+    assert np.abs(got[0] - got[2]).max() > 1e-4  # the weights did reach the compiled graph

@@ -207,8 +207,12 @@ def layer_sizes(base: str) -> tuple[int, ...]:
     return (32, 64, 64, 64, 32, 32, 64) if base == "sd15" else (64, 64, 64, 64)
 
 
-def make_checkpoint(variant: str, seed: int = 0, dtype: torch.dtype = torch.float16) -> Checkpoint:
-    """Random weights in the official checkpoint layout for a tiny analogue of ``variant``."""
+def make_checkpoint(
+    variant: str, seed: int = 0, dtype: torch.dtype = torch.float16, hidden: tuple[int, ...] | None = None
+) -> Checkpoint:
+    """Random weights in the official checkpoint layout for a tiny analogue of ``variant``.
+
+    ``hidden``: the cross-attention layers' hidden sizes of another UNet (default: the tiny one of the base)."""
     layout, base, enc = VARIANTS[variant]
     cross = SD15_CROSS if base == "sd15" else SDXL_CROSS
     feature = "pooled" if layout == "basic" else "hidden"
@@ -224,7 +228,7 @@ def make_checkpoint(variant: str, seed: int = 0, dtype: torch.dtype = torch.floa
             output_dim=cross,
             ff_mult=4,
         )
-    hidden = layer_sizes(base)
+    hidden = hidden or layer_sizes(base)
     spec = AdapterSpec(
         layout=layout,
         names=(),

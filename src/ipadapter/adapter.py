@@ -181,7 +181,11 @@ class IPAdapter:
             )
         if pos.shape[0] != num_prompts:
             pos, neg = pos.expand(num_prompts, *pos.shape[1:]), neg.expand(num_prompts, *neg.shape[1:])
-        control = BranchControl(scale=self.scale, layer_scales=(1.0,) * len(self._branches))
+        # Value weights of one, as a Control with one reference has: both make the same compiled graph
+        ones = torch.ones(pos.shape[-2])
+        control = BranchControl(
+            scale=self.scale, layer_scales=(1.0,) * len(self._branches), value_weights=ones
+        )
         return ImagePrompt({self.name: pos}, {self.name: neg.contiguous()}, controls={self.name: control})
 
     def __call__(

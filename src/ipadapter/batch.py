@@ -263,8 +263,11 @@ def run_batch(
     device: str = "auto",
     dtype: str | None = None,
     quiet: bool = False,
+    compile: bool = False,
 ) -> dict[str, Any] | None:
     """Run every job of ``manifest`` into the folder ``output``; returns the report (None on non-main processes).
+
+    ``compile``: each denoiser is compiled once, on first use (see :class:`~ipadapter.generation.Engine`).
 
     Report: ``{"jobs": n, "done": [files], "skipped": [files], "failed": [{"line": k, "error": "..."}],
     "seconds": s, "failures": [files], "processes": [{"process", "device", "done", "failed", "seconds"}]}``.
@@ -282,7 +285,9 @@ def run_batch(
             f"--output '{output}' is a file; expected a folder for the results (made if missing)"
         )
     lines = read_manifest(manifest, output)
-    engine = generation.Engine(_device(state, device), dtype)  # loads nothing until a job runs
+    engine = generation.Engine(
+        _device(state, device), dtype, compile=compile
+    )  # loads nothing until a job runs
     pending, skipped = [], []
     for entry in lines:
         done = entry.error is None and all(path.is_file() for path in entry.files)

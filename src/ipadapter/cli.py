@@ -137,6 +137,7 @@ def _add_generation_options(p: argparse.ArgumentParser, command: str) -> None:
         "--dtype", choices=["float32", "float16", "bfloat16"], help="default: float16 on CUDA, else float32"
     )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
+    _add_compile_option(p)
     if video:
         p.add_argument("--output", default="output.gif", help=".gif or .mp4 path (default output.gif)")
     else:
@@ -144,6 +145,12 @@ def _add_generation_options(p: argparse.ArgumentParser, command: str) -> None:
             "--output", default="output.png", help="PNG path; with several images, -1, -2... are added"
         )
     p.add_argument("--json", action="store_true", help="print the written files and parameters as JSON")
+
+
+def _add_compile_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--compile", action="store_true",
+                   help="compile the denoiser with torch.compile (the first generation takes a while; later "
+                        "ones of the same size are faster)")  # fmt: skip
 
 
 def _add_control_options(p: argparse.ArgumentParser) -> None:
@@ -256,6 +263,7 @@ def _add_batch_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto; under "
                                                     "accelerate launch: each process's own device)")  # fmt: skip
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="default: float16 on CUDA")
+    _add_compile_option(p)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
@@ -266,7 +274,7 @@ def cmd_batch(args: argparse.Namespace) -> dict[str, Any] | None:
     from .batch import run_batch
 
     return run_batch(Path(args.manifest), Path(args.output), device=args.device, dtype=args.dtype,
-                     quiet=args.json)  # fmt: skip
+                     quiet=args.json, compile=args.compile)  # fmt: skip
 
 
 def _add_serve_options(p: argparse.ArgumentParser) -> None:
@@ -295,6 +303,9 @@ def _add_serve_options(p: argparse.ArgumentParser) -> None:
                    help="largest decoded image, in pixels (default 4096x4096)")  # fmt: skip
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="default: float16 on CUDA")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the denoiser with torch.compile, warmed up at start (slower start, faster "
+                        "requests of the native size)")  # fmt: skip
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -317,7 +328,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
                           image_encoder=args.image_encoder, controlnets=list(args.controlnet),
                           motion_adapter=args.motion_adapter, host=args.host, port=args.port,
                           max_queue=args.max_queue, token=token, max_body_bytes=int(args.max_body_mb * 2**20),
-                          max_pixels=args.max_pixels, device=args.device, dtype=args.dtype)  # fmt: skip
+                          max_pixels=args.max_pixels, device=args.device, dtype=args.dtype,
+                          compile=args.compile)  # fmt: skip
     serve(config)
 
 
@@ -808,7 +820,7 @@ def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
         motion_adapter=getattr(args, "motion_adapter", None), frames=frames or 16,
         vae_slicing=getattr(args, "vae_slicing", False), cpu_offload=getattr(args, "cpu_offload", False),
     )  # fmt: skip
-    result = Engine(args.device, args.dtype).run(job)
+    result = Engine(args.device, args.dtype, compile=args.compile).run(job)
 
     params = dict(result.params)
     if args.recipe:

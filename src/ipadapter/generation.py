@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import secrets
+import sys
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -94,20 +95,47 @@ class Result:
 
 ProgressCallback = Callable[[int, int], None]  # (steps done, steps in all); may raise Cancelled
 
+# torch.compile's options for ``Engine(compile=True)``: one graph per UNet (a graph break is an error, not a
+# silent slowdown) in the default mode ("max-autotune" can spend many minutes tuning a full-size UNet).
+COMPILE_OPTIONS: dict[str, Any] = {"fullgraph": True}
+COMPILE_NOTICE = (
+    "ipadapter: compiling the denoiser (--compile): the first generation takes a while (minutes for a "
+    "full-size model), later ones of the same size run faster"
+)
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
 
 class Engine:
     """Loads models on first use and keeps them: one engine per device, one job at a time.
 
     At most ``max_bases`` base models stay in memory (with their mode pipelines and attached adapters); a job
     naming another one drops the least recently used, so a manifest naming many bases cannot exhaust memory.
+    ``compile``: each denoiser is compiled (``torch.compile``, :data:`COMPILE_OPTIONS`) the first time a job
+    uses it, and ``notice`` (default: standard error) is told once that this takes a while. Adapters,
+    references and scales change without recompiling; a new image size, number of images or references does
+    compile once more (README, "Compiling").
     """
 
-    def __init__(self, device: str = "auto", dtype: str | None = None, max_bases: int = 2) -> None:
+    def __init__(
+        self,
+        device: str = "auto",
+        dtype: str | None = None,
+        max_bases: int = 2,
+        *,
+        compile: bool = False,
+        notice: Callable[[str], None] | None = None,
+    ) -> None:
         from .pipelines import pick_device, pick_dtype
 
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
         self.max_bases = max(1, int(max_bases))
+        self.compile = bool(compile)
+        self._notice = notice or _stderr
+        self._noticed = False
         self._bases: OrderedDict[tuple, Any] = OrderedDict()
         self._nets: dict[str, Any] = {}
         self._motion: dict[str, Any] = {}
@@ -162,7 +190,21 @@ class Engine:
             pipe = mode_pipeline(base, job.mode, controlnet=nets or None, motion_adapter=motion)
             pipe.set_progress_bar_config(disable=True)
             self._modes[key] = (pipe, pipe.scheduler)
+        if self.compile:
+            self._compile(self._modes[key][0])
         return self._modes[key]
+
+    def _compile(self, pipe: Any) -> None:
+        """Compile ``pipe``'s denoiser in place, once (mode pipelines made with ``from_pipe`` share it)."""
+        from .adapter import base_module
+
+        unet = base_module(pipe.unet)
+        if getattr(unet, "_compiled_call_impl", None) is not None:
+            return
+        if not self._noticed:
+            self._notice(COMPILE_NOTICE)
+            self._noticed = True
+        unet.compile(**COMPILE_OPTIONS)
 
     def _load(self, cache: dict[str, Any], name: str, loader: Callable[..., Any]) -> Any:
         if name not in cache:
@@ -199,6 +241,11 @@ class Engine:
         from .schedulers import set_scheduler
 
         started = time.perf_counter()
+        if job.cpu_offload and self.compile:
+            raise InputError(
+                "--cpu-offload moves the models between devices at every call, which a compiled denoiser "
+                "cannot follow; use one of --compile and --cpu-offload"
+            )
         if job.cpu_offload and not self.device.startswith("cuda"):
             raise InputError(
                 f"--cpu-offload needs a CUDA device (got '{self.device}'); drop it or use --device cuda"

@@ -216,7 +216,7 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
     from .models import preload
 
     if engine is None:
-        engine = Engine(config.device, config.dtype)
+        engine = Engine(config.device, config.dtype, compile=config.compile)
     served, models = preload(engine, config)
     models["limits"].update(max_images=MAX_IMAGES, max_frames=MAX_FRAMES, max_steps=MAX_STEPS)
     queue = JobQueue(

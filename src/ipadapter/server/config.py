@@ -20,6 +20,8 @@ class ServerConfig:
       output image (width x height), in pixels (422).
     - ``keep_finished`` / ``keep_seconds``: finished ``/v1/jobs`` results are kept for polling, at most this many,
       for at most this long.
+    - ``compile``: compile each denoiser (``torch.compile``) and warm it up at start with one generation at the
+      native size, so the first requests of that size do not wait for the compiler.
     """
 
     base: str
@@ -38,6 +40,7 @@ class ServerConfig:
     dtype: str | None = None
     keep_finished: int = 64
     keep_seconds: float = 600.0
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.base, str) or not self.base.strip():

@@ -62,4 +62,20 @@ def preload(engine: Engine, config: ServerConfig) -> tuple[Served, dict[str, Any
     }
     from ..pipelines import native_size
 
-    return Served(config, modes, native_size(base)), info
+    size = native_size(base)
+    if engine.compile:
+        warm_up(engine, config, modes, size)
+    return Served(config, modes, size), info
+
+
+def warm_up(engine: Engine, config: ServerConfig, modes: list[str], size: int) -> None:
+    """Compile each served denoiser now: one step of a generation at the native size with one reference (the
+    most common request), in the first image mode and, if served, in video (16 frames, the default)."""
+    grey = Image.new("RGB", (size, size), (128, 128, 128))
+    recipe = Recipe([AdapterRecipe(path=config.adapters[0], images=[Reference(path=grey)])])
+    for mode in [modes[0]] + (["video"] if "video" in modes else []):
+        job = Job(base=config.base, base_config=config.base_config, recipe=recipe, mode=mode, steps=1, seed=0,
+                  init=grey, mask=Image.new("L", (size, size), 255), width=None if mode == "inpaint" else size,
+                  height=None if mode == "inpaint" else size,
+                  motion_adapter=config.motion_adapter if mode == "video" else None)  # fmt: skip
+        engine.run(job)
