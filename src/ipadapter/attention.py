@@ -136,9 +136,15 @@ class IPAttnProcessor(nn.Module):
         return out / attn.rescale_output_factor
 
     def _add_image_branches(
-        self, out: torch.Tensor, query: torch.Tensor, prompt: ImagePrompt, step: Step, heads: int, batch: int,
+        self,
+        out: torch.Tensor,
+        query: torch.Tensor,
+        prompt: ImagePrompt,
+        step: Step,
+        heads: int,
+        batch: int,
         inner: int,
-    ) -> torch.Tensor:  # fmt: skip
+    ) -> torch.Tensor:
         for name, branch in self.named_branches():
             control = prompt.control(name)
             values = prompt.values(name) if name in prompt.tokens else None
