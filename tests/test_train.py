@@ -91,10 +91,14 @@ def test_branches_start_as_copies_of_the_layer_keys_and_values(
     trainer = Trainer(config(models, pairs, tmp_path / "run"))
     trainer.setup()
     unet = trainer.pipe.unet
-    for name, branch in trainer.handle._branches.items():
-        attn = unet.get_submodule(name.removesuffix(".processor"))
-        assert torch.equal(branch.to_k_ip.weight, attn.to_k.weight.float())
-        assert torch.equal(branch.to_v_ip.weight, attn.to_v.weight.float())
+    state = trainer.handle.state_dict().ip_adapter  # official keys, e.g. "1.to_k_ip.weight"
+    names = trainer.handle.unet_names()  # the same weights' names inside the UNet
+    assert set(names) == set(state) and len(state) == 2 * len(trainer.handle.spec.layer_ids)
+    unet_state = unet.state_dict()
+    for key, name in names.items():
+        attn = unet.get_submodule(name.split(".processor.")[0])
+        assert torch.equal(unet_state[name], state[key])
+        assert torch.equal(state[key], (attn.to_k if ".to_k_ip." in key else attn.to_v).weight.float())
 
 
 def test_resumed_run_ends_with_the_same_weights(models: dict, pairs: Path, tmp_path: Path) -> None:
@@ -303,6 +307,24 @@ def test_validation_images_are_written(models: dict, pairs: Path, tmp_path: Path
     assert list(
         (tmp_path / "run" / "logs").rglob("events.out.tfevents.*")
     )  # loss, lr, images for TensorBoard
+
+
+def test_a_plain_install_trains_without_tensorboard(
+    models: dict, pairs: Path, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """By default TensorBoard logs when installed; without the package the run trains and says so once."""
+    import accelerate.utils
+
+    monkeypatch.setattr(accelerate.utils, "is_tensorboard_available", lambda: False)
+    assert main(_train_argv(models, pairs, tmp_path / "run", "--max-steps", "1", "--report-to", "auto")) == 0
+    err = capsys.readouterr().err
+    assert (
+        err.count("no TensorBoard logging") == 1 and (tmp_path / "run" / "ip-adapter.safetensors").is_file()
+    )
+    assert not list((tmp_path / "run").rglob("events.out.tfevents.*"))
+    asked = _train_argv(models, pairs, tmp_path / "b", "--max-steps", "1", "--report-to", "tensorboard")
+    assert main(asked) == 2
+    assert any("needs the tensorboard package" in line for line in _error_lines(capsys.readouterr().err))
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo CPU launch tested on Linux")

@@ -21,11 +21,12 @@ from PIL import Image
 from torch import nn
 
 from .attention import IPAttnProcessor, IPBranch, PassThroughProcessor
-from .checkpoint import Checkpoint, load_checkpoint
+from .checkpoint import KV_PARTS, Checkpoint, ip_key, load_checkpoint
 from .conditioning import BranchControl, ImagePrompt, Step, compiling
 from .encoder import ImageEncoder
 from .errors import CheckpointError, IncompatibleModelError, InputError
 from .images import ImageInput, load_image, load_mask
+from .layers import is_cross_attention
 from .projection import build_projection
 from .recipe import Control, Recipe
 from .references import Prepared, control_tokens, prepare
@@ -49,7 +50,7 @@ def cross_attention_layers(unet: nn.Module) -> list[CrossLayer]:
     """The UNet's cross-attention layers in the official id order (the rule diffusers' loader uses too)."""
     layers = []
     for name in unet.attn_processors:
-        if not name.endswith("attn2.processor") or "motion_modules" in name:
+        if not is_cross_attention(name):
             continue
         attn = unet.get_submodule(name[: -len(".processor")])
         layers.append(CrossLayer(name, len(layers), attn.to_k.out_features, attn.to_k.in_features))
@@ -120,6 +121,54 @@ class IPAdapter:
         return self
 
     @property
+    def layer_names(self) -> list[str]:
+        """The UNet's cross-attention processors this adapter serves, in official id order."""
+        return list(self._branches)
+
+    def parameters(self) -> list[nn.Parameter]:
+        """What training changes: the projection's and every layer's image key/value weights."""
+        return [*self.projection.parameters(), *(p for b in self._branches.values() for p in b.parameters())]
+
+    def _layer_keys(self) -> dict[str, tuple[str, str, str]]:
+        """Official ``ip_adapter`` key -> (processor name, layer part, weight name inside the branch)."""
+        return {
+            ip_key(layer_id, part): (proc_name, part, f"{part}.weight")
+            for proc_name, layer_id in zip(self._branches, self.spec.layer_ids, strict=True)
+            for part in KV_PARTS
+        }
+
+    def state_dict(self) -> Checkpoint:
+        """The adapter's current weights in the official layout (the live tensors, detached)."""
+        ip_adapter = {
+            key: getattr(self._branches[proc], part).weight.detach()
+            for key, (proc, part, _) in self._layer_keys().items()
+        }
+        image_proj = {k: v.detach() for k, v in self.projection.state_dict().items()}
+        return Checkpoint(image_proj, ip_adapter, source=self.source)
+
+    def load_state_dict(self, ckpt: Checkpoint) -> None:
+        """Copy a checkpoint of the same layout into the adapter (its dtype and device stay)."""
+        keys = self._layer_keys()
+        if set(ckpt.ip_adapter) != set(keys):
+            raise CheckpointError(
+                f"{ckpt.source}: its ip_adapter keys do not match adapter '{self.name}' "
+                f"({len(ckpt.ip_adapter)} vs {len(keys)} tensors); expected the same layout"
+            )
+        _load_weights(self.projection, ckpt.image_proj, "image_proj", ckpt.source)
+        with torch.no_grad():
+            for key, (proc, part, _) in keys.items():
+                getattr(self._branches[proc], part).weight.copy_(ckpt.ip_adapter[key])
+
+    def unet_names(self) -> dict[str, str]:
+        """Official ``ip_adapter`` key -> that weight's name in ``unet.state_dict()`` (e.g. to read it from
+        a state dict FSDP gathered)."""
+        unet = base_module(self.pipe.unet)
+        return {
+            key: f"{proc}.{unet.get_submodule(proc).slot(self.name)}.{weight}"
+            for key, (proc, _, weight) in self._layer_keys().items()
+        }
+
+    @property
     def attached(self) -> bool:
         state = getattr(base_module(self.pipe.unet), STATE_ATTR, None)
         return state is not None and state.adapters.get(self.name) is self
@@ -184,7 +233,7 @@ class IPAdapter:
         # Value weights of one, as a Control with one reference has: both make the same compiled graph
         ones = torch.ones(pos.shape[-2])
         control = BranchControl(
-            scale=self.scale, layer_scales=(1.0,) * len(self._branches), value_weights=ones
+            scale=self.scale, layer_scales=(1.0,) * len(self.layer_names), value_weights=ones
         )
         return ImagePrompt({self.name: pos}, {self.name: neg.contiguous()}, controls={self.name: control})
 
@@ -238,7 +287,7 @@ def _prompt(prepared: Sequence[tuple[IPAdapter, Prepared]], num_prompts: int) ->
         if control.scale is None:
             control.scale = ip.scale
         if control.layer_scales is None:  # ones rather than None: adding weights later is no new graph
-            control.layer_scales = (1.0,) * len(ip._branches)
+            control.layer_scales = (1.0,) * len(ip.layer_names)
         tokens[ip.name] = pos.expand(num_prompts, *pos.shape[1:])
         negative[ip.name] = neg.expand(num_prompts, *neg.shape[1:]).contiguous()
         controls[ip.name] = control
@@ -502,7 +551,7 @@ def attach(
     branches: dict[str, IPBranch] = {}
     for layer, layer_id in zip(layers, spec.layer_ids, strict=True):
         branch = IPBranch(layer.cross_attention_dim, layer.hidden_size)
-        weights = {p: ckpt.ip_adapter[f"{layer_id}.{p}.weight"] for p in ("to_k_ip", "to_v_ip")}
+        weights = {p: ckpt.ip_adapter[ip_key(layer_id, p)] for p in KV_PARTS}
         _load_weights(branch, {f"{p}.weight": w for p, w in weights.items()}, f"layer {layer_id}", source)
         branches[layer.name] = branch.to(device=device, dtype=dtype)
 

@@ -63,6 +63,10 @@ class IPAttnProcessor(nn.Module):
     def named_branches(self) -> list[tuple[str, IPBranch]]:
         return [(name, getattr(self, key)) for name, key in self._keys.items()]
 
+    def slot(self, name: str) -> str:
+        """The submodule name adapter ``name``'s branch has in this processor (its parameters' prefix)."""
+        return self._keys[name]
+
     def __call__(
         self,
         attn: Any,

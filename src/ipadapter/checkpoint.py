@@ -19,6 +19,14 @@ from safetensors.torch import load_file, save_file
 from .errors import CheckpointError
 
 SECTIONS = ("image_proj", "ip_adapter")
+KV_PARTS = ("to_k_ip", "to_v_ip")  # each layer's image key / value projections
+
+
+def ip_key(layer_id: int, part: str) -> str:
+    """The ``ip_adapter`` key of one layer's image projection: ``"{layer_id}.{part}.weight"`` (DESIGN.md §3.1)."""
+    return f"{layer_id}.{part}.weight"
+
+
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 

@@ -382,7 +382,9 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-workers", type=int, help="data loading worker processes (default 0)")
     p.add_argument("--log-every", type=_positive_int, help="steps between logged losses (default 10)")
     p.add_argument(
-        "--report-to", choices=["tensorboard", "none"], help="default tensorboard (in OUTPUT/logs)"
+        "--report-to",
+        choices=["auto", "tensorboard", "none"],
+        help="loss logging in OUTPUT/logs (default auto: TensorBoard when the package is installed)",
     )
     p.add_argument("--deterministic", action="store_true", default=None,
                    help="deterministic GPU kernels: reruns and resumed runs repeat bit for bit (slower)")  # fmt: skip

@@ -141,3 +141,27 @@ def image_key(img: Image.Image) -> str:
     digest = hashlib.sha1(f"{img.mode}{img.size}".encode())
     digest.update(img.tobytes())
     return digest.hexdigest()
+
+
+CROP_MODES = ("center", "pad", "stretch")
+
+
+def fit_square(image: Image.Image, crop: str, size: int) -> Image.Image:
+    """``image`` prepared for a square encoder input by ``crop`` (center: left to CLIP's own centre crop)."""
+    if crop == "center":
+        return image
+    if crop == "stretch":
+        return image.resize((size, size), Image.Resampling.BICUBIC)
+    if crop == "pad":
+        w, h = image.size
+        if w == h:
+            return image
+        edges = np.concatenate(
+            [np.asarray(image)[[0, -1]].reshape(-1, 3), np.asarray(image)[:, [0, -1]].reshape(-1, 3)]
+        )
+        colour = tuple(int(c) for c in edges.mean(axis=0).round())
+        side = max(w, h)
+        canvas = Image.new("RGB", (side, side), colour)
+        canvas.paste(image, ((side - w) // 2, (side - h) // 2))
+        return canvas
+    raise InputError(f"crop '{crop}' is not one of {', '.join(CROP_MODES)}")

@@ -71,22 +71,21 @@ class Block:
     part: str
 
 
-def _is_cross_attention(name: str) -> bool:
-    # The same rule as ipadapter.adapter.cross_attention_layers (and diffusers' loader): AnimateDiff's motion
-    # modules hold attention layers too, but they are temporal self-attention, never IP-Adapter layers.
+def is_cross_attention(name: str) -> bool:
+    """Whether processor ``name`` (of ``unet.attn_processors``) is an IP-Adapter layer: the rule diffusers'
+    loader uses too. AnimateDiff's motion modules hold attention layers, but temporal self-attention ones."""
     return name.endswith("attn2.processor") and "motion_modules" not in name
 
 
 def block_map(unet: UNetLike) -> dict[str, Block]:
     """The transformer block of every cross-attention processor of ``unet``.
 
-    Keys: the processor names ending in ``attn2.processor`` and not containing ``motion_modules`` (the rule of
-    ``ipadapter.adapter.cross_attention_layers``), in ``unet.attn_processors`` order. Values: the :class:`Block`
+    Keys: the processor names :func:`is_cross_attention` accepts, in ``unet.attn_processors`` order. Values: the :class:`Block`
     holding it; all processors of one block share one ``Block``. Works for ``UNet2DConditionModel`` and
     ``UNetMotionModel``. Raises IncompatibleModelError if a cross-attention processor does not sit in a
     ``down_blocks.i.attentions.j`` / ``mid_block.attentions.j`` / ``up_blocks.i.attentions.j`` transformer block.
     """
-    names = [name for name in unet.attn_processors if _is_cross_attention(name)]
+    names = [name for name in unet.attn_processors if is_cross_attention(name)]
     block_of: dict[str, str] = {}
     sort_key: dict[str, tuple[int, int, int]] = {}
     for name in names:

@@ -29,6 +29,7 @@ from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 
 from .adapter import STATE_ATTR, native_size  # noqa: F401 - native_size is part of this module's API
 from .errors import IncompatibleModelError, InputError
+from .generation import MODES
 from .schedulers import SCHEDULERS, set_scheduler  # noqa: F401 - part of this module's API
 from .sources import NETWORK_ERRORS, _unavailable, split_hub_path
 from .variants import family
@@ -150,7 +151,6 @@ def load_pipeline(
     return pipe.to(device)
 
 
-MODES = ("t2i", "img2img", "inpaint", "video")
 _AUTO = {"t2i": AutoPipelineForText2Image, "img2img": AutoPipelineForImage2Image,
          "inpaint": AutoPipelineForInpainting}  # fmt: skip
 

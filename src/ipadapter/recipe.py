@@ -36,6 +36,7 @@ from typing import Any, NoReturn
 from PIL import Image
 
 from .errors import InputError
+from .images import CROP_MODES
 from .layers import CURVE_NAMES, PRESET_NAMES
 
 try:
@@ -46,7 +47,6 @@ except ModuleNotFoundError:  # Python 3.10
 __all__ = ["COMBINE_MODES", "CROP_MODES", "AdapterRecipe", "Control", "Recipe", "Reference"]
 
 COMBINE_MODES = ("concat", "average", "norm-average", "add", "subtract")
-CROP_MODES = ("center", "pad", "stretch")
 
 # Keys of each table in a recipe file, in the order to_dict writes them.
 _REFERENCE_KEYS = ("path", "embeds", "weight", "mask", "crop")

@@ -63,11 +63,14 @@ def prepare(ip: IPAdapter, control: Control, where: str = "") -> Prepared:
     negative = None
     if control.negative_image is not None:
         negative = load_image(control.negative_image, f"{where}negative image")
-    from .adapter import cross_attention_layers
-
-    names = [layer.name for layer in cross_attention_layers(ip.pipe.unet)]
-    scales = layer_scales(ip.pipe.unet, names, preset=control.preset, composition_weight=control.composition_weight,
-                          layer_weights=control.layer_weights, curve=control.curve)  # fmt: skip
+    scales = layer_scales(
+        ip.pipe.unet,
+        ip.layer_names,
+        preset=control.preset,
+        composition_weight=control.composition_weight,
+        layer_weights=control.layer_weights,
+        curve=control.curve,
+    )
     return Prepared(control, images, masks, negative, scales)
 
 
@@ -96,8 +99,8 @@ def control_tokens(ip: IPAdapter, prepared: Prepared) -> tuple[torch.Tensor, tor
     else:
         neg = ip.encoder.negative_features(ip.spec.feature).unsqueeze(0)
     neg_tokens = ip.projection(neg.to(device=param.device, dtype=param.dtype))  # (1, N, D)
-    branch = BranchControl(scale=control.scale, layer_scales=prepared.layer_scales,
-                           window=(control.start, control.end))  # fmt: skip
+    window = (control.start, control.end)
+    branch = BranchControl(scale=control.scale, layer_scales=prepared.layer_scales, window=window)
     if control.combine != "concat":
         pos = ip.projection(combine(feats, weights, control.combine).unsqueeze(0))  # (1, N, D)
         return pos, neg_tokens, branch

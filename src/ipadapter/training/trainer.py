@@ -82,7 +82,7 @@ class TrainConfig:
     export_dtype: str = "float16"
     num_workers: int = 0
     log_every: int = 10
-    report_to: str = "tensorboard"  # tensorboard | none
+    report_to: str = "auto"  # auto (tensorboard when installed) | tensorboard | none
     deterministic: bool = False  # deterministic CUDA kernels: a rerun or a resumed run repeats bit for bit
     resume: bool = False
 
@@ -120,8 +120,8 @@ class TrainConfig:
             problems.append(f"mixed precision '{self.mixed_precision}' is not one of no, fp16, bf16")
         if self.export_dtype not in ("float16", "float32", "bfloat16"):
             problems.append(f"export dtype '{self.export_dtype}' is not one of float16, float32, bfloat16")
-        if self.report_to not in ("tensorboard", "none"):
-            problems.append(f"report_to '{self.report_to}' is not one of tensorboard, none")
+        if self.report_to not in ("auto", "tensorboard", "none"):
+            problems.append(f"report_to '{self.report_to}' is not one of auto, tensorboard, none")
         if self.cache_dir and (self.random_crop or self.random_flip):
             problems.append(
                 "a feature cache stores centre crops; it cannot be used with random crops or flips"
@@ -210,7 +210,7 @@ def new_spec(variant: str, unet: nn.Module, encoder: nn.Module, num_tokens: int)
 def initial_checkpoint(spec: AdapterSpec, unet: nn.Module, seed: int) -> Any:
     """A fresh projection and ``to_k_ip``/``to_v_ip`` copied from each layer's ``to_k``/``to_v``."""
     from ..adapter import cross_attention_layers
-    from ..checkpoint import Checkpoint
+    from ..checkpoint import Checkpoint, ip_key
     from ..projection import build_projection
 
     with torch.random.fork_rng(devices=[]):
@@ -219,8 +219,8 @@ def initial_checkpoint(spec: AdapterSpec, unet: nn.Module, seed: int) -> Any:
     ip_adapter = {}
     for layer, layer_id in zip(cross_attention_layers(unet), spec.layer_ids, strict=True):
         attn = unet.get_submodule(layer.name.removesuffix(".processor"))
-        ip_adapter[f"{layer_id}.to_k_ip.weight"] = attn.to_k.weight.detach().float().clone()
-        ip_adapter[f"{layer_id}.to_v_ip.weight"] = attn.to_v.weight.detach().float().clone()
+        ip_adapter[ip_key(layer_id, "to_k_ip")] = attn.to_k.weight.detach().float().clone()
+        ip_adapter[ip_key(layer_id, "to_v_ip")] = attn.to_v.weight.detach().float().clone()
     image_proj = {k: v.detach().float().clone() for k, v in projection.state_dict().items()}
     return Checkpoint(image_proj, ip_adapter, source="initialisation")
 
@@ -266,38 +266,18 @@ def trainable_state(handle: Any, gathered: dict[str, torch.Tensor] | None = None
     from ..checkpoint import Checkpoint
 
     if gathered is None:
-        image_proj = dict(handle.projection.state_dict())
-        weights = {
-            (proc_name, part): getattr(branch, part).weight
-            for proc_name, branch in handle._branches.items()
-            for part in ("to_k_ip", "to_v_ip")
-        }
+        live = handle.state_dict()
+        image_proj, ip_adapter = live.image_proj, live.ip_adapter
     else:
         image_proj = {
             k.removeprefix("projection."): v for k, v in gathered.items() if k.startswith("projection.")
         }
-        unet = handle.pipe.unet
-        weights = {}
-        for proc_name in handle._branches:
-            key = unet.get_submodule(proc_name)._keys[handle.name]  # the branch's slot in that processor
-            for part in ("to_k_ip", "to_v_ip"):
-                weights[proc_name, part] = gathered[f"unet.{proc_name}.{key}.{part}.weight"]
-    ids = dict(zip(handle._branches, handle.spec.layer_ids, strict=True))
-    ip_adapter = {
-        f"{ids[proc]}.{part}.weight": w.detach().float().cpu().clone() for (proc, part), w in weights.items()
-    }
-    image_proj = {k: v.detach().float().cpu().clone() for k, v in image_proj.items()}
-    return Checkpoint(image_proj, ip_adapter, source="training")
+        ip_adapter = {key: gathered[f"unet.{name}"] for key, name in handle.unet_names().items()}
 
+    def copy(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.detach().float().cpu().clone() for k, v in state.items()}
 
-def load_trainable(handle: Any, ckpt: Any) -> None:
-    """Put a checkpoint's weights into the attached adapter (same layout required)."""
-    handle.projection.load_state_dict(ckpt.image_proj, strict=True)  # copies into the existing dtype/device
-    ids = dict(zip(handle._branches, handle.spec.layer_ids, strict=True))
-    with torch.no_grad():
-        for proc_name, branch in handle._branches.items():
-            for part in ("to_k_ip", "to_v_ip"):
-                getattr(branch, part).weight.copy_(ckpt.ip_adapter[f"{ids[proc_name]}.{part}.weight"])
+    return Checkpoint(copy(image_proj), copy(ip_adapter), source="training")
 
 
 def checkpoints(output: Path) -> list[Path]:
@@ -379,12 +359,7 @@ class Trainer:
         started = time.perf_counter()
         c = self.config
         self._check_output()
-        if c.report_to == "tensorboard":
-            from accelerate.utils import is_tensorboard_available
-
-            if not is_tensorboard_available():
-                raise InputError("TensorBoard logging needs the tensorboard package: `pip install tensorboard` "
-                                 "(or `pip install -e '.[train]'`), or pass --report-to none")  # fmt: skip
+        self.report_to = self._report_to()
         self.source = open_source(c.data, image_column=c.image_column, text_column=c.text_column)
         if c.validation_image:
             self.validation_reference = load_image(c.validation_image, "validation image")
@@ -400,12 +375,15 @@ class Trainer:
             cpu=not torch.cuda.is_available() and not torch.backends.mps.is_available(),
             mixed_precision=c.mixed_precision,
             gradient_accumulation_steps=1,  # accumulation is done explicitly, step by step (DeepSpeed: see below)
-            log_with=None if c.report_to == "none" else c.report_to,
+            log_with=None if self.report_to == "none" else self.report_to,
             project_config=ProjectConfiguration(
                 project_dir=str(self.output), logging_dir=str(self.output / "logs")
             ),
         )
         acc = self.accelerator
+        if c.report_to == "auto" and self.report_to == "none" and acc.is_main_process:
+            print("ipadapter: note: no TensorBoard logging (the tensorboard package is not installed; "
+                  "`pip install tensorboard` turns it on)", file=sys.stderr)  # fmt: skip
         self._configure_engine()
         weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(c.mixed_precision, torch.float32)
         self.weight_dtype = weight_dtype
@@ -436,9 +414,7 @@ class Trainer:
         for module in (pipe.unet, pipe.vae, encoder_model, *self._text_encoders(pipe)):
             module.requires_grad_(False)
             module.eval()
-        params = list(handle.projection.parameters()) + [
-            p for b in handle._branches.values() for p in b.parameters()
-        ]
+        params = handle.parameters()
         device = acc.device
         for module in (pipe.unet, *self._text_encoders(pipe), encoder_model):
             _place(module, device, weight_dtype)
@@ -466,7 +442,7 @@ class Trainer:
         self.step = 0
         latest = self._latest_checkpoint() if c.resume else None
         if latest is not None:  # weights go in before wrapping: FSDP shards and DDP broadcasts what it finds
-            load_trainable(handle, load_checkpoint(latest[0] / "adapter.safetensors"))
+            handle.load_state_dict(load_checkpoint(latest[0] / "adapter.safetensors"))
         self.module, self.optimizer = acc.prepare(module, optimizer)
         self.lr_scheduler = lr_scheduler
         if latest is not None:
@@ -478,8 +454,21 @@ class Trainer:
             self.output.mkdir(parents=True, exist_ok=True)
             (self.output / CONFIG).write_text(json.dumps(c.to_dict(), indent=2))
         self.seconds["setup"] = time.perf_counter() - started
-        if c.report_to != "none":
+        if self.report_to != "none":
             acc.init_trackers("ipadapter", config={k: v for k, v in c.to_dict().items() if v is not None})
+
+    def _report_to(self) -> str:
+        """Where losses go: TensorBoard when asked for (its package must be there) or, by default, when
+        installed; without it a default run trains unlogged (and says so once it knows its main process)."""
+        from accelerate.utils import is_tensorboard_available
+
+        wanted = self.config.report_to
+        if wanted == "none" or is_tensorboard_available():
+            return "tensorboard" if wanted == "auto" else wanted
+        if wanted == "tensorboard":
+            raise InputError("TensorBoard logging needs the tensorboard package: `pip install tensorboard` "
+                             "(or `pip install -e '.[train]'`), or pass --report-to none")  # fmt: skip
+        return "none"
 
     @property
     def engine(self) -> str:
