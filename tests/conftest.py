@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -10,6 +11,7 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 import pytest  # noqa: E402
 import tiny_models as tm  # noqa: E402
 import torch  # noqa: E402
+from helpers import reference_image  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -42,3 +44,11 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict:
         for fmt in ("bin", "safetensors"):
             out["ckpt"][variant, fmt] = tm.save_variant(folder, variant, fmt)
     return out
+
+
+@pytest.fixture(scope="session")
+def ref_png(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default reference image (helpers.reference_image()) saved as a PNG file."""
+    path = tmp_path_factory.mktemp("ref") / "ref.png"
+    reference_image().save(path)
+    return path

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import base64
+import io
+import socket
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import tiny_models as tm
@@ -52,3 +56,51 @@ def run(pipe, *reference, seed: int = 0, **kwargs) -> np.ndarray:
     """One call with a seeded CPU generator; float images in [0, 1] (video: frames)."""
     out = pipe(*reference, generator=torch.Generator("cpu").manual_seed(seed), **{**CALL, **kwargs})
     return out.frames if hasattr(out, "frames") else out.images
+
+
+def ckpt(models: dict, variant: str = "sd15") -> str:
+    """The tiny ``variant`` checkpoint's ``.safetensors`` path (a string: it goes into argv lists too)."""
+    return str(models["ckpt"][variant, "safetensors"])
+
+
+def half_mask(side: str, size: int = 32) -> Image.Image:
+    """A square greyscale mask, white on its left or right half."""
+    mask = Image.new("L", (size, size), 0)
+    mask.paste(255, (0, 0, size // 2, size) if side == "left" else (size // 2, 0, size, size))
+    return mask
+
+
+def png_pixels(path: Path) -> np.ndarray:
+    """An image file's RGB pixels as int16 (differences of two do not wrap around)."""
+    return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
+
+
+def b64_png(image: Image.Image) -> str:
+    """``image`` as a base64 PNG, as the server's requests carry images."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def b64_pixels(data: str) -> np.ndarray:
+    """The RGB pixels of a base64 PNG (a server answer)."""
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB"))
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for process-group rendezvous)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def fails(capsys: Any, argv: list[str], *needles: str) -> str:
+    """Run the CLI with ``argv``: it must exit 2 with one error line holding every needle; returns the line."""
+    from ipadapter.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("ipadapter: error: ") and "Traceback" not in err
+    for needle in needles:
+        assert needle in err, err
+    return err

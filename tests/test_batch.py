@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from helpers import reference_image
+from helpers import free_port, png_pixels, reference_image
 from PIL import Image
 
 import ipadapter.adapter as adapter_module
@@ -30,10 +29,6 @@ def _manifest(path: Path, lines: list[Any]) -> Path:
     """Write a manifest: dicts become JSON lines, strings are written as they are."""
     path.write_text("\n".join(v if isinstance(v, str) else json.dumps(v) for v in lines) + "\n")
     return path
-
-
-def _pixels(path: Path) -> np.ndarray:
-    return np.asarray(Image.open(path).convert("RGB"))
 
 
 def _params(path: Path) -> dict[str, Any]:
@@ -100,7 +95,7 @@ def test_mixed_manifest_writes_every_result_with_its_settings(mixed: tuple[Path,
     assert rec["line"] == 5 and rec["prompt"] == "a dog" and rec["scale"] == 0.5
     assert rec["recipe"]["adapter"][0]["image"] == ["ref.png", {"path": "refs/b.png", "weight": 0.5}]
     assert _params(out / "two-2.png")["image"] == ["ref.png:0.3", "refs/b.png"]
-    assert not np.array_equal(_pixels(out / "two-1.png"), _pixels(out / "two-2.png"))
+    assert not np.array_equal(png_pixels(out / "two-1.png"), png_pixels(out / "two-2.png"))
     assert not list(out.rglob(".*"))  # no temporary files left
 
 
@@ -112,7 +107,7 @@ def test_batch_job_gives_the_pixels_of_generate(mixed: tuple[Path, dict], models
             "--image", str(work / "ref.png"), "--prompt", "a cat", "--negative-prompt", "blurry", "--scale", "0.7",
             "--steps", "2", "--seed", "0", "--width", "32", "--height", "32", "--output", str(single)]  # fmt: skip
     assert main(argv) == 0
-    assert np.array_equal(_pixels(out / "00002.png"), _pixels(single))
+    assert np.array_equal(png_pixels(out / "00002.png"), png_pixels(single))
     ours, theirs = _params(out / "00002.png"), _params(single)
     same = (
         "seed",
@@ -141,7 +136,7 @@ def test_resume_redoes_only_what_is_missing(mixed: tuple[Path, dict], work: Path
     assert sorted(again["skipped"]) == sorted(
         str(out / n) for n in ("00002.png", "recipe.png", "two-1.png", "two-2.png")
     )
-    assert np.array_equal(_pixels(out / "i2i" / "river.png"), _pixels(first / "i2i" / "river.png"))
+    assert np.array_equal(png_pixels(out / "i2i" / "river.png"), png_pixels(first / "i2i" / "river.png"))
     assert not (out / ".recipe.partial-99.png").exists()
     printed = capsys.readouterr().out.splitlines()
     assert f"line 2: skipped, {out / '00002.png'} exists" in printed
@@ -224,12 +219,7 @@ def test_a_failed_write_leaves_no_file_that_counts_as_done(models: dict, work: P
     assert report["done"] == [str(out / "00001.png")] and not (out / "failures.jsonl").exists()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
+@pytest.mark.heavy  # launches processes
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo CPU launch tested on Linux")
 def test_two_processes_share_the_jobs(models: dict, work: Path, tmp_path: Path) -> None:
     """accelerate 1.15 starts several CPU processes only with its torch-elastic launcher (`--multi_gpu`): its
@@ -238,7 +228,7 @@ def test_two_processes_share_the_jobs(models: dict, work: Path, tmp_path: Path) 
     manifest = _manifest(work / "shared.jsonl", [{**job, "seed": seed} for seed in range(4)])
     out = tmp_path / "out"
     argv = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
             "-m", "ipadapter", "batch", str(manifest), "--output", str(out), "--json"]  # fmt: skip
     done = subprocess.run(argv, env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}, capture_output=True, text=True,
                           timeout=300)  # fmt: skip

@@ -11,20 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import diffusers_pipe, reference_image, run
+from helpers import diffusers_pipe, fails, reference_image, run
 from PIL import Image
 
 import ipadapter.images as enc
 from ipadapter.cli import main
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
-
-
-@pytest.fixture(scope="module")
-def ref_png(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("img") / "ref.png"
-    reference_image().save(path)
-    return path
 
 
 def _generate(models: dict, ref: Path, out: Path, *extra: str, adapter: str | None = None) -> list[str]:
@@ -65,15 +58,6 @@ def test_several_images_and_json_report(models: dict, ref_png: Path, tmp_path: P
     assert report["parameters"]["scheduler"] == "euler"
 
 
-def _fails(capsys, argv: list[str], *needles: str) -> str:
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and err.startswith("ipadapter: error: ") and "Traceback" not in err
-    for needle in needles:
-        assert needle in err, err
-    return err
-
-
 @pytest.mark.parametrize(
     "option,value,needle",
     [
@@ -96,18 +80,18 @@ def test_bad_options(
         argv[argv.index(option) + 1] = value
     else:
         argv += [option, value]
-    _fails(capsys, argv, option, needle)
+    fails(capsys, argv, option, needle)
     assert not (tmp_path / "x.png").exists()
 
 
 def test_bad_reference_images(models: dict, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "zero.png").write_bytes(b"")
-    _fails(capsys, _generate(models, tmp_path / "zero.png", tmp_path / "o.png"), "zero.png", "empty")
+    fails(capsys, _generate(models, tmp_path / "zero.png", tmp_path / "o.png"), "zero.png", "empty")
     (tmp_path / "junk.jpg").write_bytes(b"\xff\xd8\xff garbage")
-    _fails(capsys, _generate(models, tmp_path / "junk.jpg", tmp_path / "o.png"), "junk.jpg")
+    fails(capsys, _generate(models, tmp_path / "junk.jpg", tmp_path / "o.png"), "junk.jpg")
     reference_image(size=(64, 64)).save(tmp_path / "big.png")
     monkeypatch.setattr(enc, "MAX_IMAGE_PIXELS", 1000)
-    _fails(capsys, _generate(models, tmp_path / "big.png", tmp_path / "o.png"), "too large to decode safely")
+    fails(capsys, _generate(models, tmp_path / "big.png", tmp_path / "o.png"), "too large to decode safely")
     assert not (tmp_path / "o.png").exists()
 
 
@@ -119,25 +103,25 @@ def test_other_modes_are_converted(models: dict, tmp_path: Path) -> None:
 
 
 def test_bad_paths_and_models(models: dict, ref_png: Path, tmp_path: Path, capsys) -> None:
-    _fails(capsys, _generate(models, ref_png, tmp_path / "nope" / "o.png"), "output folder", "does not exist")
-    _fails(capsys, _generate(models, ref_png, tmp_path / "o.jpg"), "must be a .png")
+    fails(capsys, _generate(models, ref_png, tmp_path / "nope" / "o.png"), "output folder", "does not exist")
+    fails(capsys, _generate(models, ref_png, tmp_path / "o.jpg"), "must be a .png")
     sdxl = str(models["ckpt"]["sdxl", "safetensors"])
-    _fails(capsys, _generate(models, ref_png, tmp_path / "o.png", adapter=sdxl), "64-dim tokens", "is 32")
-    _fails(
+    fails(capsys, _generate(models, ref_png, tmp_path / "o.png", adapter=sdxl), "64-dim tokens", "is 32")
+    fails(
         capsys,
         _generate(models, ref_png, tmp_path / "o.png", "--image-encoder", str(models["big_g"])),
         "needs 24-dim pooled image_embeds",
         "gives 40-dim",
     )
-    _fails(
+    fails(
         capsys,
         _generate(models, ref_png, tmp_path / "o.png", adapter=str(tmp_path / "missing.bin")),
         "no such file",
     )
     argv = _generate(models, ref_png, tmp_path / "o.png")
     argv[argv.index("--base") + 1] = "someone/not-downloaded"
-    _fails(capsys, argv, "base model 'someone/not-downloaded' is not available", "HF_HUB_OFFLINE")
-    _fails(capsys, _generate(models, ref_png, tmp_path / "o.png", adapter="h94/IP-Adapter/models/x.bin"),
+    fails(capsys, argv, "base model 'someone/not-downloaded' is not available", "HF_HUB_OFFLINE")
+    fails(capsys, _generate(models, ref_png, tmp_path / "o.png", adapter="h94/IP-Adapter/models/x.bin"),
            "adapter 'h94/IP-Adapter/models/x.bin' is not available", "hf download h94/IP-Adapter models/x.bin")  # fmt: skip
     assert not (tmp_path / "o.png").exists()
 

@@ -9,9 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tiny_models as tm
-from helpers import load_pipe, reference_image, run
+from helpers import ckpt, fails, load_pipe, png_pixels, reference_image, run
 from PIL import Image
-from test_cli import _fails
 
 from ipadapter import Control, Reference, apply, attach
 from ipadapter.cli import main
@@ -34,20 +33,12 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return out
 
 
-def ckpt(models: dict, variant: str = "sd15") -> str:
-    return str(models["ckpt"][variant, "safetensors"])
-
-
 def argv(models: dict, out: Path, *extra: str, adapter: bool = True, variant: str = "sd15") -> list[str]:
     head = ["generate", "--base", str(models["sd15"])]
     if adapter:
         head += ["--adapter", ckpt(models, variant)]
     return [*head, "--prompt", "a cat", "--negative-prompt", "blurry", "--steps", "3", "--seed", "0",
             "--width", "32", "--height", "32", "--output", str(out), *extra]  # fmt: skip
-
-
-def pixels(path: Path) -> np.ndarray:
-    return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
 
 
 def api(target, control=None, **kwargs) -> np.ndarray:  # noqa: ANN001
@@ -67,7 +58,7 @@ def test_flags_give_the_same_pixels_as_the_python_api(models: dict, files: dict,
     control = Control(images=[Reference(files["a"]), Reference(files["b"], weight=0.5)], combine="average",
                       negative_image=files["neg"], layer_weights={"t1": 1, "t3": 0.5}, curve="ease-out",
                       start=0.1, end=0.9)  # fmt: skip
-    assert np.array_equal(pixels(out), api(ip, control))
+    assert np.array_equal(png_pixels(out), api(ip, control))
     params = json.loads(Image.open(out).text["parameters"])
     assert params["recipe"]["adapter"][0]["combine"] == "average" and len(params["image_sha1"]) == 2
 
@@ -80,7 +71,7 @@ def test_masks_and_crop_flags(models: dict, files: dict, tmp_path: Path) -> None
     ip = attach(load_pipe(models, "sd15"), ckpt(models), scale=0.7)
     control = Control(images=[Reference(files["a"], mask=files["left"], crop="pad"),
                               Reference(files["wide"], mask=files["right"], crop="pad")])  # fmt: skip
-    assert np.array_equal(pixels(out), api(ip, control))
+    assert np.array_equal(png_pixels(out), api(ip, control))
 
 
 def test_recipe_file_with_two_adapters(models: dict, files: dict, tmp_path: Path) -> None:
@@ -111,7 +102,7 @@ image = ["{files["b"].name}"]
     )
     assert main(argv(models, out, "--recipe", str(recipe), adapter=False)) == 0
     runner = apply(load_pipe(models, "sd15"), Recipe.load(recipe))
-    assert np.array_equal(pixels(out), api(lambda **kw: runner(**kw)))
+    assert np.array_equal(png_pixels(out), api(lambda **kw: runner(**kw)))
 
 
 def embed(models: dict, image: Path, out: Path, variant: str = "plus_sd15", *extra: str) -> int:
@@ -128,15 +119,15 @@ def test_embed_then_embeds_gives_the_image_s_pixels(
     from_image, from_file = tmp_path / "i.png", tmp_path / "e.png"
     assert main(argv(models, from_image, "--image", str(files["a"]), variant="plus_sd15")) == 0
     assert main(argv(models, from_file, "--embeds", str(emb), variant="plus_sd15")) == 0
-    assert np.array_equal(pixels(from_image), pixels(from_file))
+    assert np.array_equal(png_pixels(from_image), png_pixels(from_file))
     capsys.readouterr()  # the runs' progress bars
     # the embeddings of one encoder serve no adapter of another kind or encoder
-    _fails(capsys, argv(models, tmp_path / "x.png", "--embeds", str(emb)), "hidden states", "pooled")
+    fails(capsys, argv(models, tmp_path / "x.png", "--embeds", str(emb)), "hidden states", "pooled")
     other = tm.build_encoder(tmp_path / "other_encoder", tm.VIT_H, seed=5)  # same dims, other weights
-    _fails(capsys, argv(models, tmp_path / "x.png", "--embeds", str(emb), "--image-encoder", str(other),
+    fails(capsys, argv(models, tmp_path / "x.png", "--embeds", str(emb), "--image-encoder", str(other),
                         variant="plus_sd15"), "a.safetensors", "not the encoder")  # fmt: skip
     assert embed(models, files["a"], emb, "sd15") == 2 and "exists" in capsys.readouterr().err
-    _fails(
+    fails(
         capsys,
         argv(models, tmp_path / "x.png", "--embeds", ckpt(models)),  # an adapter file, not embeddings
         "not an ipadapter embeddings file",
@@ -178,22 +169,20 @@ def test_bad_control_input_is_one_line(
     models: dict, files: dict, tmp_path: Path, capsys, extra, needles
 ) -> None:  # noqa: ANN001
     extra = [e.format(**{k: str(v) for k, v in files.items()}) for e in extra]
-    _fails(capsys, argv(models, tmp_path / "x.png", "--image", str(files["a"]), *extra), *needles)
+    fails(capsys, argv(models, tmp_path / "x.png", "--image", str(files["a"]), *extra), *needles)
     assert not (tmp_path / "x.png").exists()
 
 
 def test_bad_recipe_files(models: dict, files: dict, tmp_path: Path, capsys) -> None:
     recipe = tmp_path / "bad.toml"
     recipe.write_text(f'[[adapter]]\npath = "{ckpt(models)}"\nscael = 0.5\nimage = ["{files["a"]}"]\n')
-    _fails(
+    fails(
         capsys, argv(models, tmp_path / "x.png", "--recipe", str(recipe), adapter=False), "scael", "bad.toml"
     )
     recipe.write_text(f'[[adapter]]\npath = "{ckpt(models)}"\nimage = ["{tmp_path / "gone.png"}"]\n')
-    _fails(capsys, argv(models, tmp_path / "x.png", "--recipe", str(recipe), adapter=False), "gone.png")
-    _fails(
-        capsys, argv(models, tmp_path / "x.png", "--recipe", str(recipe)), "--recipe replaces", "--adapter"
-    )
-    _fails(capsys, argv(models, tmp_path / "x.png"), "no reference")
+    fails(capsys, argv(models, tmp_path / "x.png", "--recipe", str(recipe), adapter=False), "gone.png")
+    fails(capsys, argv(models, tmp_path / "x.png", "--recipe", str(recipe)), "--recipe replaces", "--adapter")
+    fails(capsys, argv(models, tmp_path / "x.png"), "no reference")
 
 
 def test_video_combines_references_for_every_frame(models: dict, files: dict, tmp_path: Path) -> None:

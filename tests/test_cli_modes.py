@@ -8,9 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tiny_models as tm
-from helpers import diffusers_pipe, reference_image, run
+from helpers import diffusers_pipe, fails, png_pixels, reference_image, run
 from PIL import Image
-from test_cli import _fails
 
 from ipadapter.cli import main
 from ipadapter.images import load_mask
@@ -46,10 +45,6 @@ def _argv(command: str, models: dict, files: dict, out: Path, *extra: str, base:
     ]  # fmt: skip
 
 
-def _pixels(path: Path) -> np.ndarray:
-    return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
-
-
 def _reference(models: dict, mode: str, base: str = "sd15", controlnet=None, **call) -> np.ndarray:  # noqa: ANN001
     variant = "sd15" if base == "sd15" else "plus_sdxl_vit-h"
     pipe = mode_pipeline(diffusers_pipe(models, variant, scale=0.7), mode, controlnet=controlnet)
@@ -67,7 +62,7 @@ def test_img2img_matches_diffusers(models: dict, files: dict, tmp_path: Path, ba
         == 0
     )
     want = _reference(models, "img2img", base, image=Image.open(files["init"]).convert("RGB"), strength=0.6)
-    ours = _pixels(out)
+    ours = png_pixels(out)
     assert ours.shape == (32, 40, 3)  # the init image's size
     assert np.abs(ours - want).max() <= 2
     params = json.loads(Image.open(out).text["parameters"])
@@ -85,7 +80,7 @@ def test_inpaint_resizes_a_smaller_mask_and_says_so(
     init = Image.open(files["init"]).convert("RGB")
     mask, _ = load_mask(files["mask"], init.size)
     want = _reference(models, "inpaint", image=init, mask_image=mask, width=40, height=32, strength=1.0)
-    ours = _pixels(out)
+    ours = png_pixels(out)
     assert np.abs(ours - want).max() <= 2
     # the kept (black) part stays close to the init image, the repainted part does not
     init_px = np.asarray(init, dtype=np.int16)
@@ -104,7 +99,7 @@ def test_two_controlnets_with_scales_match_diffusers(models: dict, files: dict, 
     nets = [load_controlnet(net), load_controlnet(net)]
     images = [Image.open(control).convert("RGB"), Image.open(files["ref"]).convert("RGB")]
     want = _reference(models, "t2i", controlnet=nets, image=images, controlnet_conditioning_scale=[0.5, 1.0])
-    assert np.abs(_pixels(out) - want).max() <= 2
+    assert np.abs(png_pixels(out) - want).max() <= 2
     params = json.loads(Image.open(out).text["parameters"])
     assert params["controlnet"] == [net, net] and params["control_scale"] == [0.5, 1.0]
 
@@ -169,7 +164,7 @@ def test_bad_mode_inputs_are_one_line_errors(models: dict, files: dict, tmp_path
                str(models["sd15_inpaint"])), "inpainting model"),
     ]  # fmt: skip
     for argv, needle in cases:
-        _fails(capsys, argv, needle)
+        fails(capsys, argv, needle)
 
 
 def test_motion_adapter_for_another_unet_is_refused(
@@ -177,7 +172,7 @@ def test_motion_adapter_for_another_unet_is_refused(
 ) -> None:
     wrong = tm.build_motion_adapter(tmp_path / "motion3", blocks=(32, 64, 64))
     argv = _argv("video", models, files, tmp_path / "v.gif", "--motion-adapter", str(wrong), "--frames", "2")
-    err = _fails(capsys, argv, "motion blocks (32, 64, 64)", "(32, 64)")
+    err = fails(capsys, argv, "motion blocks (32, 64, 64)", "(32, 64)")
     assert "use a motion adapter made for this base" in err
 
 

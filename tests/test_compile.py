@@ -8,9 +8,7 @@ recompile; a few seconds on the tiny models); one case runs inductor, the defaul
 
 from __future__ import annotations
 
-import base64
 import dataclasses
-import io
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -22,7 +20,7 @@ import tiny_models as tm
 import torch
 from diffusers import UNet2DConditionModel
 from fastapi.testclient import TestClient
-from helpers import load_pipe, reference_image, run
+from helpers import b64_png, ckpt, half_mask, load_pipe, reference_image, run
 from PIL import Image
 from torch._dynamo.utils import counters
 
@@ -36,17 +34,8 @@ from ipadapter.pipelines import load_controlnet, load_motion_adapter, mode_pipel
 from ipadapter.recipe import AdapterRecipe, Control, Recipe, Reference
 from ipadapter.server import ServerConfig, create_app
 
+pytestmark = pytest.mark.heavy  # every test here compiles
 TOL = 1e-3  # compiled vs eager, float32, output_type="np"
-
-
-def ckpt(models: dict, variant: str) -> Path:
-    return models["ckpt"][variant, "safetensors"]
-
-
-def half_mask(side: str, size: int = 32) -> Image.Image:
-    mask = Image.new("L", (size, size), 0)
-    mask.paste(255, (0, 0, size // 2, size) if side == "left" else (size // 2, 0, size, size))
-    return mask
 
 
 def compile_unet(pipe: Any, idiom: str, backend: str = "aot_eager") -> None:
@@ -55,12 +44,6 @@ def compile_unet(pipe: Any, idiom: str, backend: str = "aot_eager") -> None:
         pipe.unet = torch.compile(pipe.unet, fullgraph=True, backend=backend)
     else:
         pipe.unet.compile(fullgraph=True, backend=backend)
-
-
-def png_b64(image: Image.Image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def graphs() -> int:
@@ -408,7 +391,7 @@ def test_the_server_warms_the_compiled_denoiser_up_at_start(models: dict, quick_
     app = create_app(config, engine)
     warmed = graphs()
     assert warmed >= 1  # compiled during start-up, before any request
-    body = {"prompt": "a cat", "steps": 2, "seed": 0, "image": png_b64(reference_image())}
+    body = {"prompt": "a cat", "steps": 2, "seed": 0, "image": b64_png(reference_image())}
     with TestClient(app) as client:
         response = client.post("/v1/generate", json=body)
     assert response.status_code == 200, response.text

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers.image_processor import IPAdapterMaskProcessor
-from helpers import CALL, diffusers_pipe, encoder_folder, load_pipe, reference_image, run
+from helpers import CALL, ckpt, diffusers_pipe, encoder_folder, half_mask, load_pipe, reference_image, run
 from PIL import Image
 from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
@@ -24,18 +24,8 @@ from ipadapter.recipe import AdapterRecipe, Control, Recipe, Reference
 TOL = 2 / 255
 
 
-def ckpt(models: dict, variant: str) -> Path:
-    return models["ckpt"][variant, "safetensors"]
-
-
 def call(target: Any, *args: Any, seed: int = 0, **kwargs: Any) -> np.ndarray:
     return run(target, *args, seed=seed, **kwargs)
-
-
-def half_mask(side: str, size: int = 32) -> Image.Image:
-    mask = Image.new("L", (size, size), 0)
-    mask.paste(255, (0, 0, size // 2, size) if side == "left" else (size // 2, 0, size, size))
-    return mask
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -88,8 +78,8 @@ def test_two_adapters_match_diffusers_multi_adapter(models: dict) -> None:
     a, b = reference_image(), reference_image(seed=4)
     encoder = CLIPVisionModelWithProjection.from_pretrained(encoder_folder(models, "sd15"))
     theirs = tm_pipe_with_encoder(models, encoder)
-    folder = ckpt(models, "sd15").parent
-    names = [ckpt(models, v).name for v in ("sd15", "plus_sd15")]
+    folder = Path(ckpt(models, "sd15")).parent
+    names = [Path(ckpt(models, v)).name for v in ("sd15", "plus_sd15")]
     theirs.load_ip_adapter(str(folder), subfolder="", weight_name=names, image_encoder_folder=None)
     theirs.set_ip_adapter_scale([0.7, 0.4])
     expected = call(theirs, ip_adapter_image=[a, b])

@@ -12,7 +12,7 @@ import pytest
 import tiny_models as tm
 import torch
 from diffusers import AnimateDiffPipeline, StableDiffusionInpaintPipeline
-from helpers import diffusers_pipe, load_pipe, reference_image, run
+from helpers import ckpt, diffusers_pipe, load_pipe, reference_image, run
 from PIL import Image
 from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
@@ -49,10 +49,6 @@ CASES: dict[str, tuple[str, bool, dict[str, Any]]] = {
     "controlnet-inpaint": ("inpaint", True, {"image": init_image(), "mask_image": mask_image(),
                                              "control_image": control_image(), **STEPS}),
 }  # fmt: skip
-
-
-def ckpt(models: dict, variant: str) -> Path:
-    return models["ckpt"][variant, "safetensors"]
 
 
 def snapshot(pipe: Any) -> tuple:
@@ -151,7 +147,7 @@ def test_nine_channel_inpainting_base_matches_diffusers(models: dict) -> None:
         feature_extractor=CLIPImageProcessor(size=32, crop_size=32),
     )
     theirs.set_progress_bar_config(disable=True)
-    path = ckpt(models, "sd15")
+    path = Path(ckpt(models, "sd15"))
     theirs.load_ip_adapter(str(path.parent), subfolder="", weight_name=path.name, image_encoder_folder=None)
     theirs.set_ip_adapter_scale(0.7)
     expected = run(theirs, ip_adapter_image=ref, **extra)

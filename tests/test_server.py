@@ -14,7 +14,7 @@ import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from helpers import reference_image
+from helpers import b64_pixels, b64_png, reference_image
 from PIL import Image
 
 from ipadapter.cli import main
@@ -26,16 +26,6 @@ from ipadapter.server.bodies import FIELDS, REFUSED
 TOKEN = "s3cret-token"
 BASIC = {"prompt": "a cat", "negative_prompt": "blurry", "scale": 0.7, "steps": 2, "seed": 0, "width": 32,
          "height": 32}  # fmt: skip
-
-
-def b64(image: Image.Image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-def pixels(data: str) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB"))
 
 
 def png_params(data: str) -> dict[str, Any]:
@@ -65,13 +55,6 @@ def wait_for(client: Any, job_id: str, until: Any, timeout: float = 60.0, **kw: 
             return view
         time.sleep(0.02)
     raise AssertionError(f"job {job_id} did not get there in {timeout} s: {view}")
-
-
-@pytest.fixture(scope="module")
-def ref_png(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("server") / "ref.png"
-    reference_image().save(path)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +90,7 @@ def test_api_pixels_equal_the_cli(
 ) -> None:
     """Both adapters are attached to the server's UNet at once; each request's pixels still equal the CLI's."""
     adapter = str(models["ckpt"][variant, "safetensors"])
-    r = client.post("/v1/generate", json={**BASIC, "image": b64(Image.open(ref_png)), "adapter": adapter})
+    r = client.post("/v1/generate", json={**BASIC, "image": b64_png(Image.open(ref_png)), "adapter": adapter})
     assert r.status_code == 200, r.text
     out = r.json()
     assert out["seed"] == 0 and out["mime"] == "image/png" and len(out["images"]) == 1
@@ -115,7 +98,7 @@ def test_api_pixels_equal_the_cli(
     args = ["generate", "--base", str(models["sd15"]), "--adapter", adapter, "--image", str(ref_png), "--prompt",
             "a cat", "--negative-prompt", "blurry", "--scale", "0.7", "--steps", "2", "--seed", "0", "--width", "32",
             "--height", "32"]  # fmt: skip
-    assert np.array_equal(pixels(out["images"][0]), cli_pixels(args, tmp_path / "cli.png"))
+    assert np.array_equal(b64_pixels(out["images"][0]), cli_pixels(args, tmp_path / "cli.png"))
     params = png_params(out["images"][0])  # the PNG carries its parameters, as the CLI's files do
     assert (
         params["seed"] == 0
@@ -142,9 +125,9 @@ def test_recipe_body_equals_the_cli_recipe_file(
     (tmp_path / "ip.json").write_text(json.dumps(recipe))
     body_recipe = json.loads(json.dumps(recipe))
     entry = body_recipe["adapter"][0]
-    entry["image"][0]["path"] = b64(Image.open(ref_png))
-    entry["image"][1]["path"] = "data:image/png;base64," + b64(other)  # a data: URL works too
-    entry["negative_image"] = b64(other)
+    entry["image"][0]["path"] = b64_png(Image.open(ref_png))
+    entry["image"][1]["path"] = "data:image/png;base64," + b64_png(other)  # a data: URL works too
+    entry["negative_image"] = b64_png(other)
     settings = {k: v for k, v in BASIC.items() if k != "scale"}
     r = client.post("/v1/generate", json={**settings, "recipe": body_recipe, "num_images": 2})
     assert r.status_code == 200, r.text
@@ -154,7 +137,7 @@ def test_recipe_body_equals_the_cli_recipe_file(
     assert main(args) == 0
     for i, data in enumerate(r.json()["images"]):
         assert np.array_equal(
-            pixels(data), np.asarray(Image.open(tmp_path / f"cli-{i + 1}.png").convert("RGB"))
+            b64_pixels(data), np.asarray(Image.open(tmp_path / f"cli-{i + 1}.png").convert("RGB"))
         )
     recorded = r.json()["parameters"]["recipe"]["adapter"][0]
     assert recorded["combine"] == "average" and recorded["image"][1]["path"].startswith("sha1:")
@@ -165,30 +148,36 @@ def test_img2img_equals_the_cli_and_other_modes_run(
 ) -> None:
     init = reference_image(seed=5, size=(48, 40))
     init.save(tmp_path / "init.png")
-    body = {**BASIC, "image": b64(Image.open(ref_png)), "mode": "img2img", "init": b64(init), "strength": 0.6}
+    body = {
+        **BASIC,
+        "image": b64_png(Image.open(ref_png)),
+        "mode": "img2img",
+        "init": b64_png(init),
+        "strength": 0.6,
+    }
     del body["width"], body["height"]
     r = client.post("/v1/generate", json=body)
     assert r.status_code == 200, r.text
     args = ["img2img", "--base", str(models["sd15"]), "--adapter", str(models["ckpt"]["sd15", "safetensors"]),
             "--image", str(ref_png), "--init", str(tmp_path / "init.png"), "--strength", "0.6", "--prompt", "a cat",
             "--negative-prompt", "blurry", "--scale", "0.7", "--steps", "2", "--seed", "0"]  # fmt: skip
-    ours = pixels(r.json()["images"][0])
+    ours = b64_pixels(r.json()["images"][0])
     assert ours.shape == (40, 48, 3) and np.array_equal(ours, cli_pixels(args, tmp_path / "cli.png"))
 
     mask = Image.new("L", (48, 40), 0)
     mask.paste(255, (8, 8, 40, 32))
-    r = client.post("/v1/generate", json={**body, "mode": "inpaint", "mask": b64(mask), "strength": 1.0})
-    assert r.status_code == 200 and pixels(r.json()["images"][0]).shape == (40, 48, 3)
+    r = client.post("/v1/generate", json={**body, "mode": "inpaint", "mask": b64_png(mask), "strength": 1.0})
+    assert r.status_code == 200 and b64_pixels(r.json()["images"][0]).shape == (40, 48, 3)
 
-    control = {**BASIC, "image": b64(Image.open(ref_png)), "controlnet": client.app.state.served.config.controlnets[0],
-               "control_image": b64(reference_image(seed=7, size=(32, 32)))}  # fmt: skip
+    control = {**BASIC, "image": b64_png(Image.open(ref_png)), "controlnet": client.app.state.served.config.controlnets[0],
+               "control_image": b64_png(reference_image(seed=7, size=(32, 32)))}  # fmt: skip
     r = client.post("/v1/generate", json=control)
     assert r.status_code == 200, r.text
     assert r.json()["parameters"]["controlnet"] == [control["controlnet"]]
 
 
 def test_video_is_a_gif_with_its_parameters(client: TestClient, ref_png: Path) -> None:
-    body = {**BASIC, "image": b64(Image.open(ref_png)), "mode": "video", "frames": 2, "fps": 4}
+    body = {**BASIC, "image": b64_png(Image.open(ref_png)), "mode": "video", "frames": 2, "fps": 4}
     r = client.post("/v1/generate", json=body)
     assert r.status_code == 200, r.text
     out = r.json()
@@ -235,7 +224,7 @@ def test_every_generation_option_is_accepted_or_refused_on_purpose() -> None:
 
 
 def _bad_bodies(ref: str, served: ServerConfig) -> list[tuple[Any, int, tuple[str, ...]]]:
-    big = b64(reference_image(size=(80, 80)))  # 6,400 pixels > the test server's 4,096
+    big = b64_png(reference_image(size=(80, 80)))  # 6,400 pixels > the test server's 4,096
     net = served.controlnets[0]
     return [
         (b'{"prompt": "a cat", ', 400, ("not valid JSON", "line 1")),
@@ -313,7 +302,7 @@ def _bad_bodies(ref: str, served: ServerConfig) -> list[tuple[Any, int, tuple[st
 
 
 def test_bad_requests_get_clear_4xx(client: TestClient, config: ServerConfig, ref_png: Path) -> None:
-    ref = b64(Image.open(ref_png))
+    ref = b64_png(Image.open(ref_png))
     for body, status, words in _bad_bodies(ref, config):
         if isinstance(body, bytes):
             kw: dict[str, Any] = {"content": body}
@@ -352,7 +341,7 @@ def test_token_and_unserved_mode(models: dict, engine: Engine, ref_png: Path) ->
             assert c.get("/v1/models", headers={"Authorization": header}).status_code == 401
         auth = {"Authorization": f"Bearer {TOKEN}"}
         assert c.get("/v1/models", headers=auth).json()["modes"] == ["t2i", "img2img", "inpaint"]
-        body = {**BASIC, "image": b64(Image.open(ref_png)), "mode": "video"}
+        body = {**BASIC, "image": b64_png(Image.open(ref_png)), "mode": "video"}
         assert_error(c.post("/v1/generate", json=body, headers=auth), 422, "mode 'video' is not available",
                      "no motion adapter")  # fmt: skip
         assert c.post("/v1/generate", json={**body, "mode": "t2i"}, headers=auth).status_code == 200
@@ -361,7 +350,7 @@ def test_token_and_unserved_mode(models: dict, engine: Engine, ref_png: Path) ->
 def test_unexpected_errors_are_short_json(
     client: TestClient, ref_png: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    body = {**BASIC, "image": b64(Image.open(ref_png))}
+    body = {**BASIC, "image": b64_png(Image.open(ref_png))}
     engine = client.app.state.engine
     monkeypatch.setattr(
         engine, "run", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom at /srv/secret"))
@@ -383,14 +372,14 @@ def test_unexpected_errors_are_short_json(
 def test_jobs_progress_cancel_and_queue_full(
     client: TestClient, ref_png: Path, models: dict, engine: Engine
 ) -> None:
-    body = {**BASIC, "image": b64(Image.open(ref_png))}
-    before = pixels(client.post("/v1/generate", json=body).json()["images"][0])
+    body = {**BASIC, "image": b64_png(Image.open(ref_png))}
+    before = b64_pixels(client.post("/v1/generate", json=body).json()["images"][0])
 
     r = client.post("/v1/jobs", json=body)
     assert r.status_code == 202 and r.headers["location"] == f"/v1/jobs/{r.json()['id']}"
     view = wait_for(client, r.json()["id"], lambda v: v["status"] == "done")
     assert view["progress"] == {"step": 2, "total": 2}
-    assert np.array_equal(pixels(view["result"]["images"][0]), before)
+    assert np.array_equal(b64_pixels(view["result"]["images"][0]), before)
     assert view["result"]["seconds"]["total"] >= view["result"]["seconds"]["generate"]
 
     long = client.post("/v1/jobs", json={**body, "steps": 400}).json()["id"]
@@ -405,7 +394,7 @@ def test_jobs_progress_cancel_and_queue_full(
     assert view["progress"]["step"] < 400 and "result" not in view
     assert client.get("/healthz").json()["queue"]["active"] == 0
     # a cancelled run leaves nothing behind: the same request gives the same pixels
-    assert np.array_equal(pixels(client.post("/v1/generate", json=body).json()["images"][0]), before)
+    assert np.array_equal(b64_pixels(client.post("/v1/generate", json=body).json()["images"][0]), before)
 
     deleted = client.delete(f"/v1/jobs/{view['id']}").json()  # a finished job: its record is dropped
     assert deleted == {"id": long, "status": "cancelled", "deleted": True}
@@ -427,7 +416,7 @@ def test_jobs_progress_cancel_and_queue_full(
 
 
 def test_finished_jobs_are_kept_only_up_to_a_bound(models: dict, engine: Engine, ref_png: Path) -> None:
-    body = {**BASIC, "image": b64(Image.open(ref_png))}
+    body = {**BASIC, "image": b64_png(Image.open(ref_png))}
     with TestClient(small_app(models, engine, keep_finished=2, keep_seconds=30)) as c:
         ids = [c.post("/v1/jobs", json=body).json()["id"] for _ in range(4)]
         wait_for(c, ids[-1], lambda v: v["status"] == "done")
@@ -447,7 +436,7 @@ def test_finished_jobs_are_kept_only_up_to_a_bound(models: dict, engine: Engine,
 def test_concurrent_requests_get_200_or_429_and_the_server_lives(
     models: dict, engine: Engine, ref_png: Path
 ) -> None:
-    body = {**BASIC, "image": b64(Image.open(ref_png))}
+    body = {**BASIC, "image": b64_png(Image.open(ref_png))}
     with serve_in_thread(small_app(models, engine, max_queue=4)) as url:
         start, statuses, retry = threading.Barrier(16), [], []
 
@@ -475,7 +464,7 @@ def test_concurrent_requests_get_200_or_429_and_the_server_lives(
 def test_a_client_that_disconnects_frees_its_slot_and_chunked_bodies_are_limited(
     models: dict, engine: Engine, ref_png: Path
 ) -> None:
-    body = {**BASIC, "image": b64(Image.open(ref_png))}
+    body = {**BASIC, "image": b64_png(Image.open(ref_png))}
     with serve_in_thread(small_app(models, engine, max_queue=1, max_body_bytes=256 * 1024)) as url:
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(f"{url}/v1/generate", json={**body, "steps": 400}, timeout=httpx.Timeout(10, read=1.0))

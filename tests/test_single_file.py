@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DiffusionPipeline
-from helpers import pipeline_class, reference_image
+from helpers import pipeline_class
 from ldm_export import SDXL_OPENCLIP_PREFIX, export_single_file
 from PIL import Image
 from safetensors import safe_open
@@ -35,13 +35,6 @@ def single_files(models: dict, tmp_path_factory: pytest.TempPathFactory) -> dict
     return {
         base: (models[base], export_single_file(models[base], root / f"{base}.safetensors")) for base in BASES
     }
-
-
-@pytest.fixture(scope="module")
-def ref_png(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("img") / "ref.png"
-    reference_image().save(path)
-    return path
 
 
 def _assert_same_weights(loaded: DiffusionPipeline, original: DiffusionPipeline) -> None:

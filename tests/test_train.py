@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import CALL, load_pipe, reference_image, run
+from helpers import CALL, fails, free_port, load_pipe, reference_image, run
 from PIL import Image
 from safetensors import safe_open
 from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
@@ -163,19 +162,13 @@ def test_deterministic_runs_with_deterministic_kernels_and_puts_torch_back(
     assert not torch.are_deterministic_algorithms_enabled()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _ddp_train(train_argv: list[str]) -> subprocess.CompletedProcess:
     """`accelerate launch` of the CLI on two CPU processes (DDP over gloo)."""
     # accelerate's `--cpu --num_processes 2` starts ONE process unless MPI is set up; its torch-elastic launcher
     # (`--multi_gpu`) with no visible GPU starts two CPU processes in a gloo group.
     argv = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-            str(_free_port()), "-m", "ipadapter", *train_argv]  # fmt: skip
+            str(free_port()), "-m", "ipadapter", *train_argv]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
 
@@ -198,6 +191,7 @@ def _train_argv(models: dict, data: Path, out: Path, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
+@pytest.mark.heavy  # launches processes
 def test_killed_run_resumes_to_the_same_weights(models: dict, pairs: Path, tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     steps = ["--max-steps", "16", "--checkpoint-every", "2", "--keep-checkpoints", "2"]
@@ -258,25 +252,23 @@ def test_sdxl_trains_and_exports(models: dict, pairs: Path, tmp_path: Path) -> N
 def test_bad_training_input_is_refused_before_training(
     models: dict, pairs: Path, tmp_path: Path, capsys
 ) -> None:
-    from test_cli import _fails
-
     empty = tmp_path / "empty"
     empty.mkdir()
-    _fails(capsys, _train_argv(models, empty, tmp_path / "a"), "no images")
-    _fails(capsys, _train_argv(models, pairs, tmp_path / "a", "--resolution", "30"), "not a multiple of 8")
-    _fails(capsys, _train_argv(models, pairs, tmp_path / "a", "--drop-text", "0.7", "--drop-image", "0.7"),
+    fails(capsys, _train_argv(models, empty, tmp_path / "a"), "no images")
+    fails(capsys, _train_argv(models, pairs, tmp_path / "a", "--resolution", "30"), "not a multiple of 8")
+    fails(capsys, _train_argv(models, pairs, tmp_path / "a", "--drop-text", "0.7", "--drop-image", "0.7"),
            "sum to at most 1")  # fmt: skip
-    _fails(capsys, ["train", "--data", str(pairs)], "missing --base", "--output")
-    _fails(capsys, ["train", "--resume", str(tmp_path / "nothing")], "holds no training run")
+    fails(capsys, ["train", "--data", str(pairs)], "missing --base", "--output")
+    fails(capsys, ["train", "--resume", str(tmp_path / "nothing")], "holds no training run")
     other = load_checkpoint(models["ckpt"]["plus_sd15", "safetensors"])  # 16 hidden-state tokens, not basic
-    _fails(capsys, _train_argv(models, pairs, tmp_path / "a", "--init-adapter",
+    fails(capsys, _train_argv(models, pairs, tmp_path / "a", "--init-adapter",
                                str(models["ckpt"]["plus_sd15", "safetensors"])), "is a plus adapter")  # fmt: skip
     assert other.image_proj
     out = tmp_path / "done"
     assert main(_train_argv(models, pairs, out, "--max-steps", "1")) == 0
     capsys.readouterr()
-    _fails(capsys, _train_argv(models, pairs, out, "--max-steps", "1"), "already holds a training run")
-    _fails(capsys, ["train", "--resume", str(out), "--lr", "5e-4"], "another configuration", "lr")
+    fails(capsys, _train_argv(models, pairs, out, "--max-steps", "1"), "already holds a training run")
+    fails(capsys, ["train", "--resume", str(out), "--lr", "5e-4"], "another configuration", "lr")
     with pytest.raises(InputError, match="validation image"):
         config(models, pairs, tmp_path / "b", validate_every=2)
 
@@ -327,6 +319,7 @@ def test_a_plain_install_trains_without_tensorboard(
     assert any("needs the tensorboard package" in line for line in _error_lines(capsys.readouterr().err))
 
 
+@pytest.mark.heavy  # launches processes
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo CPU launch tested on Linux")
 def test_two_process_cpu_run_writes_one_checkpoint(models: dict, pairs: Path, tmp_path: Path) -> None:
     out = tmp_path / "ddp"
@@ -470,10 +463,11 @@ def _deepspeed_train(
         str(Path(__file__).parent / "deepspeed_cpu.py"),
         *_engine_argv(models, pairs, out, *extra),
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(_free_port()), **env}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port()), **env}
     return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.heavy  # launches processes
 def test_deepspeed_zero2_trains_the_same_weights_and_resumes_exactly(
     models: dict, pairs: Path, tmp_path: Path
 ) -> None:
@@ -502,6 +496,7 @@ def test_deepspeed_zero2_trains_the_same_weights_and_resumes_exactly(
                        export_dtype="float32", max_steps=6, resume=True)).setup()  # fmt: skip
 
 
+@pytest.mark.heavy  # launches processes
 def test_deepspeed_bf16_validates_and_bad_configs_are_refused_in_one_line(
     models: dict, pairs: Path, tmp_path: Path
 ) -> None:
@@ -583,6 +578,7 @@ def _fsdp_train(
     return texts[0]
 
 
+@pytest.mark.heavy  # launches processes
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo CPU launch tested on Linux")
 def test_fsdp_over_two_processes_trains_like_ddp_and_resumes(
     models: dict, pairs: Path, tmp_path: Path
@@ -606,6 +602,7 @@ def test_fsdp_over_two_processes_trains_like_ddp_and_resumes(
     assert images == ["step-0000002.png", "step-0000004.png"]  # rendered by every rank, saved by one
 
 
+@pytest.mark.heavy  # launches processes
 def test_fsdp1_trains_the_plain_runs_weights_and_size_based_wrapping_is_refused(
     models: dict, pairs: Path, tmp_path: Path
 ) -> None:
