@@ -381,12 +381,21 @@ def _run_share(
     return {"done": done, "failed": failed, "failures": str(failures) if failed else None}
 
 
-def _merge(lines: list[Line], skipped: list[Line], parts: list[dict[str, Any]], output: Path,
-           started: float) -> dict[str, Any]:  # fmt: skip
+def _merge(
+    lines: list[Line], skipped: list[Line], parts: list[dict[str, Any]], output: Path, started: float
+) -> dict[str, Any]:
     done = sorted(item for part in parts for item in part["done"])
     failed = sorted((f for part in parts for f in part["failed"]), key=lambda f: f["line"])
-    processes = [{"process": p["process"], "device": p["device"], "done": len(p["done"]), "failed": len(p["failed"]),
-                  "seconds": p["seconds"]} for p in parts]  # fmt: skip
+    processes = [
+        {
+            "process": p["process"],
+            "device": p["device"],
+            "done": len(p["done"]),
+            "failed": len(p["failed"]),
+            "seconds": p["seconds"],
+        }
+        for p in parts
+    ]
     return {
         "jobs": len(lines),
         "done": [path for _, paths in done for path in paths],

@@ -91,34 +91,62 @@ def _add_generation_options(p: argparse.ArgumentParser, command: str) -> None:
         "--image-encoder", help="CLIP vision model folder or hub path (default: from the adapter's repo)"
     )
     if video:
-        p.add_argument("--image", action="append", default=[],
-                       help="reference image PATH[:WEIGHT]: once for all frames, once per frame (repeat it), or a "
-                            "folder of one image per frame (sorted by name); with --combine, several references "
-                            "combined for every frame")  # fmt: skip
+        p.add_argument(
+            "--image",
+            action="append",
+            default=[],
+            help="reference image PATH[:WEIGHT]: once for all frames, once per frame (repeat it), or a "
+            "folder of one image per frame (sorted by name); with --combine, several references "
+            "combined for every frame",
+        )
         p.add_argument("--motion-adapter", required=True, help="AnimateDiff motion adapter: folder or hub id")
         p.add_argument("--frames", type=_positive_int, default=16, help="number of frames (default 16)")
         p.add_argument("--fps", type=_positive_float, default=8.0, help="frames per second (default 8)")
         p.add_argument("--vae-slicing", action="store_true", help="decode frames one by one (less memory)")
-        p.add_argument("--cpu-offload", action="store_true",
-                       help="keep idle models in CPU memory (CUDA only; much less GPU memory, a bit slower)")  # fmt: skip
+        p.add_argument(
+            "--cpu-offload",
+            action="store_true",
+            help="keep idle models in CPU memory (CUDA only; much less GPU memory, a bit slower)",
+        )
     else:
-        p.add_argument("--image", action="append", default=[],
-                       help="reference image PATH[:WEIGHT]; repeat for several references (see --combine)")  # fmt: skip
+        p.add_argument(
+            "--image",
+            action="append",
+            default=[],
+            help="reference image PATH[:WEIGHT]; repeat for several references (see --combine)",
+        )
     _add_control_options(p)
     if command in ("img2img", "inpaint"):
         p.add_argument("--init", required=True, help="the image to start from (its size is the output size)")
         default = 1.0 if command == "inpaint" else 0.8
-        p.add_argument("--strength", type=_strength, default=default,
-                       help=f"how much to repaint, in (0, 1] (default {default})")  # fmt: skip
+        p.add_argument(
+            "--strength",
+            type=_strength,
+            default=default,
+            help=f"how much to repaint, in (0, 1] (default {default})",
+        )
     if command == "inpaint":
         p.add_argument("--mask", required=True, help="greyscale mask: white = repaint, black = keep")
-    p.add_argument("--controlnet", action="append", default=[],
-                   help="ControlNet folder or hub id; repeat for several, each with its --control-image")  # fmt: skip
-    p.add_argument("--control-image", action="append", default=[],
-                   help="conditioning image per --controlnet, in the same order"
-                        + (" (or a folder with one image per frame)" if video else ""))  # fmt: skip
-    p.add_argument("--control-scale", action="append", default=[], type=_finite,
-                   help="ControlNet strength: once for all or once per --controlnet (default 1.0)")  # fmt: skip
+    p.add_argument(
+        "--controlnet",
+        action="append",
+        default=[],
+        help="ControlNet folder or hub id; repeat for several, each with its --control-image",
+    )
+    p.add_argument(
+        "--control-image",
+        action="append",
+        default=[],
+        help="conditioning image per --controlnet, in the same order"
+        + (" (or a folder with one image per frame)" if video else ""),
+    )
+    p.add_argument(
+        "--control-scale",
+        action="append",
+        default=[],
+        type=_finite,
+        help="ControlNet strength: once for all or once per --controlnet (default 1.0)",
+    )
     p.add_argument("--prompt", default="", help="text prompt (default: empty)")
     p.add_argument("--negative-prompt", default=None, help="negative text prompt")
     p.add_argument("--scale", type=_scale, help="image prompt strength, >= 0 (default 1.0)")
@@ -148,9 +176,12 @@ def _add_generation_options(p: argparse.ArgumentParser, command: str) -> None:
 
 
 def _add_compile_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--compile", action="store_true",
-                   help="compile the denoiser with torch.compile (the first generation takes a while; later "
-                        "ones of the same size are faster)")  # fmt: skip
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="compile the denoiser with torch.compile (the first generation takes a while; later "
+        "ones of the same size are faster)",
+    )
 
 
 def _add_control_options(p: argparse.ArgumentParser) -> None:
@@ -159,13 +190,23 @@ def _add_control_options(p: argparse.ArgumentParser) -> None:
     from .recipe import COMBINE_MODES, CROP_MODES
 
     g = p.add_argument_group("image prompt control")
-    g.add_argument("--recipe", help="a recipe file (.toml or .json): adapters, references and their options; "
-                                    "replaces --adapter/--image and the options below")  # fmt: skip
-    g.add_argument("--embeds", action="append", default=[],
-                   help="reference from an `ipadapter embed` file, FILE[:WEIGHT]; repeatable")  # fmt: skip
-    g.add_argument("--image-mask", action="append", default=[],
-                   help="regional mask per reference (white = where it acts), in the order of --image then "
-                        "--embeds")  # fmt: skip
+    g.add_argument(
+        "--recipe",
+        help="a recipe file (.toml or .json): adapters, references and their options; "
+        "replaces --adapter/--image and the options below",
+    )
+    g.add_argument(
+        "--embeds",
+        action="append",
+        default=[],
+        help="reference from an `ipadapter embed` file, FILE[:WEIGHT]; repeatable",
+    )
+    g.add_argument(
+        "--image-mask",
+        action="append",
+        default=[],
+        help="regional mask per reference (white = where it acts), in the order of --image then --embeds",
+    )
     g.add_argument("--combine", choices=COMBINE_MODES, help="how several references combine (default concat)")
     g.add_argument("--crop", choices=CROP_MODES, help="how a non-square reference is fitted (default center)")
     g.add_argument("--negative-image", help="image whose tokens replace the unconditional image tokens")
@@ -196,8 +237,10 @@ def _recipe(args: argparse.Namespace, video: bool) -> Any:
         return recipe
     start, end = (0.0 if args.start is None else args.start), (1.0 if args.end is None else args.end)
     if not 0.0 <= start < end <= 1.0:  # said in the flags' words (the recipe would name its own fields)
-        raise InputError(f"--start {start:g} --end {end:g}: expected 0 <= start < end <= 1, the part of the "
-                         "denoising run the image prompt acts in; e.g. --start 0.2 --end 0.8")  # fmt: skip
+        raise InputError(
+            f"--start {start:g} --end {end:g}: expected 0 <= start < end <= 1, the part of the "
+            "denoising run the image prompt acts in; e.g. --start 0.2 --end 0.8"
+        )
     if video and args.adapter and args.image and per_frame_video({**options, "mode": "video"}):
         return None  # plain --image for a video: one reference for all frames, or one per frame
     return recipe_from_options(options)  # its files are read by _load_references, in the flags' words
@@ -250,8 +293,17 @@ def cmd_embed(args: argparse.Namespace) -> dict[str, Any]:
     check_encoder(spec, encoder, source)
     features = encoder.features([image], spec.feature, args.crop)[0]
     variant = "/".join(spec.names) or spec.layout
-    save_embeds(output, features, encoder.negative_features(spec.feature), feature=spec.feature, encoder=encoder,
-                encoder_name=str(where), crop=args.crop, variant=variant, image_sha1=image_key(image))  # fmt: skip
+    save_embeds(
+        output,
+        features,
+        encoder.negative_features(spec.feature),
+        feature=spec.feature,
+        encoder=encoder,
+        encoder_name=str(where),
+        crop=args.crop,
+        variant=variant,
+        image_sha1=image_key(image),
+    )
     if not args.json:
         print(f"wrote {output} ({spec.feature} features {list(features.shape)} for {variant})")
     return {"output": str(output), "feature": spec.feature, "shape": list(features.shape), "variant": variant}
@@ -260,8 +312,12 @@ def cmd_embed(args: argparse.Namespace) -> dict[str, Any]:
 def _add_batch_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("manifest", help="a .jsonl file: one job per line, the generation options as JSON keys")
     p.add_argument("--output", required=True, help="folder for the results (made if missing)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto; under "
-                                                    "accelerate launch: each process's own device)")  # fmt: skip
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="auto, cpu, cuda, cuda:N or mps (default auto; under "
+        "accelerate launch: each process's own device)",
+    )
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="default: float16 on CUDA")
     _add_compile_option(p)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -273,8 +329,14 @@ def cmd_batch(args: argparse.Namespace) -> dict[str, Any] | None:
         _quiet_libraries()
     from .batch import run_batch
 
-    return run_batch(Path(args.manifest), Path(args.output), device=args.device, dtype=args.dtype,
-                     quiet=args.json, compile=args.compile)  # fmt: skip
+    return run_batch(
+        Path(args.manifest),
+        Path(args.output),
+        device=args.device,
+        dtype=args.dtype,
+        quiet=args.json,
+        compile=args.compile,
+    )
 
 
 def _add_serve_options(p: argparse.ArgumentParser) -> None:
@@ -284,8 +346,12 @@ def _add_serve_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--base-config", help="for a single-file base: a diffusers folder/hub id of the same family"
     )
-    p.add_argument("--adapter", required=True, action="append",
-                   help="adapter served; repeat for several (requests name them as given here)")  # fmt: skip
+    p.add_argument(
+        "--adapter",
+        required=True,
+        action="append",
+        help="adapter served; repeat for several (requests name them as given here)",
+    )
     p.add_argument("--image-encoder", help="CLIP vision model (default: from the adapter's repo)")
     p.add_argument("--controlnet", action="append", default=[], help="ControlNet served; repeatable")
     p.add_argument("--motion-adapter", help="AnimateDiff motion adapter served (enables mode video)")
@@ -293,19 +359,30 @@ def _add_serve_options(p: argparse.ArgumentParser) -> None:
         "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
     )
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    p.add_argument("--max-queue", type=_positive_int, default=32,
-                   help="jobs waiting or running at most; more get 429 (default 32)")  # fmt: skip
+    p.add_argument(
+        "--max-queue",
+        type=_positive_int,
+        default=32,
+        help="jobs waiting or running at most; more get 429 (default 32)",
+    )
     p.add_argument("--token-file", help="file holding a bearer token every request must send")
     p.add_argument(
         "--max-body-mb", type=_positive_float, default=32.0, help="largest request body (default 32)"
     )
-    p.add_argument("--max-pixels", type=_positive_int, default=4096 * 4096,
-                   help="largest decoded image, in pixels (default 4096x4096)")  # fmt: skip
+    p.add_argument(
+        "--max-pixels",
+        type=_positive_int,
+        default=4096 * 4096,
+        help="largest decoded image, in pixels (default 4096x4096)",
+    )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="default: float16 on CUDA")
-    p.add_argument("--compile", action="store_true",
-                   help="compile the denoiser with torch.compile, warmed up at start (slower start, faster "
-                        "requests of the native size)")  # fmt: skip
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="compile the denoiser with torch.compile, warmed up at start (slower start, faster "
+        "requests of the native size)",
+    )
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -324,12 +401,23 @@ def cmd_serve(args: argparse.Namespace) -> None:
         _quiet_libraries()
     from .server import ServerConfig, serve
 
-    config = ServerConfig(base=args.base, base_config=args.base_config, adapters=list(args.adapter),
-                          image_encoder=args.image_encoder, controlnets=list(args.controlnet),
-                          motion_adapter=args.motion_adapter, host=args.host, port=args.port,
-                          max_queue=args.max_queue, token=token, max_body_bytes=int(args.max_body_mb * 2**20),
-                          max_pixels=args.max_pixels, device=args.device, dtype=args.dtype,
-                          compile=args.compile)  # fmt: skip
+    config = ServerConfig(
+        base=args.base,
+        base_config=args.base_config,
+        adapters=list(args.adapter),
+        image_encoder=args.image_encoder,
+        controlnets=list(args.controlnet),
+        motion_adapter=args.motion_adapter,
+        host=args.host,
+        port=args.port,
+        max_queue=args.max_queue,
+        token=token,
+        max_body_bytes=int(args.max_body_mb * 2**20),
+        max_pixels=args.max_pixels,
+        device=args.device,
+        dtype=args.dtype,
+        compile=args.compile,
+    )
     serve(config)
 
 
@@ -341,8 +429,11 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--image-encoder", help="CLIP vision model (default: the official one for the variant)")
     p.add_argument("--variant", choices=["basic", "plus"], help="adapter layout to train (default plus)")
-    p.add_argument("--data", help="image folder with .txt captions, .jsonl/.json manifest, saved HF dataset, "
-                                  "hf://owner/name, or WebDataset .tar shards (glob/brace pattern)")  # fmt: skip
+    p.add_argument(
+        "--data",
+        help="image folder with .txt captions, .jsonl/.json manifest, saved HF dataset, "
+        "hf://owner/name, or WebDataset .tar shards (glob/brace pattern)",
+    )
     p.add_argument("--image-column", help="manifest/dataset image field (default image)")
     p.add_argument("--text-column", help="manifest/dataset caption field (default text)")
     p.add_argument(
@@ -386,8 +477,12 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
         choices=["auto", "tensorboard", "none"],
         help="loss logging in OUTPUT/logs (default auto: TensorBoard when the package is installed)",
     )
-    p.add_argument("--deterministic", action="store_true", default=None,
-                   help="deterministic GPU kernels: reruns and resumed runs repeat bit for bit (slower)")  # fmt: skip
+    p.add_argument(
+        "--deterministic",
+        action="store_true",
+        default=None,
+        help="deterministic GPU kernels: reruns and resumed runs repeat bit for bit (slower)",
+    )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
@@ -406,12 +501,16 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any] | None:
     saved: dict[str, Any] = {}
     if resume:
         if "output" in given and Path(given["output"]).resolve() != Path(resume).resolve():
-            raise InputError(f"--resume '{resume}' and --output '{given['output']}' differ; a run resumes in its "
-                             "own folder: drop --output")  # fmt: skip
+            raise InputError(
+                f"--resume '{resume}' and --output '{given['output']}' differ; a run resumes in its "
+                "own folder: drop --output"
+            )
         config_file = Path(resume) / "train_config.json"
         if not config_file.is_file():
-            raise InputError(f"--resume: '{resume}' holds no training run (train_config.json missing); start a "
-                             "new run with --output")  # fmt: skip
+            raise InputError(
+                f"--resume: '{resume}' holds no training run (train_config.json missing); start a "
+                "new run with --output"
+            )
         saved = json.loads(config_file.read_text())
         given["output"] = resume
     missing = [f"--{k}" for k in ("base", "data", "output") if k not in given and k not in saved]
@@ -440,16 +539,24 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any] | None:
             f"wrote {final} after {trainer.step} steps on {processes} process{'es' if processes > 1 else ''}{engine}"
         )
     train_s = trainer.seconds["train"]
-    return {"output": str(final), "steps": trainer.step, "skipped": len(trainer.skipped), "seconds": trainer.seconds,
-            "processes": trainer.accelerator.num_processes, "engine": trainer.engine,
-            "peak_gpu_gb": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
-            "samples_per_second": trainer.samples / train_s if train_s else None}  # fmt: skip
+    return {
+        "output": str(final),
+        "steps": trainer.step,
+        "skipped": len(trainer.skipped),
+        "seconds": trainer.seconds,
+        "processes": trainer.accelerator.num_processes,
+        "engine": trainer.engine,
+        "peak_gpu_gb": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
+        "samples_per_second": trainer.samples / train_s if train_s else None,
+    }
 
 
 def _add_model_run_options(p: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:
     """eval / demo: which model and adapter, and how to generate."""
-    for flag, what in (("--base", "base model (diffusers folder, hub id or single file)"),
-                       ("--adapter", "adapter file or hub path")):  # fmt: skip
+    for flag, what in (
+        ("--base", "base model (diffusers folder, hub id or single file)"),
+        ("--adapter", "adapter file or hub path"),
+    ):
         name = flag[2:]
         if name in defaults:
             p.add_argument(flag, default=defaults[name], help=f"{what} (default: {defaults[name]})")
@@ -458,8 +565,12 @@ def _add_model_run_options(p: argparse.ArgumentParser, defaults: dict[str, Any])
     p.add_argument("--image-encoder", help="CLIP vision model (default: from the adapter's layout)")
     p.add_argument("--steps", type=_positive_int, default=20, help="denoising steps (default 20)")
     p.add_argument("--guidance", type=_finite, default=5.0, help="classifier-free guidance (default 5)")
-    p.add_argument("--scale", type=_scale, default=defaults.get("scale", 0.6),
-                   help=f"image prompt scale (default {defaults.get('scale', 0.6)})")  # fmt: skip
+    p.add_argument(
+        "--scale",
+        type=_scale,
+        default=defaults.get("scale", 0.6),
+        help=f"image prompt scale (default {defaults.get('scale', 0.6)})",
+    )
     p.add_argument("--size", type=_size, help="generation size (default: the model's)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first generation (default 0)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
@@ -470,8 +581,11 @@ def _add_eval_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--scorer", help="CLIPModel folder/hub id for CLIP-I/CLIP-T (default: a mini build's clip/)"
     )
-    p.add_argument("--references", help="shapes folder with metadata.jsonl (default: a mini build's data/eval, "
-                                        "else generated held-out shapes)")  # fmt: skip
+    p.add_argument(
+        "--references",
+        help="shapes folder with metadata.jsonl (default: a mini build's data/eval, "
+        "else generated held-out shapes)",
+    )
     p.add_argument("--count", type=_positive_int, default=50, help="references (default 50)")
     p.add_argument("--output", help="write the report here (.md or .json)")
     p.add_argument("--json", action="store_true", help="print the scores as JSON")
@@ -521,11 +635,20 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
 
     with tempfile.TemporaryDirectory() as tmp:
         if refs_folder is None:
-            refs_folder = str(write_dataset(Path(tmp) / "eval", args.count, seed=args.seed, size=size,
-                                            split="eval"))  # fmt: skip
+            refs_folder = str(
+                write_dataset(Path(tmp) / "eval", args.count, seed=args.seed, size=size, split="eval")
+            )
         refs = references(refs_folder, args.count)
-        results = evaluate(ip, Scorer(scorer), refs, steps=args.steps, guidance=args.guidance, scale=args.scale,
-                           seed=args.seed, size=size)  # fmt: skip
+        results = evaluate(
+            ip,
+            Scorer(scorer),
+            refs,
+            steps=args.steps,
+            guidance=args.guidance,
+            scale=args.scale,
+            seed=args.seed,
+            size=size,
+        )
     table = markdown(results)
     if output is not None:
         output.write_text(json.dumps(results, indent=2) if output.suffix.lower() == ".json" else table + "\n")
@@ -807,28 +930,50 @@ def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
 
     if recipe is None:  # one reference per frame (or one for all): the single adapter's references
         scale = 1.0 if args.scale is None else args.scale
-        entry = AdapterRecipe(path=args.adapter, image_encoder=args.image_encoder, scale=scale,
-                              images=[Reference(r) for r in references])  # fmt: skip
+        entry = AdapterRecipe(
+            path=args.adapter,
+            image_encoder=args.image_encoder,
+            scale=scale,
+            images=[Reference(r) for r in references],
+        )
         job_recipe, per_frame = Recipe([entry]), True
     else:
         job_recipe, per_frame = loaded, False
     job = Job(
-        base=args.base, base_config=args.base_config, mode=mode, recipe=job_recipe, per_frame=per_frame,
-        prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance,
-        seed=args.seed, num_images=getattr(args, "num_images", 1), scheduler=args.scheduler,
-        init=call.get("image"), strength=call.get("strength"), mask=call.get("mask_image"),
-        width=call.get("width"), height=call.get("height"), controlnets=list(args.controlnet),
-        control_images=controls, control_scale=control_scale,
-        motion_adapter=getattr(args, "motion_adapter", None), frames=frames or 16,
-        vae_slicing=getattr(args, "vae_slicing", False), cpu_offload=getattr(args, "cpu_offload", False),
-    )  # fmt: skip
+        base=args.base,
+        base_config=args.base_config,
+        mode=mode,
+        recipe=job_recipe,
+        per_frame=per_frame,
+        prompt=args.prompt,
+        negative_prompt=args.negative_prompt,
+        steps=args.steps,
+        guidance=args.guidance,
+        seed=args.seed,
+        num_images=getattr(args, "num_images", 1),
+        scheduler=args.scheduler,
+        init=call.get("image"),
+        strength=call.get("strength"),
+        mask=call.get("mask_image"),
+        width=call.get("width"),
+        height=call.get("height"),
+        controlnets=list(args.controlnet),
+        control_images=controls,
+        control_scale=control_scale,
+        motion_adapter=getattr(args, "motion_adapter", None),
+        frames=frames or 16,
+        vae_slicing=getattr(args, "vae_slicing", False),
+        cpu_offload=getattr(args, "cpu_offload", False),
+    )
     result = Engine(args.device, args.dtype, compile=args.compile).run(job)
 
     params = dict(result.params)
     if args.recipe:
         params["adapter"] = [a.path for a in recipe.adapters]
-    params.update(image=args.image if video or len(args.image) != 1 else args.image[0],
-                  image_sha1=hashes[0] if len(hashes) == 1 and not video else hashes)  # fmt: skip
+    params.update(
+        image=args.image if video or len(args.image) != 1 else args.image[0],
+        image_sha1=hashes[0] if len(hashes) == 1 and not video else hashes,
+    )
     if recipe is not None:
         params["recipe"] = recipe.to_dict()
     if mode in ("img2img", "inpaint"):
@@ -883,8 +1028,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - the edge: never a traceback without --debug
         if debug:
             raise
-        print(f"ipadapter: internal error: {type(e).__name__}: {_one_line(e)} (rerun with --debug for the traceback)",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"ipadapter: internal error: {type(e).__name__}: {_one_line(e)} (rerun with --debug for the traceback)",
+            file=sys.stderr,
+        )
         return EXIT_INTERNAL
 
 

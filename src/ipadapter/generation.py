@@ -196,7 +196,7 @@ class Engine:
 
     def _compile(self, pipe: Any) -> None:
         """Compile ``pipe``'s denoiser in place, once (mode pipelines made with ``from_pipe`` share it)."""
-        from .adapter import base_module
+        from .calls import base_module
 
         unet = base_module(pipe.unet)
         if getattr(unet, "_compiled_call_impl", None) is not None:
@@ -270,8 +270,10 @@ class Engine:
             frames = [ref.path for ref in entries[0].images]
             out = ip(frames, pipeline=pipe, **call)
         else:
-            pairs = [(ip, dataclasses.replace(e, scale=1.0 if e.scale is None else e.scale))
-                     for ip, e in zip(adapters, entries, strict=True)]  # fmt: skip
+            pairs = [
+                (ip, dataclasses.replace(e, scale=1.0 if e.scale is None else e.scale))
+                for ip, e in zip(adapters, entries, strict=True)
+            ]
             out = run_adapters(pipe, pairs, **call)
         done = time.perf_counter()
         images = list(out.frames[0]) if job.mode == "video" else list(out.images)
@@ -295,8 +297,11 @@ class Engine:
             images = job.control_images
             call[key] = images[0] if len(images) == 1 else images
             call["controlnet_conditioning_scale"] = job.control_scale
-        optional = {"negative_prompt": job.negative_prompt, "num_inference_steps": job.steps,
-                    "guidance_scale": job.guidance}  # fmt: skip
+        optional = {
+            "negative_prompt": job.negative_prompt,
+            "num_inference_steps": job.steps,
+            "guidance_scale": job.guidance,
+        }
         call.update({k: v for k, v in optional.items() if v is not None})
         if job.mode == "video":
             call["num_frames"] = job.frames
@@ -317,16 +322,25 @@ class Engine:
 
         scales = [1.0 if e.scale is None else e.scale for e in job.recipe.adapters]
         params: dict[str, Any] = {
-            "tool": f"ipadapter {__version__}", "mode": job.mode, "base": job.base,
-            "adapter": [e.path for e in job.recipe.adapters] if len(adapters) > 1 else job.recipe.adapters[0].path,
+            "tool": f"ipadapter {__version__}",
+            "mode": job.mode,
+            "base": job.base,
+            "adapter": [e.path for e in job.recipe.adapters]
+            if len(adapters) > 1
+            else job.recipe.adapters[0].path,
             "variant": "+".join("/".join(ip.spec.names) or ip.spec.layout for ip in adapters),
-            "prompt": job.prompt, "negative_prompt": job.negative_prompt,
+            "prompt": job.prompt,
+            "negative_prompt": job.negative_prompt,
             "scale": scales if len(scales) > 1 else scales[0],
-            "steps": job.steps, "guidance": job.guidance, "seed": seed,
+            "steps": job.steps,
+            "guidance": job.guidance,
+            "seed": seed,
             "scheduler": job.scheduler or type(pipe.scheduler).__name__,
-            "dtype": str(self.dtype).removeprefix("torch."), "device": self.device,
-            "width": images[0].width, "height": images[0].height,
-        }  # fmt: skip
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "device": self.device,
+            "width": images[0].width,
+            "height": images[0].height,
+        }
         if job.mode in ("img2img", "inpaint"):
             params["strength"] = job.strength
         if job.controlnets:
@@ -406,19 +420,31 @@ def recipe_from_options(options: dict[str, Any], where: str = "") -> Recipe:
         )
     crop = options.get("crop") or "center"
     references = [
-        Reference(**{kind: path}, weight=1.0 if weight is None else weight, mask=masks[i] if masks else None,
-                  crop=crop)
+        Reference(
+            **{kind: path},
+            weight=1.0 if weight is None else weight,
+            mask=masks[i] if masks else None,
+            crop=crop,
+        )
         for i, (path, weight, kind) in enumerate(refs)
-    ]  # fmt: skip
+    ]
     weights = options.get("layer_weights")
     if isinstance(weights, str):
         weights = parse_layer_weights(weights)
-    control = {k: options[k] for k in ("combine", "start", "end", "preset", "curve", "negative_image",
-                                       "composition_weight") if options.get(k) is not None}  # fmt: skip
+    control = {
+        k: options[k]
+        for k in ("combine", "start", "end", "preset", "curve", "negative_image", "composition_weight")
+        if options.get(k) is not None
+    }
     scale = options.get("scale")
-    entry = AdapterRecipe(path=options["adapter"], image_encoder=options.get("image_encoder"),
-                          scale=1.0 if scale is None else scale, images=references, layer_weights=weights or None,
-                          **control)  # fmt: skip
+    entry = AdapterRecipe(
+        path=options["adapter"],
+        image_encoder=options.get("image_encoder"),
+        scale=1.0 if scale is None else scale,
+        images=references,
+        layer_weights=weights or None,
+        **control,
+    )
     return Recipe([entry])
 
 
@@ -443,8 +469,17 @@ def fit_init(init: Image.Image, width: int | None, height: int | None) -> Image.
     return init if (w, h) == init.size else init.crop((0, 0, w, h))
 
 
-def _number(options: dict[str, Any], key: str, where: str, *, integer: bool = False, low: float | None = None,
-            high: float | None = None, low_open: bool = False, multiple: int | None = None) -> Any:  # fmt: skip
+def _number(
+    options: dict[str, Any],
+    key: str,
+    where: str,
+    *,
+    integer: bool = False,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    multiple: int | None = None,
+) -> Any:
     value = options.get(key)
     if value is None:
         return None
@@ -518,15 +553,23 @@ def job_from_options(
     width = _number(options, "width", where, integer=True, low=8, multiple=8)
     height = _number(options, "height", where, integer=True, low=8, multiple=8)
     job: dict[str, Any] = {
-        "base": options["base"], "base_config": options.get("base_config"), "mode": mode, "recipe": recipe,
-        "per_frame": per_frame, "prompt": options.get("prompt") or "", "negative_prompt": options.get("negative_prompt"),
-        "steps": steps, "guidance": _number(options, "guidance", where),
+        "base": options["base"],
+        "base_config": options.get("base_config"),
+        "mode": mode,
+        "recipe": recipe,
+        "per_frame": per_frame,
+        "prompt": options.get("prompt") or "",
+        "negative_prompt": options.get("negative_prompt"),
+        "steps": steps,
+        "guidance": _number(options, "guidance", where),
         "seed": _number(options, "seed", where, integer=True, low=0),
         "num_images": _number(options, "num_images", where, integer=True, low=1) or 1,
-        "scheduler": options.get("scheduler"), "width": width, "height": height,
+        "scheduler": options.get("scheduler"),
+        "width": width,
+        "height": height,
         "motion_adapter": options.get("motion_adapter"),
         "frames": _number(options, "frames", where, integer=True, low=1) or 16,
-    }  # fmt: skip
+    }
     _number(options, "scale", where, low=0)
     if mode in ("img2img", "inpaint"):
         if not options.get("init"):
@@ -608,7 +651,8 @@ def load_recipe_inputs(
             refs.append(dataclasses.replace(ref, **changes) if changes else ref)
         changes = {"images": refs}
         if isinstance(entry.negative_image, str) or hasattr(entry.negative_image, "__fspath__"):
-            changes["negative_image"] = load_image(locate(str(entry.negative_image), "negative image"),
-                                                   f"{at}negative image")  # fmt: skip
+            changes["negative_image"] = load_image(
+                locate(str(entry.negative_image), "negative image"), f"{at}negative image"
+            )
         entries.append(dataclasses.replace(entry, **changes))
     return Recipe(entries)

@@ -85,8 +85,10 @@ def load_mask(mask: ImageInput, size: tuple[int, int] | None = None) -> tuple[Im
     grey = load_image(mask, "mask", convert=lambda img: _mask_grey(img, where))
     note = None
     if size is not None and grey.size != tuple(size):
-        note = (f"mask{where} is {grey.size[0]}x{grey.size[1]} but the init image is {size[0]}x{size[1]}; "
-                "resized the mask to fit")  # fmt: skip
+        note = (
+            f"mask{where} is {grey.size[0]}x{grey.size[1]} but the init image is {size[0]}x{size[1]}; "
+            "resized the mask to fit"
+        )
         grey = grey.resize(tuple(size), Image.Resampling.BILINEAR)
     return grey, note
 

@@ -65,8 +65,16 @@ def save_video(frames: Sequence[Any], path: Path, fps: float, params: dict[str, 
     comment = json.dumps(params or {})
     if suffix == ".gif":
         images = [Image.fromarray(a) for a in arrays]
-        images[0].save(path, save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0,
-                       comment=comment.encode(), optimize=False, disposal=1)  # fmt: skip
+        images[0].save(
+            path,
+            save_all=True,
+            append_images=images[1:],
+            duration=round(1000 / fps),
+            loop=0,
+            comment=comment.encode(),
+            optimize=False,
+            disposal=1,
+        )
         return path
     import imageio_ffmpeg
 

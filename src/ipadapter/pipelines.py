@@ -27,7 +27,8 @@ from diffusers import (
 )
 from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 
-from .adapter import STATE_ATTR, native_size  # noqa: F401 - native_size is part of this module's API
+from .adapter import STATE_ATTR
+from .calls import native_size  # noqa: F401 - part of this module's API
 from .errors import IncompatibleModelError, InputError
 from .generation import MODES
 from .schedulers import SCHEDULERS, set_scheduler  # noqa: F401 - part of this module's API
@@ -55,8 +56,14 @@ def pick_device(device: str = "auto") -> str:
 
 def pick_dtype(dtype: str | None, device: str) -> torch.dtype:
     """No hidden policy: float16 on CUDA, float32 elsewhere, unless asked otherwise."""
-    names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}  # fmt: skip
+    names = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+    }
     if dtype is None:
         return torch.float16 if device.startswith("cuda") else torch.float32
     if dtype not in names:
@@ -91,13 +98,19 @@ def _from_single_file(cls: type, path: Path, dtype: torch.dtype, base_config: st
         where = f"--base-config '{base_config}'" if base_config else "the configs diffusers picked"
         hint = "pass as --base-config a diffusers folder whose UNet has the same layout"
         if "conv_in.weight" in str(e) and "9, 3, 3" in str(e):
-            hint = ("this is an inpainting checkpoint (9 input channels): pass as --base-config an inpainting "
-                    "model's folder or hub id (e.g. stable-diffusion-v1-5/stable-diffusion-inpainting)")  # fmt: skip
+            hint = (
+                "this is an inpainting checkpoint (9 input channels): pass as --base-config an inpainting "
+                "model's folder or hub id (e.g. stable-diffusion-v1-5/stable-diffusion-inpainting)"
+            )
         raise IncompatibleModelError(
             f"base '{path}': its weights do not fit {where} ({str(e).split(' If ')[0].strip()}); {hint}"
         ) from None
-    unfilled = [name for name, module in pipe.components.items() if isinstance(module, torch.nn.Module)
-                and any(t.is_meta for t in (*module.parameters(), *module.buffers()))]  # fmt: skip
+    unfilled = [
+        name
+        for name, module in pipe.components.items()
+        if isinstance(module, torch.nn.Module)
+        and any(t.is_meta for t in (*module.parameters(), *module.buffers()))
+    ]
     if unfilled:
         raise IncompatibleModelError(
             f"base '{path}': the checkpoint leaves {', '.join(unfilled)} without weights (missing or in a layout "
@@ -125,14 +138,18 @@ def load_pipeline(
     try:
         if path.is_file():
             if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
-                raise InputError(f"base '{base}': unknown file type; expected a diffusers folder, a hub id, "
-                                 "or a single-file .safetensors/.ckpt checkpoint")  # fmt: skip
+                raise InputError(
+                    f"base '{base}': unknown file type; expected a diffusers folder, a hub id, "
+                    "or a single-file .safetensors/.ckpt checkpoint"
+                )
             cls = StableDiffusionXLPipeline if _single_file_is_sdxl(path) else StableDiffusionPipeline
             pipe = _from_single_file(cls, path, dtype, base_config)
         elif path.is_dir():
             if not (path / "model_index.json").is_file():
-                raise InputError(f"base '{base}': folder has no model_index.json; expected a diffusers pipeline "
-                                 "folder (or pass a single-file checkpoint)")  # fmt: skip
+                raise InputError(
+                    f"base '{base}': folder has no model_index.json; expected a diffusers pipeline "
+                    "folder (or pass a single-file checkpoint)"
+                )
             pipe = AutoPipelineForText2Image.from_pretrained(str(path), dtype=dtype)
         else:
             pipe = AutoPipelineForText2Image.from_pretrained(str(base), dtype=dtype)
@@ -141,8 +158,10 @@ def load_pipeline(
     except NETWORK_ERRORS as e:
         how = f"download it (`hf download {base}`) or pass a local diffusers folder or single-file checkpoint"
         if path.is_file():
-            how = ("pass --base-config with a local diffusers folder of the same family (SD1.5 or SDXL) so its "
-                   "configs need no download")  # fmt: skip
+            how = (
+                "pass --base-config with a local diffusers folder of the same family (SD1.5 or SDXL) so its "
+                "configs need no download"
+            )
         raise _unavailable("base model", str(base), how, e) from None
     if not isinstance(pipe, (StableDiffusionPipeline, StableDiffusionXLPipeline)):
         raise IncompatibleModelError(
@@ -270,15 +289,26 @@ def mode_pipeline(
 
 def load_controlnet(spec: str | Path, *, dtype: torch.dtype = torch.float32, device: str = "cpu") -> Any:
     """A ControlNet from a diffusers folder, a hub id, or ``owner/repo/subfolder``."""
-    return _load_model(ControlNetModel, "ControlNet", spec, dtype, device,
-                       "download it (`hf download <id>`) or pass a local diffusers ControlNet folder")  # fmt: skip
+    return _load_model(
+        ControlNetModel,
+        "ControlNet",
+        spec,
+        dtype,
+        device,
+        "download it (`hf download <id>`) or pass a local diffusers ControlNet folder",
+    )
 
 
 def load_motion_adapter(spec: str | Path, *, dtype: torch.dtype = torch.float32, device: str = "cpu") -> Any:
     """An AnimateDiff motion adapter from a diffusers folder, a hub id, or ``owner/repo/subfolder``."""
-    return _load_model(MotionAdapter, "motion adapter", spec, dtype, device,
-                       "download it (e.g. `hf download guoyww/animatediff-motion-adapter-v1-5-2`) or pass a "
-                       "local folder")  # fmt: skip
+    return _load_model(
+        MotionAdapter,
+        "motion adapter",
+        spec,
+        dtype,
+        device,
+        "download it (e.g. `hf download guoyww/animatediff-motion-adapter-v1-5-2`) or pass a local folder",
+    )
 
 
 def _load_model(cls: type, kind: str, spec: str | Path, dtype: torch.dtype, device: str, how: str) -> Any:
@@ -291,8 +321,10 @@ def _load_model(cls: type, kind: str, spec: str | Path, dtype: torch.dtype, devi
                 )
             model = cls.from_pretrained(str(folder), dtype=dtype)
         elif folder.exists() or folder.suffix.lower() in {".safetensors", ".ckpt", ".pth", ".bin"}:
-            raise InputError(f"{kind} '{spec}': expected a diffusers folder (config.json + weights) or a hub id, "
-                             "not a single file")  # fmt: skip
+            raise InputError(
+                f"{kind} '{spec}': expected a diffusers folder (config.json + weights) or a hub id, "
+                "not a single file"
+            )
         else:
             hub = split_hub_path(str(spec))
             repo, sub = hub if hub else (str(spec), None)

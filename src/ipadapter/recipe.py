@@ -142,7 +142,10 @@ def _weight(value: Any, here: _Where, key: str, example: str = "0.8") -> float:
     """A finite number >= 0 as float."""
     number = _number(value, here, key, example)
     if number < 0:
-        _fail(_loc(here.where, key), f"got {value!r}; expected a number >= 0; write e.g. {_example(here, key, example)}")  # fmt: skip
+        _fail(
+            _loc(here.where, key),
+            f"got {value!r}; expected a number >= 0; write e.g. {_example(here, key, example)}",
+        )
     return number
 
 
@@ -150,7 +153,10 @@ def _choice(value: Any, names: tuple[str, ...], here: _Where, key: str, optional
     if (value is None and optional) or (isinstance(value, str) and value in names):
         return value
     leave = " (or leave it out)" if optional else ""
-    _fail(_loc(here.where, key), f"got {_show(value)}; expected one of {_names(names)}{leave}; use one of those names")  # fmt: skip
+    _fail(
+        _loc(here.where, key),
+        f"got {_show(value)}; expected one of {_names(names)}{leave}; use one of those names",
+    )
 
 
 def _file_value(value: Any, here: _Where, key: str, *, image: bool = False, data: bool = False) -> Any:
@@ -200,7 +206,10 @@ def _layer_weights(value: Any, here: _Where, key: str = "layer_weights") -> dict
         elif match is not None:
             index = int(match.group(1))
         else:
-            _fail(loc, f"key {raw!r} is not a transformer-block index; expected keys like 't3' or '3' (block index >= 0), e.g. {example}")  # fmt: skip
+            _fail(
+                loc,
+                f"key {raw!r} is not a transformer-block index; expected keys like 't3' or '3' (block index >= 0), e.g. {example}",
+            )
         name = f"t{index}"
         if name in out:
             _fail(loc, f"block {name} is given twice (key {raw!r}); give each block once")
@@ -241,7 +250,10 @@ class Reference:
         self.crop = _choice(self.crop, CROP_MODES, here, "crop", optional=False)
         if (self.path is None) == (self.embeds is None):
             both = "both path and embeds" if self.path is not None else "neither path nor embeds"
-            _fail(here.where, f"got {both}; expected exactly one of them (an image, or precomputed embeddings); keep one")  # fmt: skip
+            _fail(
+                here.where,
+                f"got {both}; expected exactly one of them (an image, or precomputed embeddings); keep one",
+            )
 
 
 def _as_reference(value: Any, where: str, file: bool, base_dir: Path | None) -> Reference:
@@ -329,7 +341,10 @@ class Control:
                     f"got {value!r}; expected a fraction of the denoising run in [0, 1]",
                 )
         if self.start >= self.end:
-            _fail(here.where, f"start = {self.start!r} is not before end = {self.end!r}; expected 0 <= start < end <= 1 (the adapter acts from start to end of the run); make start smaller than end")  # fmt: skip
+            _fail(
+                here.where,
+                f"start = {self.start!r} is not before end = {self.end!r}; expected 0 <= start < end <= 1 (the adapter acts from start to end of the run); make start smaller than end",
+            )
         self.preset = _choice(self.preset, PRESET_NAMES, here, "preset", optional=True)
         self.composition_weight = _weight(self.composition_weight, here, "composition_weight", "1.0")
         self.layer_weights = _layer_weights(self.layer_weights, here)
@@ -344,11 +359,20 @@ class Control:
         combine = _example(here, "combine", '"concat"' if here.file else "'concat'")
         for j, ref in enumerate(self.images):
             if ref.mask is not None and self.combine != "concat":
-                _fail(_loc(here.where, f"{key}[{j}].mask"), f"a mask needs {combine} (each masked reference drives its own region), but combine is {self.combine!r}, which merges the references; use {combine} or remove the mask")  # fmt: skip
+                _fail(
+                    _loc(here.where, f"{key}[{j}].mask"),
+                    f"a mask needs {combine} (each masked reference drives its own region), but combine is {self.combine!r}, which merges the references; use {combine} or remove the mask",
+                )
         if self.combine == "subtract" and len(self.images) < 2:
-            _fail(_loc(here.where, key), f"combine 'subtract' takes the first reference minus the others, so it needs at least 2 references; got {len(self.images)}; add a reference or use another combine mode")  # fmt: skip
+            _fail(
+                _loc(here.where, key),
+                f"combine 'subtract' takes the first reference minus the others, so it needs at least 2 references; got {len(self.images)}; add a reference or use another combine mode",
+            )
         if self.combine in ("average", "norm-average") and sum(ref.weight for ref in self.images) <= 0:
-            _fail(_loc(here.where, key), f"the weights sum to 0, but combine {self.combine!r} divides by their sum; give at least one reference a weight > 0")  # fmt: skip
+            _fail(
+                _loc(here.where, key),
+                f"the weights sum to 0, but combine {self.combine!r} divides by their sum; give at least one reference a weight > 0",
+            )
 
 
 @dataclass(kw_only=True)
@@ -394,13 +418,18 @@ class Recipe:
             _fail("Recipe.adapters", "is empty; expected at least one AdapterRecipe(path=..., images=[...])")
         for i, entry in enumerate(adapters):
             if not isinstance(entry, AdapterRecipe):
-                _fail(f"Recipe.adapters[{i}]", f"got {_show(entry)}; expected an AdapterRecipe (a Control with the adapter's path)")  # fmt: skip
+                _fail(
+                    f"Recipe.adapters[{i}]",
+                    f"got {_show(entry)}; expected an AdapterRecipe (a Control with the adapter's path)",
+                )
         self.adapters = list(adapters)
 
     # -- reading ------------------------------------------------------------------------------------------
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], *, base_dir: str | Path | None = None, source: str = "recipe") -> Recipe:  # fmt: skip
+    def from_dict(
+        cls, data: Mapping[str, Any], *, base_dir: str | Path | None = None, source: str = "recipe"
+    ) -> Recipe:
         """Build a recipe from the file structure ``{"adapter": [{..., "image": [...]}, ...]}``.
 
         ``base_dir`` (the recipe file's folder) resolves relative paths: images, masks, embeds and the negative
@@ -545,7 +574,10 @@ def _adapter_from_dict(entry: Any, where: str, base_dir: Path | None) -> Adapter
     if "path" not in entry:
         _fail(where, "missing key 'path'; add path = \"<adapter file, hub path or name>\"")
     if "image" not in entry:
-        _fail(where, 'missing key \'image\'; add at least one [[adapter.image]] with path = "ref.png" (or image = ["ref.png"])')  # fmt: skip
+        _fail(
+            where,
+            'missing key \'image\'; add at least one [[adapter.image]] with path = "ref.png" (or image = ["ref.png"])',
+        )
     kwargs = {key: value for key, value in entry.items() if key != "image"}
     kwargs["path"] = _resolve_if_exists(kwargs["path"], base_dir)
     if "image_encoder" in kwargs:
@@ -581,6 +613,9 @@ def _check_file(value: Any, loc: str) -> None:
         return  # None, a PIL image or bytes: nothing on disk
     path = Path(value)
     if not path.exists():
-        _fail(loc, f"no such file '{path}'; check the path (relative paths in a recipe file are relative to its folder)")  # fmt: skip
+        _fail(
+            loc,
+            f"no such file '{path}'; check the path (relative paths in a recipe file are relative to its folder)",
+        )
     if not path.is_file():
         _fail(loc, f"'{path}' is not a file (a folder?); expected an image or embeddings file")

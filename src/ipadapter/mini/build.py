@@ -131,16 +131,31 @@ def stage_clip(c: BuildConfig, out: Path) -> dict[str, Any]:
 
     tok = _tokenizer(out)
     pixels, texts = _load_pairs(out / "data" / "train")
-    text_cfg = CLIPTextConfig(vocab_size=len(tok), hidden_size=c.width, intermediate_size=4 * c.width,
-                              num_hidden_layers=c.clip_layers, num_attention_heads=4, max_position_embeddings=77,
-                              projection_dim=c.width, bos_token_id=tok.bos_token_id,
-                              eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)  # fmt: skip
-    vision_cfg = CLIPVisionConfig(hidden_size=c.width, intermediate_size=4 * c.width, num_hidden_layers=c.clip_layers,
-                                  num_attention_heads=4, image_size=c.size, patch_size=c.patch,
-                                  projection_dim=c.width)  # fmt: skip
+    text_cfg = CLIPTextConfig(
+        vocab_size=len(tok),
+        hidden_size=c.width,
+        intermediate_size=4 * c.width,
+        num_hidden_layers=c.clip_layers,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        projection_dim=c.width,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    vision_cfg = CLIPVisionConfig(
+        hidden_size=c.width,
+        intermediate_size=4 * c.width,
+        num_hidden_layers=c.clip_layers,
+        num_attention_heads=4,
+        image_size=c.size,
+        patch_size=c.patch,
+        projection_dim=c.width,
+    )
     torch.manual_seed(c.seed)
-    model = CLIPModel(CLIPConfig(text_config=text_cfg.to_dict(), vision_config=vision_cfg.to_dict(),
-                                 projection_dim=c.width))  # fmt: skip
+    model = CLIPModel(
+        CLIPConfig(text_config=text_cfg.to_dict(), vision_config=vision_cfg.to_dict(), projection_dim=c.width)
+    )
     ids = tok(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
     mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
     std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
@@ -150,10 +165,14 @@ def stage_clip(c: BuildConfig, out: Path) -> dict[str, Any]:
     optimizer = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=0.01)
     gen = torch.Generator().manual_seed(c.seed)
     history = _train_loop(
-        c.clip_steps, optimizer, gen, _grouped(_rows(out / "data" / "train"), c.clip_batch, c.clip_group),
+        c.clip_steps,
+        optimizer,
+        gen,
+        _grouped(_rows(out / "data" / "train"), c.clip_batch, c.clip_group),
         lambda idx: model(input_ids=ids[idx], pixel_values=clip_pixels[idx], return_loss=True).loss,
-        c.log, "clip",
-    )  # fmt: skip
+        c.log,
+        "clip",
+    )
     model.save_pretrained(out / "clip")
     tok.save_pretrained(out / "clip")
     return {"steps": c.clip_steps, "loss": _losses(history)}
@@ -186,9 +205,15 @@ def _grouped(rows: list[dict[str, Any]], batch: int, group: int) -> Callable[[to
     return sample
 
 
-def _train_loop(steps: int, optimizer: Any, gen: torch.Generator, sample: Callable[[torch.Generator], torch.Tensor],
-                loss_fn: Callable[[torch.Tensor], torch.Tensor], log: Callable[[str], None] | None = None,
-                name: str = "") -> list[float]:  # fmt: skip
+def _train_loop(
+    steps: int,
+    optimizer: Any,
+    gen: torch.Generator,
+    sample: Callable[[torch.Generator], torch.Tensor],
+    loss_fn: Callable[[torch.Tensor], torch.Tensor],
+    log: Callable[[str], None] | None = None,
+    name: str = "",
+) -> list[float]:
     """Minibatch AdamW over ``sample(gen)`` index batches with a cosine learning-rate decay; returns the losses."""
     base = [g["lr"] for g in optimizer.param_groups]
     history = []
@@ -216,10 +241,18 @@ def stage_vae(c: BuildConfig, out: Path) -> dict[str, Any]:
     pixels, _ = _load_pairs(out / "data" / "train")
     torch.manual_seed(c.seed)
     blocks = len(c.vae_channels)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=tuple(c.vae_channels),
-                        layers_per_block=1, down_block_types=("DownEncoderBlock2D",) * blocks,
-                        up_block_types=("UpDecoderBlock2D",) * blocks, norm_num_groups=min(32, c.vae_channels[0]),
-                        mid_block_add_attention=c.vae_attention, sample_size=c.size)  # fmt: skip
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=tuple(c.vae_channels),
+        layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * blocks,
+        up_block_types=("UpDecoderBlock2D",) * blocks,
+        norm_num_groups=min(32, c.vae_channels[0]),
+        mid_block_add_attention=c.vae_attention,
+        sample_size=c.size,
+    )
     optimizer = torch.optim.AdamW(vae.parameters(), lr=c.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(c.seed + 1)
 
@@ -272,14 +305,25 @@ def stage_unet(c: BuildConfig, out: Path) -> dict[str, Any]:
     pick_of = torch.tensor([3, 1, 2, 0])  # column of ``which`` for each interval
     torch.manual_seed(c.seed)
     n = len(c.unet_channels)
-    unet = UNet2DConditionModel(sample_size=c.size // 2 ** (len(c.vae_channels) - 1), in_channels=4, out_channels=4,
-                                block_out_channels=tuple(c.unet_channels), layers_per_block=1,
-                                down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
-                                up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
-                                cross_attention_dim=c.width, attention_head_dim=8,
-                                norm_num_groups=min(32, c.unet_channels[0]))  # fmt: skip
-    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              num_train_timesteps=1000, clip_sample=False)  # fmt: skip
+    unet = UNet2DConditionModel(
+        sample_size=c.size // 2 ** (len(c.vae_channels) - 1),
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=tuple(c.unet_channels),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
+        cross_attention_dim=c.width,
+        attention_head_dim=8,
+        norm_num_groups=min(32, c.unet_channels[0]),
+    )
+    scheduler = DDPMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        clip_sample=False,
+    )
     optimizer = torch.optim.AdamW(unet.parameters(), lr=c.lr, weight_decay=0.01)
     gen = torch.Generator().manual_seed(c.seed + 2)
 
@@ -360,14 +404,25 @@ def stage_adapters(c: BuildConfig, out: Path) -> dict[str, Any]:
     info = {}
     for variant, name in (("basic", "ip-adapter_mini"), ("plus", "ip-adapter-plus_mini")):
         run = out / "runs" / name
-        config = TrainConfig(base=str(out / "pipeline"), data=str(manifest), output=str(run),
-                             variant=variant, image_encoder=str(out / "models" / "image_encoder"),
-                             resolution=c.size, batch_size=c.adapter_batch, max_steps=c.adapter_steps,
-                             lr=c.adapter_lr, seed=c.seed,
-                             checkpoint_every=max(1, c.adapter_steps // 4), keep_checkpoints=1,
-                             report_to="none", export_dtype="float16", drop_text=c.adapter_drop_text,
-                             cache_dir=str(out / "cache" / variant),
-                             resume=(run / "train_config.json").is_file())  # fmt: skip
+        config = TrainConfig(
+            base=str(out / "pipeline"),
+            data=str(manifest),
+            output=str(run),
+            variant=variant,
+            image_encoder=str(out / "models" / "image_encoder"),
+            resolution=c.size,
+            batch_size=c.adapter_batch,
+            max_steps=c.adapter_steps,
+            lr=c.adapter_lr,
+            seed=c.seed,
+            checkpoint_every=max(1, c.adapter_steps // 4),
+            keep_checkpoints=1,
+            report_to="none",
+            export_dtype="float16",
+            drop_text=c.adapter_drop_text,
+            cache_dir=str(out / "cache" / variant),
+            resume=(run / "train_config.json").is_file(),
+        )
         trainer = Trainer(config)
         trainer.setup()
         final = trainer.train()
@@ -458,10 +513,18 @@ def main(argv: list[str] | None = None) -> Path:
     )
     parser.add_argument("--out", required=True, help="folder of the build (resumes the stages it has)")
     parser.add_argument("--stages", default=",".join(STAGES), help=f"comma list (default {','.join(STAGES)})")
-    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
-                        help="override a BuildConfig field, e.g. --set size=32 --set unet_steps=4000")  # fmt: skip
-    parser.add_argument("--install", action="store_true",
-                        help="when every stage is done, copy the result into the package (what --base mini loads)")  # fmt: skip
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="override a BuildConfig field, e.g. --set size=32 --set unet_steps=4000",
+    )
+    parser.add_argument(
+        "--install",
+        action="store_true",
+        help="when every stage is done, copy the result into the package (what --base mini loads)",
+    )
     args = parser.parse_args(argv)
     fields = BuildConfig.__dataclass_fields__
     overrides: dict[str, Any] = {}

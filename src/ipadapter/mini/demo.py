@@ -49,8 +49,14 @@ def run_demo(ip: Any, *, size: int, steps: int = 20, guidance: float = 5.0, seed
 
     def call(prompts: list[str], with_image: bool) -> list[Image.Image]:
         generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(len(prompts))]
-        common = {"prompt": prompts, "num_inference_steps": steps, "guidance_scale": guidance,
-                  "generator": generators, "height": size, "width": size}  # fmt: skip
+        common = {
+            "prompt": prompts,
+            "num_inference_steps": steps,
+            "guidance_scale": guidance,
+            "generator": generators,
+            "height": size,
+            "width": size,
+        }
         return (ip(refs, **common) if with_image else ip.pipe(**common)).images
 
     columns = [call(captions, False), call([""] * len(refs), True), call(texts, True)]

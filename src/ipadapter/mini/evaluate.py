@@ -39,8 +39,12 @@ def references(folder: str | Path, count: int) -> list[Reference]:
     """The first ``count`` examples of a shapes folder (its ``metadata.jsonl``)."""
     folder = Path(folder)
     rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines() if line.strip()]
-    return [Reference(Image.open(folder / r["image"]).convert("RGB"), r["text"], r["shape"], r["color"],
-                      r["background"]) for r in rows[:count]]  # fmt: skip
+    return [
+        Reference(
+            Image.open(folder / r["image"]).convert("RGB"), r["text"], r["shape"], r["color"], r["background"]
+        )
+        for r in rows[:count]
+    ]
 
 
 class Scorer:
@@ -108,8 +112,12 @@ def evaluate(
             "image+text": [f"on a {bg} background" for bg in wanted_bg],
         }
         for mode in MODES:
-            common = {"prompt": prompts[mode], "num_inference_steps": steps, "guidance_scale": guidance,
-                      "generator": [torch.Generator("cpu").manual_seed(seed + start + i) for i in range(len(part))]}  # fmt: skip
+            common = {
+                "prompt": prompts[mode],
+                "num_inference_steps": steps,
+                "guidance_scale": guidance,
+                "generator": [torch.Generator("cpu").manual_seed(seed + start + i) for i in range(len(part))],
+            }
             if size:
                 common.update(height=size, width=size)
             if mode == "text":
@@ -122,13 +130,15 @@ def evaluate(
             for i, (ref, image) in enumerate(zip(part, images, strict=True)):
                 seen = classify(image)
                 target_bg = wanted_bg[i] if mode == "image+text" else ref.background
-                rows[mode].append({
-                    "clip_i": float(gen_embeds[i] @ ref_embeds[start + i]),
-                    "clip_t": float(gen_embeds[i] @ text_embeds[i]),
-                    "color": float(seen["color"] == ref.color),
-                    "shape": float(seen["shape"] == ref.shape),
-                    "background": float(seen["background"] == target_bg),
-                })  # fmt: skip
+                rows[mode].append(
+                    {
+                        "clip_i": float(gen_embeds[i] @ ref_embeds[start + i]),
+                        "clip_t": float(gen_embeds[i] @ text_embeds[i]),
+                        "color": float(seen["color"] == ref.color),
+                        "shape": float(seen["shape"] == ref.shape),
+                        "background": float(seen["background"] == target_bg),
+                    }
+                )
     return {
         mode: {k: float(np.mean([r[k] for r in rs])) for k in rs[0]} | {"n": len(rs)}
         for mode, rs in rows.items()
@@ -139,9 +149,13 @@ def markdown(results: dict[str, dict[str, float]]) -> str:
     """The results as the README's table."""
     lines = ["| mode | CLIP-I | CLIP-T | colour | shape | background | n |", "|---|---|---|---|---|---|---|"]
     for mode, r in results.items():
-        lines.append(f"| {mode} | {r['clip_i']:.3f} | {r['clip_t']:.3f} | {r['color']:.0%} | {r['shape']:.0%} | "
-                     f"{r['background']:.0%} | {int(r['n'])} |")  # fmt: skip
+        lines.append(
+            f"| {mode} | {r['clip_i']:.3f} | {r['clip_t']:.3f} | {r['color']:.0%} | {r['shape']:.0%} | "
+            f"{r['background']:.0%} | {int(r['n'])} |"
+        )
     lines.append("")
-    lines.append("colour/shape: the object matches the reference; background: matches the reference (text, image) "
-                 "or the text (image+text).")  # fmt: skip
+    lines.append(
+        "colour/shape: the object matches the reference; background: matches the reference (text, image) "
+        "or the text (image+text)."
+    )
     return "\n".join(lines)

@@ -139,19 +139,25 @@ def encode_result(result: Result, prepared: Prepared) -> dict[str, Any]:
     params = {**result.params, **prepared.record}
     out: dict[str, Any] = {"seed": result.seed, "parameters": params}
     if result.video:
-        out.update(video=gif_base64(result.images, prepared.fps, params), mime="image/gif",
-                   frames=len(result.images))  # fmt: skip
+        out.update(
+            video=gif_base64(result.images, prepared.fps, params), mime="image/gif", frames=len(result.images)
+        )
     else:
-        out.update(images=[png_base64(img, {**params, "index": i}) for i, img in enumerate(result.images)],
-                   mime="image/png")  # fmt: skip
+        out.update(
+            images=[png_base64(img, {**params, "index": i}) for i, img in enumerate(result.images)],
+            mime="image/png",
+        )
     out["seconds"] = {**result.seconds, "encode": round(time.perf_counter() - started, 3)}
     return out
 
 
 def job_view(ticket: Ticket, queue: JobQueue) -> dict[str, Any]:
     """A job as GET /v1/jobs/{id} shows it."""
-    view: dict[str, Any] = {"id": ticket.id, "status": ticket.status,
-                            "progress": {"step": ticket.step, "total": ticket.total}}  # fmt: skip
+    view: dict[str, Any] = {
+        "id": ticket.id,
+        "status": ticket.status,
+        "progress": {"step": ticket.step, "total": ticket.total},
+    }
     if ticket.status == QUEUED:
         view["position"] = queue.position(ticket)
     if ticket.status == RUNNING and ticket.cancel_requested.is_set():
@@ -159,8 +165,11 @@ def job_view(ticket: Ticket, queue: JobQueue) -> dict[str, Any]:
     if ticket.status == DONE and ticket.result is not None:
         result = dict(ticket.result)
         queued = (ticket.started or ticket.created) - ticket.created
-        result["seconds"] = {**result["seconds"], "queued": round(queued, 3),
-                             "total": round((ticket.finished or time.time()) - ticket.created, 3)}  # fmt: skip
+        result["seconds"] = {
+            **result["seconds"],
+            "queued": round(queued, 3),
+            "total": round((ticket.finished or time.time()) - ticket.created, 3),
+        }
         view["result"] = result
     if ticket.status == FAILED and ticket.error is not None:
         view["error"] = {"type": ticket.error.type, "message": ticket.error.message}
@@ -181,10 +190,13 @@ def _add_docs(app: FastAPI) -> None:
 
     @app.get("/docs", include_in_schema=False)
     def docs() -> HTMLResponse:
-        return get_swagger_ui_html(openapi_url=app.openapi_url or "/openapi.json", title="ipadapter API",
-                                   swagger_js_url="/docs-assets/swagger-ui-bundle.js",
-                                   swagger_css_url="/docs-assets/swagger-ui.css",
-                                   swagger_favicon_url="/docs-assets/favicon-32x32.png")  # fmt: skip
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url or "/openapi.json",
+            title="ipadapter API",
+            swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+            swagger_css_url="/docs-assets/swagger-ui.css",
+            swagger_favicon_url="/docs-assets/favicon-32x32.png",
+        )
 
 
 def _page() -> str:
@@ -199,7 +211,10 @@ _PAGE_HEADERS = {
 }
 _BODY_DOC = {"requestBody": {"required": True, "content": {"application/json": {"schema": REQUEST_SCHEMA}}}}
 _ERROR_DOC = {
-    code: {"description": what, "content": {"application/json": {"example": {"error": {"type": kind, "message": "..."}}}}}
+    code: {
+        "description": what,
+        "content": {"application/json": {"example": {"error": {"type": kind, "message": "..."}}}},
+    }
     for code, what, kind in (
         (400, "the body is not a JSON object", "invalid_json"),
         (401, "missing or wrong bearer token", "unauthorized"),
@@ -207,7 +222,7 @@ _ERROR_DOC = {
         (422, "an option or image is not usable", "invalid_input"),
         (429, "the queue is full (see Retry-After)", "queue_full"),
     )
-}  # fmt: skip
+}
 
 
 def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
@@ -250,9 +265,13 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
         given = "" if credentials is None else credentials.credentials
         if credentials is None or not hmac.compare_digest(given.encode(), config.token.encode()):
             why = "no bearer token" if credentials is None else "wrong bearer token"
-            raise ApiError(401, "unauthorized", f"{why}; send the header 'Authorization: Bearer <token>' with "
-                                                "the token the server was started with",
-                           {"WWW-Authenticate": "Bearer"})  # fmt: skip
+            raise ApiError(
+                401,
+                "unauthorized",
+                f"{why}; send the header 'Authorization: Bearer <token>' with "
+                "the token the server was started with",
+                {"WWW-Authenticate": "Bearer"},
+            )
 
     async def prepare(request: Request) -> Prepared:
         """Read the body (not cached on the request: it is dropped once decoded) and build the job."""
@@ -268,8 +287,12 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorized)])
 
-    @v1.post("/generate", openapi_extra=_BODY_DOC, responses=_ERROR_DOC,
-             summary="Generate now: the response holds the images (base64 PNGs) or the video (base64 GIF)")  # fmt: skip
+    @v1.post(
+        "/generate",
+        openapi_extra=_BODY_DOC,
+        responses=_ERROR_DOC,
+        summary="Generate now: the response holds the images (base64 PNGs) or the video (base64 GIF)",
+    )
     async def generate(request: Request) -> Response:
         with queue.reserve() as slot:
             ticket = submit(await prepare(request), slot, kept=False)
@@ -293,8 +316,13 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
             return error_response(ticket.error.status, ticket.error.type, ticket.error.message)
         return error_response(503, "cancelled", "the job was cancelled (the server is shutting down)")
 
-    @v1.post("/jobs", status_code=202, openapi_extra=_BODY_DOC, responses=_ERROR_DOC,
-             summary="Queue a job: answers 202 with its id; poll GET /v1/jobs/{id}")  # fmt: skip
+    @v1.post(
+        "/jobs",
+        status_code=202,
+        openapi_extra=_BODY_DOC,
+        responses=_ERROR_DOC,
+        summary="Queue a job: answers 202 with its id; poll GET /v1/jobs/{id}",
+    )
     async def create_job(request: Request) -> JSONResponse:
         with queue.reserve() as slot:
             ticket = submit(await prepare(request), slot, kept=True)
@@ -305,9 +333,13 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
     def find(job_id: str) -> Ticket:
         ticket = queue.get(job_id)
         if ticket is None:
-            raise ApiError(404, "not_found", f"no job '{job_id}': it never existed, or it finished more than "
-                                             f"{config.keep_seconds:g} s ago or behind {config.keep_finished} newer "
-                                             "ones (finished jobs are kept that long)")  # fmt: skip
+            raise ApiError(
+                404,
+                "not_found",
+                f"no job '{job_id}': it never existed, or it finished more than "
+                f"{config.keep_seconds:g} s ago or behind {config.keep_finished} newer "
+                "ones (finished jobs are kept that long)",
+            )
         return ticket
 
     @v1.get("/jobs/{job_id}", summary="A job's status, progress while running, and its result when done")
@@ -427,8 +459,12 @@ def serve(config: ServerConfig) -> None:
 
     app = create_app(config)
     if config.token is None and config.host not in ("127.0.0.1", "localhost", "::1"):
-        log.warning("serving on %s without a token: anyone who can reach port %d can use it", config.host,
-                    config.port)  # fmt: skip
-    print(f"ipadapter: serving {config.base} with {', '.join(config.adapters)} on http://{config.host}:"
-          f"{config.port}/ (API docs: /docs)", flush=True)  # fmt: skip
+        log.warning(
+            "serving on %s without a token: anyone who can reach port %d can use it", config.host, config.port
+        )
+    print(
+        f"ipadapter: serving {config.base} with {', '.join(config.adapters)} on http://{config.host}:"
+        f"{config.port}/ (API docs: /docs)",
+        flush=True,
+    )
     uvicorn.run(app, host=config.host, port=config.port, log_level="info", timeout_graceful_shutdown=10)

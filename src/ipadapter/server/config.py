@@ -58,8 +58,13 @@ class ServerConfig:
             setattr(self, key, list(names))
         if not self.adapters:
             raise InputError("server: no adapter; give at least one adapter to serve (--adapter)")
-        for key, low in (("port", 0), ("max_queue", 1), ("max_body_bytes", 1), ("max_pixels", 64),
-                         ("keep_finished", 0)):  # fmt: skip
+        for key, low in (
+            ("port", 0),
+            ("max_queue", 1),
+            ("max_body_bytes", 1),
+            ("max_pixels", 64),
+            ("keep_finished", 0),
+        ):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise InputError(f"server: {key} is {value!r}; expected a whole number >= {low}")

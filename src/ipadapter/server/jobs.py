@@ -211,9 +211,15 @@ class JobQueue:
     def stats(self) -> dict[str, Any]:
         with self._lock:
             running = 1 if self._running is not None else 0
-            return {"running": running, "waiting": len(self._waiting), "active": self._active,
-                    "max_queue": self.max_queue, "kept": len(self._jobs), "completed": self.completed,
-                    "worker_alive": self._thread.is_alive()}  # fmt: skip
+            return {
+                "running": running,
+                "waiting": len(self._waiting),
+                "active": self._active,
+                "max_queue": self.max_queue,
+                "kept": len(self._jobs),
+                "completed": self.completed,
+                "worker_alive": self._thread.is_alive(),
+            }
 
     def close(self, timeout: float = 30.0) -> None:
         """Cancel everything and stop the worker (the running job stops at its next step)."""

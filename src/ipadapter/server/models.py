@@ -16,9 +16,17 @@ def _probe(config: ServerConfig, mode: str, nets: list[str]) -> Job:
     """A job that names the models of one pipeline (it is never run; its images are blanks)."""
     blank = Image.new("RGB", (8, 8))
     recipe = Recipe([AdapterRecipe(path=config.adapters[0], images=[Reference(path=blank)])])
-    return Job(base=config.base, base_config=config.base_config, recipe=recipe, mode=mode, controlnets=nets,
-               control_images=[blank] * len(nets), init=blank, mask=blank.convert("L"),
-               motion_adapter=config.motion_adapter if mode == "video" else None)  # fmt: skip
+    return Job(
+        base=config.base,
+        base_config=config.base_config,
+        recipe=recipe,
+        mode=mode,
+        controlnets=nets,
+        control_images=[blank] * len(nets),
+        init=blank,
+        mask=blank.convert("L"),
+        motion_adapter=config.motion_adapter if mode == "video" else None,
+    )
 
 
 def preload(engine: Engine, config: ServerConfig) -> tuple[Served, dict[str, Any]]:
@@ -34,8 +42,15 @@ def preload(engine: Engine, config: ServerConfig) -> tuple[Served, dict[str, Any
     for name in config.adapters:
         ip = engine.adapter(engine.pipeline(_probe(config, first, []))[0], name, config.image_encoder)
         spec = ip.spec
-        adapters.append({"name": name, "variant": "/".join(spec.names) or spec.layout, "base": spec.base,
-                         "tokens": spec.num_tokens, "feature": spec.feature})  # fmt: skip
+        adapters.append(
+            {
+                "name": name,
+                "variant": "/".join(spec.names) or spec.layout,
+                "base": spec.base,
+                "tokens": spec.num_tokens,
+                "feature": spec.feature,
+            }
+        )
     for net in config.controlnets:
         engine.pipeline(_probe(config, first, [net]))
     if config.motion_adapter:
@@ -58,7 +73,7 @@ def preload(engine: Engine, config: ServerConfig) -> tuple[Served, dict[str, Any
             "max_queue": config.max_queue,
             "max_body_bytes": config.max_body_bytes,
             "max_pixels": config.max_pixels,
-        },  # fmt: skip
+        },
     }
     from ..pipelines import native_size
 
@@ -74,8 +89,17 @@ def warm_up(engine: Engine, config: ServerConfig, modes: list[str], size: int) -
     grey = Image.new("RGB", (size, size), (128, 128, 128))
     recipe = Recipe([AdapterRecipe(path=config.adapters[0], images=[Reference(path=grey)])])
     for mode in [modes[0]] + (["video"] if "video" in modes else []):
-        job = Job(base=config.base, base_config=config.base_config, recipe=recipe, mode=mode, steps=1, seed=0,
-                  init=grey, mask=Image.new("L", (size, size), 255), width=None if mode == "inpaint" else size,
-                  height=None if mode == "inpaint" else size,
-                  motion_adapter=config.motion_adapter if mode == "video" else None)  # fmt: skip
+        job = Job(
+            base=config.base,
+            base_config=config.base_config,
+            recipe=recipe,
+            mode=mode,
+            steps=1,
+            seed=0,
+            init=grey,
+            mask=Image.new("L", (size, size), 255),
+            width=None if mode == "inpaint" else size,
+            height=None if mode == "inpaint" else size,
+            motion_adapter=config.motion_adapter if mode == "video" else None,
+        )
         engine.run(job)

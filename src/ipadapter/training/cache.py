@@ -73,8 +73,10 @@ class FeatureCache:
             skipped = json.loads(f.metadata().get("skipped", "{}"))
             if str(i) in skipped:
                 return {"skipped": skipped[str(i)]}
-            return {name: f.get_tensor(f"{i}.{name}") for name in ("moments", "features", "original_size",
-                                                                    "crop_top_left")}  # fmt: skip
+            return {
+                name: f.get_tensor(f"{i}.{name}")
+                for name in ("moments", "features", "original_size", "crop_top_left")
+            }
 
 
 class CachedExamples(torch.utils.data.Dataset):

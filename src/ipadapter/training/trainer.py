@@ -93,8 +93,10 @@ class TrainConfig:
                 f"variant '{self.variant}' is not trainable; expected one of {', '.join(VARIANTS)}"
             )
         if self.resolution <= 0 or self.resolution % 8:
-            problems.append(f"resolution {self.resolution} is not a positive multiple of 8 (try "
-                            f"{max(8, self.resolution // 8 * 8)})")  # fmt: skip
+            problems.append(
+                f"resolution {self.resolution} is not a positive multiple of 8 (try "
+                f"{max(8, self.resolution // 8 * 8)})"
+            )
         for name in (
             "batch_size",
             "grad_accum",
@@ -114,8 +116,10 @@ class TrainConfig:
             problems.append(f"lr {self.lr} must be a positive number")
         drops = (self.drop_text, self.drop_image, self.drop_both)
         if any(not 0 <= d <= 1 for d in drops) or sum(drops) > 1:
-            problems.append(f"drop rates text {self.drop_text}, image {self.drop_image}, both {self.drop_both} "
-                            "must each be in [0, 1] and sum to at most 1")  # fmt: skip
+            problems.append(
+                f"drop rates text {self.drop_text}, image {self.drop_image}, both {self.drop_both} "
+                "must each be in [0, 1] and sum to at most 1"
+            )
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             problems.append(f"mixed precision '{self.mixed_precision}' is not one of no, fp16, bf16")
         if self.export_dtype not in ("float16", "float32", "bfloat16"):
@@ -192,8 +196,16 @@ def new_spec(variant: str, unet: nn.Module, encoder: nn.Module, num_tokens: int)
         feature, feature_dim = "hidden", int(config.hidden_size)
         # SD1.5 plus: dim = cross dim (768), 12 heads; SDXL plus: dim 1280, 20 heads; heads of 64 dims.
         dim = 1280 if cross == 2048 else cross
-        resampler = ResamplerConfig(dim=dim, depth=4, dim_head=64, heads=max(1, dim // 64), num_queries=num_tokens,
-                                    embedding_dim=feature_dim, output_dim=cross, ff_mult=4)  # fmt: skip
+        resampler = ResamplerConfig(
+            dim=dim,
+            depth=4,
+            dim_head=64,
+            heads=max(1, dim // 64),
+            num_queries=num_tokens,
+            embedding_dim=feature_dim,
+            output_dim=cross,
+            ff_mult=4,
+        )
     return AdapterSpec(
         layout=variant,
         names=(),
@@ -312,17 +324,24 @@ class Trainer:
         saved_path = self.output / CONFIG
         if c.resume:
             if not saved_path.is_file():
-                raise InputError(f"--resume: '{self.output}' holds no training run ({CONFIG} missing); "
-                                 "start a new run with --output")  # fmt: skip
+                raise InputError(
+                    f"--resume: '{self.output}' holds no training run ({CONFIG} missing); "
+                    "start a new run with --output"
+                )
             saved = json.loads(saved_path.read_text())
             diff = c.differences(saved)
             if diff:
-                raise InputError(f"--resume: '{self.output}' was trained with another configuration ("
-                                 + "; ".join(diff) + "); resume with the same settings or start a new run")  # fmt: skip
+                raise InputError(
+                    f"--resume: '{self.output}' was trained with another configuration ("
+                    + "; ".join(diff)
+                    + "); resume with the same settings or start a new run"
+                )
             return saved
         if saved_path.is_file() or checkpoints(self.output):
-            raise InputError(f"output '{self.output}' already holds a training run; pass --resume to continue it "
-                             "or choose a new --output")  # fmt: skip
+            raise InputError(
+                f"output '{self.output}' already holds a training run; pass --resume to continue it "
+                "or choose a new --output"
+            )
         if self.output.exists() and not self.output.is_dir():
             raise InputError(f"output '{self.output}' is a file; expected a folder for the run")
         return None
@@ -382,8 +401,11 @@ class Trainer:
         )
         acc = self.accelerator
         if c.report_to == "auto" and self.report_to == "none" and acc.is_main_process:
-            print("ipadapter: note: no TensorBoard logging (the tensorboard package is not installed; "
-                  "`pip install tensorboard` turns it on)", file=sys.stderr)  # fmt: skip
+            print(
+                "ipadapter: note: no TensorBoard logging (the tensorboard package is not installed; "
+                "`pip install tensorboard` turns it on)",
+                file=sys.stderr,
+            )
         self._configure_engine()
         weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(c.mixed_precision, torch.float32)
         self.weight_dtype = weight_dtype
@@ -395,8 +417,11 @@ class Trainer:
         if c.init_adapter:
             init = load_checkpoint(resolve_adapter(c.init_adapter))
             init_spec = detect(init)
-            if (init_spec.layout, init_spec.feature_dim, init_spec.num_tokens) != (spec.layout, spec.feature_dim,
-                                                                                  spec.num_tokens):  # fmt: skip
+            if (init_spec.layout, init_spec.feature_dim, init_spec.num_tokens) != (
+                spec.layout,
+                spec.feature_dim,
+                spec.num_tokens,
+            ):
                 raise IncompatibleModelError(
                     f"--init-adapter '{c.init_adapter}' is a {init_spec.layout} adapter with {init_spec.num_tokens} "
                     f"tokens from {init_spec.feature_dim}-dim features; this run trains a {spec.layout} adapter with "
@@ -407,8 +432,12 @@ class Trainer:
             start = initial_checkpoint(spec, pipe.unet, c.seed)
         # attach validates the layout against the UNet and the encoder before anything changes
         handle = attach(pipe, start, encoder_model, scale=1.0, name="train")
-        self.transform = Transform(resolution=c.resolution, clip_size=int(encoder_model.config.image_size),
-                                   random_crop=c.random_crop, random_flip=c.random_flip)  # fmt: skip
+        self.transform = Transform(
+            resolution=c.resolution,
+            clip_size=int(encoder_model.config.image_size),
+            random_crop=c.random_crop,
+            random_flip=c.random_flip,
+        )
 
         # Freeze everything, then unfreeze the adapter's weights (kept in float32).
         for module in (pipe.unet, pipe.vae, encoder_model, *self._text_encoders(pipe)):
@@ -466,8 +495,10 @@ class Trainer:
         if wanted == "none" or is_tensorboard_available():
             return "tensorboard" if wanted == "auto" else wanted
         if wanted == "tensorboard":
-            raise InputError("TensorBoard logging needs the tensorboard package: `pip install tensorboard` "
-                             "(or `pip install -e '.[train]'`), or pass --report-to none")  # fmt: skip
+            raise InputError(
+                "TensorBoard logging needs the tensorboard package: `pip install tensorboard` "
+                "(or `pip install -e '.[train]'`), or pass --report-to none"
+            )
         return "none"
 
     @property
@@ -486,22 +517,28 @@ class Trainer:
             cfg = plugin.deepspeed_config
             stage = cfg.get("zero_optimization", {}).get("stage", 0)
             if stage not in (0, 1, 2, "auto"):
-                raise InputError(f"DeepSpeed ZeRO stage {stage} is not supported: stage 3 partitions the frozen UNet, "
-                                 "whose layers the adapter's branches run inside; use zero_stage 1 or 2 (they "
-                                 "partition the adapter's optimizer state and gradients) or an FSDP config")  # fmt: skip
+                raise InputError(
+                    f"DeepSpeed ZeRO stage {stage} is not supported: stage 3 partitions the frozen UNet, "
+                    "whose layers the adapter's branches run inside; use zero_stage 1 or 2 (they "
+                    "partition the adapter's optimizer state and gradients) or an FSDP config"
+                )
             if stage == "auto":
                 cfg.setdefault("zero_optimization", {})["stage"] = 2
             # "auto" (or absent) values follow the command line; explicit ones must agree with it
-            wanted = {"train_micro_batch_size_per_gpu": (c.batch_size, "--batch-size"),
-                      "gradient_accumulation_steps": (c.grad_accum, "--grad-accum"),
-                      "gradient_clipping": (c.max_grad_norm or 0.0, "--max-grad-norm")}  # fmt: skip
+            wanted = {
+                "train_micro_batch_size_per_gpu": (c.batch_size, "--batch-size"),
+                "gradient_accumulation_steps": (c.grad_accum, "--grad-accum"),
+                "gradient_clipping": (c.max_grad_norm or 0.0, "--max-grad-norm"),
+            }
             for key, (value, flag) in wanted.items():
                 current = cfg.get(key, "auto")
                 if current == "auto":
                     cfg[key] = value
                 elif float(current) != float(value):
-                    raise InputError(f"the DeepSpeed config sets {key} = {current} but this run has {flag} {value}; "
-                                     f'set it to "auto" in the config (it then follows {flag}) or pass {flag} {current}')  # fmt: skip
+                    raise InputError(
+                        f"the DeepSpeed config sets {key} = {current} but this run has {flag} {value}; "
+                        f'set it to "auto" in the config (it then follows {flag}) or pass {flag} {current}'
+                    )
             if cfg.get("train_batch_size", "auto") == "auto":
                 cfg["train_batch_size"] = c.batch_size * c.grad_accum * acc.num_processes
             acc.gradient_accumulation_steps = c.grad_accum  # DeepSpeed counts the micro-steps itself
@@ -515,10 +552,12 @@ class Trainer:
             if (
                 policy.func if isinstance(policy, functools.partial) else policy
             ) is size_based_auto_wrap_policy:
-                raise InputError("FSDP's SIZE_BASED_WRAP cannot wrap a diffusers UNet: it picks module lists whose "
-                                 "layers are called one by one, so their weights are never gathered; use "
-                                 "--fsdp_auto_wrap_policy TRANSFORMER_BASED_WRAP --fsdp_transformer_layer_cls_to_wrap "
-                                 "BasicTransformerBlock (or NO_WRAP)")  # fmt: skip
+                raise InputError(
+                    "FSDP's SIZE_BASED_WRAP cannot wrap a diffusers UNet: it picks module lists whose "
+                    "layers are called one by one, so their weights are never gathered; use "
+                    "--fsdp_auto_wrap_policy TRANSFORMER_BASED_WRAP --fsdp_transformer_layer_cls_to_wrap "
+                    "BasicTransformerBlock (or NO_WRAP)"
+                )
             # FSDP1 flattens each wrapped module's parameters into one tensor that is trained or frozen as a
             # whole; the adapter's branches sit inside the frozen UNet's layers, so keep the parameters apart.
             if getattr(plugin, "fsdp_version", 1) == 1:
@@ -541,8 +580,14 @@ class Trainer:
         per_rank = c.batch_size
         start = self.step * c.grad_accum * per_rank  # examples this rank has consumed
         if self.source.streaming:
-            dataset = StreamingDataset(self.source, self.transform, seed=c.seed, rank=acc.process_index,
-                                       world_size=acc.num_processes, start=start)  # fmt: skip
+            dataset = StreamingDataset(
+                self.source,
+                self.transform,
+                seed=c.seed,
+                rank=acc.process_index,
+                world_size=acc.num_processes,
+                start=start,
+            )
             loader = torch.utils.data.DataLoader(dataset, batch_size=per_rank, collate_fn=collate)
             yield from loader
             return
@@ -555,8 +600,9 @@ class Trainer:
         sampler = _RankPositions(
             len(self.source), c.seed, acc.process_index, acc.num_processes, per_rank, start
         )
-        loader = torch.utils.data.DataLoader(dataset, batch_size=per_rank, sampler=sampler, collate_fn=collate,
-                                             num_workers=c.num_workers)  # fmt: skip
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=per_rank, sampler=sampler, collate_fn=collate, num_workers=c.num_workers
+        )
         yield from loader
 
     # -- one step ----------------------------------------------------------------------------------------
@@ -639,11 +685,20 @@ class Trainer:
 
         c, acc = self.config, self.accelerator
         if self.source.streaming:
-            raise InputError(f"--cache-dir needs data with random access; '{c.data}' is streamed (hub dataset or "
-                             "tar shards): drop --cache-dir")  # fmt: skip
+            raise InputError(
+                f"--cache-dir needs data with random access; '{c.data}' is streamed (hub dataset or "
+                "tar shards): drop --cache-dir"
+            )
         n = len(self.source)
-        fingerprint = {"data": c.data, "examples": n, "base": c.base, "image_encoder": encoder_spec,
-                       "feature": self.spec.feature, "resolution": c.resolution, "dtype": str(self.weight_dtype)}  # fmt: skip
+        fingerprint = {
+            "data": c.data,
+            "examples": n,
+            "base": c.base,
+            "image_encoder": encoder_spec,
+            "feature": self.spec.feature,
+            "resolution": c.resolution,
+            "dtype": str(self.weight_dtype),
+        }
         cache = FeatureCache(c.cache_dir, fingerprint)
         if acc.is_main_process and not (cache.folder / "index.json").is_file():
             size = int(self.encoder_model.config.image_size)
@@ -692,8 +747,10 @@ class Trainer:
         except RuntimeError as e:
             if "deterministic" not in str(e) or not self.config.deterministic:
                 raise
-            raise InputError(f"--deterministic: {str(e).splitlines()[0]} Train without --deterministic (a "
-                             "resumed run then matches the whole one within float tolerance).") from e  # fmt: skip
+            raise InputError(
+                f"--deterministic: {str(e).splitlines()[0]} Train without --deterministic (a "
+                "resumed run then matches the whole one within float tolerance)."
+            ) from e
         finally:
             self._restore_kernels()
 
@@ -780,8 +837,13 @@ class Trainer:
             ckpt.metadata = self._metadata()
             save_checkpoint(ckpt, tmp / "adapter.safetensors")
             torch.save(state, tmp / "optimizer.pt")
-            position = {"step": self.step, "skipped": len(self.skipped), "config": self.config.to_dict(),
-                        "engine": self.engine, "processes": acc.num_processes}  # fmt: skip
+            position = {
+                "step": self.step,
+                "skipped": len(self.skipped),
+                "config": self.config.to_dict(),
+                "engine": self.engine,
+                "processes": acc.num_processes,
+            }
             (tmp / "state.json").write_text(json.dumps(position, indent=2))
             if folder.exists():
                 shutil.rmtree(folder)
@@ -811,22 +873,29 @@ class Trainer:
         if engine != self.engine or (
             engine != "plain" and saved.get("processes") != self.accelerator.num_processes
         ):
-            raise InputError(f"--resume: the last checkpoint {found[-1].name} was written by a {engine} run on "
-                             f"{saved.get('processes', '?')} process(es); this launch is {self.engine} on "
-                             f"{self.accelerator.num_processes}: launch it the same way to resume")  # fmt: skip
+            raise InputError(
+                f"--resume: the last checkpoint {found[-1].name} was written by a {engine} run on "
+                f"{saved.get('processes', '?')} process(es); this launch is {self.engine} on "
+                f"{self.accelerator.num_processes}: launch it the same way to resume"
+            )
         return found[-1], saved
 
     def _load_state(self, folder: Path, saved: dict[str, Any]) -> None:
         """Optimizer, lr schedule and position from a checkpoint (after the adapter is wrapped)."""
         state = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
         if self.engine == "deepspeed":
-            self.module.load_checkpoint(str(folder / "deepspeed"), tag="state", load_module_strict=False,
-                                        load_lr_scheduler_states=False)  # fmt: skip
+            self.module.load_checkpoint(
+                str(folder / "deepspeed"),
+                tag="state",
+                load_module_strict=False,
+                load_lr_scheduler_states=False,
+            )
         elif self.engine == "fsdp":
             from accelerate.utils import load_fsdp_optimizer
 
-            load_fsdp_optimizer(self.accelerator.state.fsdp_plugin, self.accelerator, self.optimizer, self.module,
-                                str(folder))  # fmt: skip
+            load_fsdp_optimizer(
+                self.accelerator.state.fsdp_plugin, self.accelerator, self.optimizer, self.module, str(folder)
+            )
         else:
             self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
@@ -834,9 +903,14 @@ class Trainer:
 
     def _metadata(self) -> dict[str, str]:
         c = self.config
-        return {"ipadapter.base": c.base, "ipadapter.image_encoder": str(c.image_encoder or ""),
-                "ipadapter.variant": c.variant, "ipadapter.steps": str(self.step),
-                "ipadapter.num_tokens": str(c.tokens), "ipadapter.resolution": str(c.resolution)}  # fmt: skip
+        return {
+            "ipadapter.base": c.base,
+            "ipadapter.image_encoder": str(c.image_encoder or ""),
+            "ipadapter.variant": c.variant,
+            "ipadapter.steps": str(self.step),
+            "ipadapter.num_tokens": str(c.tokens),
+            "ipadapter.resolution": str(c.resolution),
+        }
 
     # -- validation and export ---------------------------------------------------------------------------
     def validate(self) -> Path | None:
@@ -932,8 +1006,11 @@ class Trainer:
             save_checkpoint(ckpt, tmp.with_suffix(".safetensors"))
             os.replace(tmp.with_suffix(".safetensors"), path)
             if self.skipped:
-                print(f"ipadapter: note: skipped {len(self.skipped)} unreadable image(s), e.g. "
-                      f"{self.skipped[0][0]}: {self.skipped[0][1]}", file=sys.stderr)  # fmt: skip
+                print(
+                    f"ipadapter: note: skipped {len(self.skipped)} unreadable image(s), e.g. "
+                    f"{self.skipped[0][0]}: {self.skipped[0][1]}",
+                    file=sys.stderr,
+                )
         acc.wait_for_everyone()
         return path
 
