@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import diffusers_pipe, fails, reference_image, run
+from helpers import diffusers_pipe, fails, load_pipe, png_pixels, reference_image, run
 from PIL import Image
 
 import ipadapter.images as enc
@@ -26,6 +26,30 @@ def _generate(models: dict, ref: Path, out: Path, *extra: str, adapter: str | No
         "--image", str(ref), "--prompt", "a cat", "--negative-prompt", "blurry", "--scale", "0.7", "--steps", "2",
         "--seed", "0", "--width", "32", "--height", "32", "--output", str(out), *extra,
     ]  # fmt: skip
+
+
+def test_without_an_adapter_or_reference_generate_and_batch_run_the_plain_base_model(
+    models: dict, ref_png: Path, tmp_path: Path, capsys
+) -> None:
+    """One flag away: drop --adapter and --image to compare with the base model alone."""
+    plain = ["generate", "--base", str(models["sd15"]), "--prompt", "a cat", "--negative-prompt", "blurry",
+             "--steps", "2", "--seed", "0", "--width", "32", "--height", "32"]  # fmt: skip
+    assert main([*plain, "--output", str(tmp_path / "plain.png")]) == 0
+    want = run(load_pipe(models, "sd15"), output_type="pil")[0]  # diffusers alone, same settings
+    assert np.array_equal(png_pixels(tmp_path / "plain.png"), np.asarray(want))
+    params = json.loads(Image.open(tmp_path / "plain.png").text["parameters"])
+    assert params["adapter"] is None and params["scale"] is None and "image" not in params
+    assert main(_generate(models, ref_png, tmp_path / "ip.png")) == 0  # the image prompt does change it
+    assert np.abs(png_pixels(tmp_path / "ip.png") - png_pixels(tmp_path / "plain.png")).max() > 2
+    line = {"base": str(models["sd15"]), "prompt": "a cat", "negative_prompt": "blurry", "steps": 2, "seed": 0,
+            "width": 32, "height": 32}  # fmt: skip
+    (tmp_path / "jobs.jsonl").write_text(json.dumps(line) + "\n")
+    assert main(["batch", str(tmp_path / "jobs.jsonl"), "--output", str(tmp_path / "out"), "--json"]) == 0
+    assert np.array_equal(png_pixels(tmp_path / "out" / "00001.png"), png_pixels(tmp_path / "plain.png"))
+    capsys.readouterr()
+    fails(
+        capsys, [*plain, "--scale", "0.5", "--output", str(tmp_path / "x.png")], "no adapter"
+    )  # half a prompt
 
 
 def test_generate_matches_diffusers_and_records_parameters(

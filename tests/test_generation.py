@@ -83,3 +83,14 @@ def test_the_same_job_gives_the_same_pixels_whatever_ran_before(models: dict, tm
     assert len(again) == 2
     for x, y in zip(fresh, again, strict=True):
         assert np.array_equal(x, np.asarray(y))
+
+
+def test_a_job_without_recipe_runs_the_plain_base_model_even_with_adapters_attached(models: dict) -> None:
+    plain = Job(base=str(models["sd15"]), prompt="a cat", steps=2, width=32, height=32, seed=0)
+    fresh = np.asarray(Engine("cpu").run(plain).images[0])
+    engine = Engine("cpu")
+    engine.run(job(models, "sd15"))  # attaches an adapter to the engine's UNet, and it stays attached
+    assert engine.loaded()["adapters"]
+    result = engine.run(plain)
+    assert np.array_equal(np.asarray(result.images[0]), fresh)
+    assert result.params["adapter"] is None and result.params["variant"] is None

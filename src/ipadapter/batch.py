@@ -215,9 +215,13 @@ def _params(result: generation.Result, job: generation.Job, entry: Line, manifes
 
     options = entry.options
     params = dict(result.params)
-    hashes = [image_key(ref.path) for a in job.recipe.adapters for ref in a.images if ref.path is not None]
-    params["image_sha1"] = hashes[0] if len(hashes) == 1 and not result.video else hashes
-    if options.get("recipe") is not None:
+    entries = job.recipe.adapters if job.recipe is not None else []
+    hashes = [image_key(ref.path) for a in entries for ref in a.images if ref.path is not None]
+    if job.recipe is not None:
+        params["image_sha1"] = hashes[0] if len(hashes) == 1 and not result.video else hashes
+    if job.recipe is None:
+        pass  # the plain base model: no image prompt to record
+    elif options.get("recipe") is not None:
         params["adapter"] = [a.path for a in job.recipe.adapters]
         params["recipe"] = options["recipe"]
     elif not job.per_frame:

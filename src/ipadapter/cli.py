@@ -86,7 +86,10 @@ def _add_generation_options(p: argparse.ArgumentParser, command: str) -> None:
     p.add_argument(
         "--base-config", help="for a single-file base: a diffusers folder/hub id of the same family"
     )
-    p.add_argument("--adapter", help="adapter file, or owner/repo/path/in/repo.safetensors (or use --recipe)")
+    p.add_argument(
+        "--adapter",
+        help="adapter file, or owner/repo/path/in/repo.safetensors (or use --recipe; neither, and no --image: the plain base model)",
+    )
     p.add_argument(
         "--image-encoder", help="CLIP vision model folder or hub path (default: from the adapter's repo)"
     )
@@ -220,13 +223,20 @@ def _add_control_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--end", type=_finite, help="denoising progress at which it ends (0-1)")
 
 
+def _prompt_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The image prompt's flags (adapter, references and their options) as options."""
+    from .generation import PROMPT_KEYS
+
+    return {k: getattr(args, k) for k in PROMPT_KEYS}
+
+
 def _recipe(args: argparse.Namespace, video: bool) -> Any:
     """The recipe this command runs: --recipe, or one adapter made of the flags. None: per-frame video."""
     from .errors import InputError
-    from .generation import CONTROL_KEYS, per_frame_video, recipe_from_options
+    from .generation import per_frame_video, recipe_from_options
     from .recipe import Recipe
 
-    options = {k: getattr(args, k) for k in ("adapter", "image_encoder", "image", "scale", *CONTROL_KEYS)}
+    options = _prompt_options(args)
     if args.recipe:
         given = [k for k, v in options.items() if v not in (None, [])]
         if given:
@@ -881,6 +891,7 @@ def _init_image(args: argparse.Namespace) -> Any:
 def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
     """generate / img2img / inpaint / video: one flow, the mode picks the pipeline and its inputs."""
     from .errors import InputError
+    from .generation import plain_options
     from .images import image_key, load_mask
     from .media import VIDEO_SUFFIXES, save_images, save_video
 
@@ -888,10 +899,13 @@ def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
     video = mode == "video"
     # Cheap checks first: nothing is loaded until every input is known to be usable.
     frames = args.frames if video else None
-    recipe = _recipe(args, video)
+    plain = not args.recipe and plain_options(_prompt_options(args))  # no image prompt: the base model
+    recipe = None if plain else _recipe(args, video)
     references: list[Any] = []
     hashes: list[str] = []
-    if recipe is None:  # video: one reference for all frames or one per frame
+    if plain:
+        pass
+    elif recipe is None:  # video: one reference for all frames or one per frame
         references = _image_list(args.image, "reference image")
         if len(references) not in (1, frames):
             raise InputError(
@@ -928,7 +942,9 @@ def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
     from .generation import Engine, Job
     from .recipe import AdapterRecipe, Recipe, Reference
 
-    if recipe is None:  # one reference per frame (or one for all): the single adapter's references
+    if plain:
+        job_recipe, per_frame = None, False
+    elif recipe is None:  # one reference per frame (or one for all): the single adapter's references
         scale = 1.0 if args.scale is None else args.scale
         entry = AdapterRecipe(
             path=args.adapter,
@@ -970,10 +986,11 @@ def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
     params = dict(result.params)
     if args.recipe:
         params["adapter"] = [a.path for a in recipe.adapters]
-    params.update(
-        image=args.image if video or len(args.image) != 1 else args.image[0],
-        image_sha1=hashes[0] if len(hashes) == 1 and not video else hashes,
-    )
+    if not plain:
+        params.update(
+            image=args.image if video or len(args.image) != 1 else args.image[0],
+            image_sha1=hashes[0] if len(hashes) == 1 and not video else hashes,
+        )
     if recipe is not None:
         params["recipe"] = recipe.to_dict()
     if mode in ("img2img", "inpaint"):

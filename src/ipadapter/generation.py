@@ -33,14 +33,15 @@ class Cancelled(Exception):
 class Job:
     """Everything one generation needs; images are decoded PIL images, models are names or paths.
 
-    ``recipe``: the image prompt (one or more adapters, their references and options). ``per_frame``: for a
+    ``recipe``: the image prompt (one or more adapters, their references and options); None runs the plain
+    base model, without image prompt (to compare with and without it). ``per_frame``: for a
     video, the recipe's single adapter lists one reference per frame (or one for all) instead of references
     to combine. ``control_images``: one per ControlNet (for a video: one image or a list of frames each).
     ``seed`` None: the engine picks one and reports it.
     """
 
     base: str
-    recipe: Recipe
+    recipe: Recipe | None = None
     mode: str = "t2i"
     per_frame: bool = False
     base_config: str | None = None
@@ -78,7 +79,7 @@ class Job:
                 f"{len(self.controlnets)} ControlNets but {len(self.control_images)} control images; give one "
                 "control image per ControlNet, in the same order"
             )
-        if self.per_frame and (self.mode != "video" or len(self.recipe.adapters) != 1):
+        if self.per_frame and (self.mode != "video" or self.recipe is None or len(self.recipe.adapters) != 1):
             raise InputError("one reference per frame needs a video and a single adapter")
 
 
@@ -238,6 +239,7 @@ class Engine:
         """Run ``job``; ``progress(done, total)`` is called after every denoising step (raise Cancelled to stop)."""
 
         from .adapter import run as run_adapters
+        from .calls import check_call
         from .schedulers import set_scheduler
 
         started = time.perf_counter()
@@ -254,7 +256,7 @@ class Engine:
         pipe.scheduler = default_scheduler
         if job.scheduler:
             set_scheduler(pipe, job.scheduler)
-        entries = job.recipe.adapters
+        entries = job.recipe.adapters if job.recipe is not None else []
         adapters = [self.adapter(pipe, e.path, e.image_encoder) for e in entries]
         if job.vae_slicing:
             pipe.vae.enable_slicing()
@@ -264,7 +266,9 @@ class Engine:
 
         seed = secrets.randbelow(2**31) if job.seed is None else job.seed
         call = self._call(job, seed, progress)
-        if job.per_frame:
+        if job.recipe is None:  # the plain base model (adapters attached by earlier jobs stay idle)
+            out = pipe(**check_call(pipe, call))
+        elif job.per_frame:
             ip = adapters[0]
             ip.scale = 1.0 if entries[0].scale is None else entries[0].scale
             frames = [ref.path for ref in entries[0].images]
@@ -320,18 +324,22 @@ class Engine:
     def _params(self, job: Job, pipe: Any, adapters: list[Any], seed: int, images: list[Image.Image]) -> dict:
         from . import __version__
 
-        scales = [1.0 if e.scale is None else e.scale for e in job.recipe.adapters]
+        entries = job.recipe.adapters if job.recipe is not None else []
+        scales = [1.0 if e.scale is None else e.scale for e in entries]
+        paths = [e.path for e in entries]
+
+        def one_or_list(values: list[Any]) -> Any:  # None for the plain base model
+            return values if len(values) > 1 else values[0] if values else None
+
         params: dict[str, Any] = {
             "tool": f"ipadapter {__version__}",
             "mode": job.mode,
             "base": job.base,
-            "adapter": [e.path for e in job.recipe.adapters]
-            if len(adapters) > 1
-            else job.recipe.adapters[0].path,
-            "variant": "+".join("/".join(ip.spec.names) or ip.spec.layout for ip in adapters),
+            "adapter": one_or_list(paths),
+            "variant": "+".join("/".join(ip.spec.names) or ip.spec.layout for ip in adapters) or None,
             "prompt": job.prompt,
             "negative_prompt": job.negative_prompt,
-            "scale": scales if len(scales) > 1 else scales[0],
+            "scale": one_or_list(scales),
             "steps": job.steps,
             "guidance": job.guidance,
             "seed": seed,
@@ -376,6 +384,7 @@ OPTIONS: dict[str, str] = {
 }  # fmt: skip
 CONTROL_KEYS = ("embeds", "image_mask", "combine", "crop", "negative_image", "layer_weights", "preset",
                 "composition_weight", "curve", "start", "end")  # fmt: skip
+PROMPT_KEYS = ("adapter", "image_encoder", "image", "scale", *CONTROL_KEYS)  # what makes an image prompt
 _MODEL_KEYS = ("adapter", "image_encoder")
 
 
@@ -395,6 +404,12 @@ def _listed(value: Any, key: str) -> list[str]:
     if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
         raise InputError(f"'{key}' must be a string or a list of strings; got {type(value).__name__}")
     return values
+
+
+def plain_options(options: dict[str, Any]) -> bool:
+    """True when ``options`` name no image prompt at all (no recipe, adapter, reference or image-prompt
+    option): the job runs the plain base model."""
+    return options.get("recipe") is None and all(options.get(k) in (None, [], "") for k in PROMPT_KEYS)
 
 
 def recipe_from_options(options: dict[str, Any], where: str = "") -> Recipe:
@@ -532,13 +547,13 @@ def job_from_options(
     for key in ("prompt", "negative_prompt", "base", "base_config", "scheduler", "motion_adapter"):
         if options.get(key) is not None and not isinstance(options[key], str):
             raise InputError(f"{where}'{key}' must be a string; got {type(options[key]).__name__}")
-    per_frame = per_frame_video(options)
-    if options.get("recipe") is not None:
-        clash = [
-            k
-            for k in ("adapter", "image_encoder", "image", "scale", *CONTROL_KEYS)
-            if options.get(k) is not None
-        ]
+    plain = plain_options(options)  # the plain base model: no recipe
+    per_frame = per_frame_video(options) and not plain
+    recipe: Recipe | None = None
+    if plain:
+        pass
+    elif options.get("recipe") is not None:
+        clash = [k for k in PROMPT_KEYS if options.get(k) is not None]
         if clash:
             raise InputError(f"{where}'recipe' replaces {', '.join(clash)}: put them in the recipe")
         recipe = Recipe.from_dict(options["recipe"], base_dir=base_dir, source=f"{where}recipe")
@@ -548,7 +563,8 @@ def job_from_options(
         )
     else:
         recipe = recipe_from_options(options, where)
-    recipe = load_recipe_inputs(recipe, locate, resolve_file, where)
+    if recipe is not None:
+        recipe = load_recipe_inputs(recipe, locate, resolve_file, where)
     steps = _number(options, "steps", where, integer=True, low=1)
     width = _number(options, "width", where, integer=True, low=8, multiple=8)
     height = _number(options, "height", where, integer=True, low=8, multiple=8)
