@@ -173,6 +173,8 @@ class ImagePrompt:
         if self.output_size is not None:
             for name, pos in self.tokens.items():
                 for group, mask in enumerate(self.control(name).masks or ()):
+                    if isinstance(mask, torch.Tensor) and tuple(mask.shape[-2:]) != tuple(self.output_size):
+                        continue  # a ready mask for another size: checked against the size the call makes
                     if mask is not None:
                         full = self._full_mask(mask, self.output_size).to(pos.device)
                         self._masks[(name, group, *self.output_size)] = full
