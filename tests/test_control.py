@@ -228,6 +228,21 @@ def test_masks_work_on_non_square_outputs(models: dict) -> None:
     assert call(ip, control, height=32, width=48).shape == (1, 32, 48, 3)
 
 
+def test_a_ready_mask_tensor_equals_its_image_and_a_tensor_of_another_size_is_refused(models: dict) -> None:
+    pipe = load_pipe(models, "sd15")
+    ip = attach(pipe, ckpt(models, "sd15"), scale=0.7)
+    ref = reference_image()
+    prompt = ip.image_prompt(Control(images=[Reference(ref, mask=half_mask("left"))]))
+    by_image = call(pipe, cross_attention_kwargs={"image_prompt": prompt})
+    left = torch.zeros(32, 32)
+    left[:, :16] = 1.0
+    prompt.controls["default"].masks = (left,)  # a ready (H, W) mask at the output size
+    assert np.array_equal(call(pipe, cross_attention_kwargs={"image_prompt": prompt.prepare()}), by_image)
+    prompt.controls["default"].masks = (torch.ones(16, 16),)
+    with pytest.raises(InputError, match=r"regional mask tensor is \(16, 16\), the output is \(32, 32\)"):
+        call(pipe, cross_attention_kwargs={"image_prompt": prompt.prepare()})
+
+
 def test_an_empty_mask_is_refused(models: dict) -> None:
     ip = attach(load_pipe(models, "sd15"), ckpt(models, "sd15"))
     with pytest.raises(InputError, match="empty"):
