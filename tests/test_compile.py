@@ -383,8 +383,11 @@ def test_generate_and_batch_take_compile(
     assert np.abs(np.asarray(Image.open(tmp_path / "out" / "00001.png"), dtype=int) - eager).max() <= 1
 
 
-def test_the_server_warms_the_compiled_denoiser_up_at_start(models: dict, quick_compile: None) -> None:
-    config = ServerConfig(base=str(models["sd15"]), adapters=[str(models["ckpt"]["sd15", "safetensors"])],
+@pytest.mark.parametrize("base", ["sd15", "sd15_inpaint"])  # an inpainting base warms up in its one mode
+def test_the_server_warms_the_compiled_denoiser_up_at_start(
+    models: dict, quick_compile: None, base: str
+) -> None:
+    config = ServerConfig(base=str(models[base]), adapters=[str(models["ckpt"]["sd15", "safetensors"])],
                           compile=True)  # fmt: skip
     counters.clear()
     engine = Engine("cpu", compile=True, notice=lambda _: None)
@@ -392,6 +395,10 @@ def test_the_server_warms_the_compiled_denoiser_up_at_start(models: dict, quick_
     warmed = graphs()
     assert warmed >= 1  # compiled during start-up, before any request
     body = {"prompt": "a cat", "steps": 2, "seed": 0, "image": b64_png(reference_image())}
+    if base == "sd15_inpaint":
+        body.update(
+            mode="inpaint", init=b64_png(reference_image(7, (32, 32))), mask=b64_png(half_mask("left"))
+        )
     with TestClient(app) as client:
         response = client.post("/v1/generate", json=body)
     assert response.status_code == 200, response.text
