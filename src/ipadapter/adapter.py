@@ -18,7 +18,7 @@ from PIL import Image
 from torch import nn
 
 from .attention import IPAttnProcessor, IPBranch, PassThroughProcessor
-from .calls import base_module, check_call, native_size, num_frames, output_size
+from .calls import base_module, check_call, native_size, num_frames, output_size, vae_factor
 from .checkpoint import KV_PARTS, Checkpoint, ip_key, load_checkpoint
 from .conditioning import BranchControl, ImagePrompt, Step, compiling
 from .encoder import ImageEncoder
@@ -303,7 +303,7 @@ def _call(pipe: Any, adapters: Sequence[IPAdapter], build: Any, pipe_kwargs: dic
                 "pipeline builds its own); attach the adapter to the pipeline you call"
             )
     frames = num_frames(pipe, pipe_kwargs)
-    pipe_kwargs = check_call(pipe, pipe_kwargs, frames)
+    pipe_kwargs = check_call(pipe, pipe_kwargs)
     prompt = pipe_kwargs.get("prompt")
     embeds = pipe_kwargs.get("prompt_embeds")
     num_prompts = len(prompt) if isinstance(prompt, list) else embeds.shape[0] if embeds is not None else 1
@@ -321,7 +321,7 @@ def _with_facts(
 ) -> ImagePrompt:
     """``prompt`` told the facts of the pipeline call it serves (nothing in the UNet looks for them)."""
     prompt.images_per_prompt, prompt.frames, prompt.output_size = copies, frames or 1, size
-    prompt.vae_scale = int(getattr(pipe, "vae_scale_factor", 8) or 8)
+    prompt.vae_scale = vae_factor(pipe)
     scheduler = getattr(getattr(pipe, "scheduler", None), "config", None)
     prompt.train_timesteps = int(getattr(scheduler, "num_train_timesteps", None) or 1000)
     return prompt.prepare()

@@ -26,10 +26,14 @@ def base_module(module: Any) -> Any:
     return getattr(module, "_orig_mod", module)
 
 
+def vae_factor(pipe: Any) -> int:
+    """Pixels per latent of ``pipe``'s VAE (8 for the Stable Diffusion families)."""
+    return int(getattr(pipe, "vae_scale_factor", 8) or 8)
+
+
 def native_size(pipe: Any) -> int:
     """The image side a pipeline's UNet was built for (its default height and width)."""
-    unet = base_module(pipe.unet)
-    return int(unet.config.sample_size) * int(getattr(pipe, "vae_scale_factor", 8) or 8)
+    return int(base_module(pipe.unet).config.sample_size) * vae_factor(pipe)
 
 
 def output_size(pipe: Any, kwargs: dict[str, Any]) -> tuple[int, int]:
@@ -39,7 +43,7 @@ def output_size(pipe: Any, kwargs: dict[str, Any]) -> tuple[int, int]:
     the VAE factor (img2img, inpainting, ControlNet); else the UNet's native size. Regional masks are
     prepared for it; should a pipeline decide otherwise, eager mode adapts and a compiled UNet says so.
     """
-    factor = int(getattr(pipe, "vae_scale_factor", 8) or 8)
+    factor = vae_factor(pipe)
     image = kwargs.get("image")
     if isinstance(image, (list, tuple)) and image:
         image = image[0]
@@ -68,11 +72,11 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def check_call(pipe: Any, kwargs: dict[str, Any], frames: int | None = None) -> dict[str, Any]:
+def check_call(pipe: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
     """Refuse call arguments that diffusers would accept silently or fail on deep inside the loop.
 
     Returns the arguments to use: an inpainting mask given as an image or path is checked (greyscale) and
-    fitted to the init image's size, with a warning saying so. ``frames``: what :func:`num_frames` says.
+    fitted to the init image's size, with a warning saying so.
     """
     strength = kwargs.get("strength")
     if strength is not None and not (_is_number(strength) and 0 < strength <= 1):
