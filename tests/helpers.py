@@ -104,3 +104,26 @@ def fails(capsys: Any, argv: list[str], *needles: str) -> str:
     for needle in needles:
         assert needle in err, err
     return err
+
+
+def mode_setup(models: dict, base: str, mode: str) -> tuple[Any, dict[str, Any]]:
+    """A tiny ``base`` pipeline for ``mode`` (t2i, img2img, inpaint, controlnet, video) and the call arguments
+    that mode needs (3 steps; an init image, mask, control image or 2 frames)."""
+    from ipadapter.pipelines import load_controlnet, load_motion_adapter, mode_pipeline
+
+    init = reference_image(7, (32, 32))
+    pipe = load_pipe(models, base)
+    extra: dict[str, Any] = {"num_inference_steps": 3}
+    if mode == "img2img":
+        pipe, extra = mode_pipeline(pipe, "img2img"), {**extra, "image": init, "strength": 0.8}
+    elif mode == "inpaint":
+        pipe = mode_pipeline(pipe, "inpaint")
+        extra.update(image=init, mask_image=half_mask("left"))
+    elif mode == "controlnet":
+        pipe = mode_pipeline(pipe, "t2i", controlnet=load_controlnet(models["controlnet"][base]))
+        extra["image"] = init
+    elif mode == "video":
+        pipe = mode_pipeline(pipe, "video", motion_adapter=load_motion_adapter(models["motion"]))
+        extra["num_frames"] = 2
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, extra

@@ -20,7 +20,7 @@ import tiny_models as tm
 import torch
 from diffusers import UNet2DConditionModel
 from fastapi.testclient import TestClient
-from helpers import b64_png, ckpt, half_mask, load_pipe, reference_image, run
+from helpers import b64_png, ckpt, half_mask, load_pipe, mode_setup, reference_image, run
 from PIL import Image
 from torch._dynamo.utils import counters
 
@@ -30,7 +30,6 @@ from ipadapter.batch import run_batch
 from ipadapter.cli import main
 from ipadapter.embeds import save_embeds
 from ipadapter.generation import Engine, Job
-from ipadapter.pipelines import load_controlnet, load_motion_adapter, mode_pipeline
 from ipadapter.recipe import AdapterRecipe, Control, Recipe, Reference
 from ipadapter.server import ServerConfig, create_app
 
@@ -217,28 +216,9 @@ def test_embeddings_files(models: dict, tmp_path: Path) -> None:
 # Modes
 
 
-def mode_setup(models: dict, mode: str) -> tuple[Any, dict[str, Any]]:
-    init = reference_image(7, (32, 32))
-    pipe = load_pipe(models, "sd15")
-    extra: dict[str, Any] = {"num_inference_steps": 3}
-    if mode == "img2img":
-        pipe, extra = mode_pipeline(pipe, "img2img"), {**extra, "image": init, "strength": 0.8}
-    elif mode == "inpaint":
-        pipe = mode_pipeline(pipe, "inpaint")
-        extra.update(image=init, mask_image=half_mask("left"))
-    elif mode == "controlnet":
-        pipe = mode_pipeline(pipe, "t2i", controlnet=load_controlnet(models["controlnet"]["sd15"]))
-        extra["image"] = init
-    elif mode == "video":
-        pipe = mode_pipeline(pipe, "video", motion_adapter=load_motion_adapter(models["motion"]))
-        extra["num_frames"] = 2
-    pipe.set_progress_bar_config(disable=True)
-    return pipe, extra
-
-
 @pytest.mark.parametrize("mode", ["img2img", "inpaint", "controlnet", "video"])
 def test_every_mode_compiles_with_every_control(models: dict, mode: str) -> None:
-    pipe, extra = mode_setup(models, mode)
+    pipe, extra = mode_setup(models, "sd15", mode)
     ip = attach(pipe, ckpt(models, "sd15"))
     a, b, c = reference_image(), reference_image(seed=4), reference_image(seed=5)
     check_compiled(
@@ -249,7 +229,7 @@ def test_every_mode_compiles_with_every_control(models: dict, mode: str) -> None
 
 
 def test_per_frame_references_compile(models: dict) -> None:
-    pipe, extra = mode_setup(models, "video")
+    pipe, extra = mode_setup(models, "sd15", "video")
     ip = attach(pipe, ckpt(models, "sd15"), scale=0.8)
     a, b, c = reference_image(), reference_image(seed=4), reference_image(seed=5)
     check_compiled(pipe, [lambda: run(ip, [a, b], **extra), lambda: run(ip, [c, a], **extra)])

@@ -10,7 +10,17 @@ import numpy as np
 import pytest
 import torch
 from diffusers.image_processor import IPAdapterMaskProcessor
-from helpers import CALL, ckpt, diffusers_pipe, encoder_folder, half_mask, load_pipe, reference_image, run
+from helpers import (
+    CALL,
+    ckpt,
+    diffusers_pipe,
+    encoder_folder,
+    half_mask,
+    load_pipe,
+    mode_setup,
+    reference_image,
+    run,
+)
 from PIL import Image
 from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
@@ -18,7 +28,7 @@ from ipadapter import ImagePrompt, InputError, attach, attached
 from ipadapter.adapter import apply
 from ipadapter.adapter import run as run_adapters
 from ipadapter.conditioning import BranchControl
-from ipadapter.pipelines import load_controlnet, load_motion_adapter, mode_pipeline
+from ipadapter.pipelines import mode_pipeline
 from ipadapter.recipe import AdapterRecipe, Control, Recipe, Reference
 
 TOL = 2 / 255
@@ -264,23 +274,7 @@ def everything(a: Image.Image, b: Image.Image) -> Control:
     [(b, m) for b in ("sd15", "sdxl") for m in ("t2i", "img2img", "inpaint", "controlnet", "video")],
 )
 def test_every_control_works_in_every_mode(models: dict, base: str, mode: str) -> None:
-    init = reference_image(7, (32, 32))
-    pipe = load_pipe(models, base)
-    extra: dict[str, Any] = {"num_inference_steps": 3}
-    if mode == "img2img":
-        pipe, extra = mode_pipeline(pipe, "img2img"), {**extra, "image": init, "strength": 0.8}
-    elif mode == "inpaint":
-        pipe, extra = (
-            mode_pipeline(pipe, "inpaint"),
-            {**extra, "image": init, "mask_image": half_mask("left")},
-        )
-    elif mode == "controlnet":
-        pipe = mode_pipeline(pipe, "t2i", controlnet=load_controlnet(models["controlnet"][base]))
-        extra["image"] = init
-    elif mode == "video":
-        pipe = mode_pipeline(pipe, "video", motion_adapter=load_motion_adapter(models["motion"]))
-        extra["num_frames"] = 2
-    pipe.set_progress_bar_config(disable=True)
+    pipe, extra = mode_setup(models, base, mode)
     plain = call(pipe, **extra)
     ip = attach(pipe, ckpt(models, "sd15" if base == "sd15" else "plus_sdxl_vit-h"))
     control = everything(reference_image(), reference_image(seed=4))
