@@ -64,8 +64,8 @@ from transformers import (  # noqa: E402
 from transformers.utils import logging as transformers_logging  # noqa: E402
 
 import ipadapter  # noqa: E402
-from ipadapter.layers import block_map  # noqa: E402
-from ipadapter.projection import build_projection  # noqa: E402
+from ipadapter.adapters.projection import build_projection  # noqa: E402
+from ipadapter.hosts.unet import block_map  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from tiny_models import make_tokenizer  # noqa: E402

@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from transformers import CLIPImageProcessorPil
 
-from ipadapter.images import CROP_MODES, fit_square
+from ipadapter.prompt.images import CROP_MODES, fit_square
 
 SIZE = 160  # encoder input side drawn (224 for ViT-H; smaller keeps the figure small)
 

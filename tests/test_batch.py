@@ -16,9 +16,10 @@ from helpers import free_port, png_pixels, reference_image
 from PIL import Image
 
 import ipadapter.adapter as adapter_module
-from ipadapter import generation, media, pipelines
+from ipadapter import media, pipelines
 from ipadapter.batch import run_batch
 from ipadapter.cli import main
+from ipadapter.jobs.engine import Engine
 
 
 def _common(models: dict) -> dict[str, Any]:
@@ -146,7 +147,7 @@ def test_resume_redoes_only_what_is_missing(mixed: tuple[Path, dict], work: Path
     def no_models(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("nothing is left to do: no job may run")
 
-    monkeypatch.setattr(generation.Engine, "run", no_models)
+    monkeypatch.setattr(Engine, "run", no_models)
     assert run_batch(work / "jobs.jsonl", out, quiet=True)["counts"] == {"done": 0, "skipped": 4, "failed": 0}
 
 

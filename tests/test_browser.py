@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from helpers import reference_image
 
-from ipadapter.generation import Engine
+from ipadapter.jobs.engine import Engine
 from ipadapter.server import ServerConfig, create_app
 from ipadapter.server.app import serve_in_thread
 

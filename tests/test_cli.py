@@ -14,7 +14,7 @@ import pytest
 from helpers import diffusers_pipe, fails, load_pipe, png_pixels, reference_image, run
 from PIL import Image
 
-import ipadapter.images as enc
+import ipadapter.prompt.images as enc
 from ipadapter.cli import main
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -85,14 +85,15 @@ def test_several_images_and_json_report(models: dict, ref_png: Path, tmp_path: P
 @pytest.mark.parametrize(
     "option,value,needle",
     [
-        ("--scale", "nan", "not a finite number"),
-        ("--scale", "inf", "not a finite number"),
-        ("--scale", "-1", "negative"),
-        ("--steps", "0", "must be at least 1"),
-        ("--steps", "-3", "must be at least 1"),
-        ("--width", "30", "not a multiple of 8"),
+        ("--scale", "nan", "expected a finite number >= 0"),
+        ("--scale", "inf", "expected a finite number >= 0"),
+        ("--scale", "-1", "expected a finite number >= 0"),
+        ("--steps", "0", "expected a whole number >= 1"),
+        ("--steps", "-3", "expected a whole number >= 1"),
+        ("--width", "30", "a multiple of 8 (try 24)"),
         ("--height", "abc", "not a whole number"),
-        ("--num-images", "0", "must be at least 1"),
+        ("--num-images", "0", "expected a whole number >= 1"),
+        ("--seed", "-1", "expected a whole number in [0, 18446744073709551615]"),
         ("--dtype", "float8", "invalid choice"),
     ],
 )
@@ -128,7 +129,7 @@ def test_other_modes_are_converted(models: dict, tmp_path: Path) -> None:
 
 def test_bad_paths_and_models(models: dict, ref_png: Path, tmp_path: Path, capsys) -> None:
     fails(capsys, _generate(models, ref_png, tmp_path / "nope" / "o.png"), "output folder", "does not exist")
-    fails(capsys, _generate(models, ref_png, tmp_path / "o.jpg"), "must be a .png")
+    fails(capsys, _generate(models, ref_png, tmp_path / "o.jpg"), "must end in .png")
     sdxl = str(models["ckpt"]["sdxl", "safetensors"])
     fails(capsys, _generate(models, ref_png, tmp_path / "o.png", adapter=sdxl), "64-dim tokens", "is 32")
     fails(

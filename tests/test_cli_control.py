@@ -14,7 +14,7 @@ from PIL import Image
 
 from ipadapter import Control, Reference, apply, attach
 from ipadapter.cli import main
-from ipadapter.recipe import Recipe
+from ipadapter.prompt.recipe import Recipe
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +154,7 @@ def test_embeddings_skip_the_encoder(models: dict, files: dict, tmp_path: Path) 
         (["--curve", "wobbly"], ["wobbly", "ease-in-out"]),
         (["--combine", "max"], ["max", "norm-average"]),
         (["--start", "0.9", "--end", "0.1"], ["--start 0.9 --end 0.1", "0 <= start < end <= 1"]),
-        (["--end", "1.5"], ["--start 0 --end 1.5"]),
+        (["--end", "1.5"], ["--end is 1.5", "[0, 1]"]),
         (["--image-mask", "{left}", "--image-mask", "{right}"], ["2 image masks for 1 reference"]),
         (["--image-mask", "{black}"], ["empty"]),
         (["--combine", "subtract"], ["subtract", "2"]),

@@ -12,9 +12,9 @@ from helpers import diffusers_pipe, fails, png_pixels, reference_image, run
 from PIL import Image
 
 from ipadapter.cli import main
-from ipadapter.images import load_mask
 from ipadapter.media import read_video
 from ipadapter.pipelines import load_controlnet, mode_pipeline
+from ipadapter.prompt.images import load_mask
 
 
 @pytest.fixture(scope="module")
@@ -144,12 +144,12 @@ def test_bad_mode_inputs_are_one_line_errors(models: dict, files: dict, tmp_path
     net = ["--controlnet", str(models["controlnet"]["sd15"])]
     video = ["--motion-adapter", str(models["motion"]), "--frames", "2", "--width", "32", "--height", "32"]
     cases = [
-        (_argv("img2img", models, files, out, *init, "--strength", "0"), "outside (0, 1]"),
-        (_argv("img2img", models, files, out, *init, "--strength", "1.5"), "outside (0, 1]"),
+        (_argv("img2img", models, files, out, *init, "--strength", "0"), "--strength is 0.0; expected a number in (0, 1]"),
+        (_argv("img2img", models, files, out, *init, "--strength", "1.5"), "expected a number in (0, 1]"),
         (_argv("img2img", models, files, out), "--init"),
         (_argv("inpaint", models, files, out, *init, "--mask", str(files["colour_mask"])), "has colour"),
-        (_argv("video", models, files, tmp_path / "v.gif", *video[:2], "--frames", "0"), "must be at least 1"),
-        (_argv("video", models, files, tmp_path / "v.png", *video), "must be a .gif or .mp4"),
+        (_argv("video", models, files, tmp_path / "v.gif", *video[:2], "--frames", "0"), "--frames is 0; expected a whole number >= 1"),
+        (_argv("video", models, files, tmp_path / "v.png", *video), "must end in .gif or .mp4"),
         (_argv("video", models, files, tmp_path / "v.gif", *video, "--cpu-offload", "--device", "cpu"),
          "needs a CUDA device"),
         (_argv("video", models, files, tmp_path / "v.gif", *video, "--image", str(files["frames"])),

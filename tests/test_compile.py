@@ -24,13 +24,15 @@ from helpers import b64_png, ckpt, half_mask, load_pipe, mode_setup, reference_i
 from PIL import Image
 from torch._dynamo.utils import counters
 
-from ipadapter import InputError, attach, cross_attention_layers, generation, save_checkpoint
+from ipadapter import InputError, attach, cross_attention_layers, save_checkpoint
 from ipadapter.adapter import run as run_adapters
 from ipadapter.batch import run_batch
 from ipadapter.cli import main
-from ipadapter.embeds import save_embeds
-from ipadapter.generation import Engine, Job
-from ipadapter.recipe import AdapterRecipe, Control, Recipe, Reference
+from ipadapter.jobs import engine as engine_module
+from ipadapter.jobs.engine import Engine
+from ipadapter.jobs.job import Job
+from ipadapter.prompt.embeds import save_embeds
+from ipadapter.prompt.recipe import AdapterRecipe, Control, Recipe, Reference
 from ipadapter.server import ServerConfig, create_app
 
 pytestmark = pytest.mark.heavy  # every test here compiles
@@ -297,7 +299,7 @@ def test_a_mask_prepared_for_another_size_is_refused_under_compile(models: dict)
 @pytest.fixture
 def quick_compile(monkeypatch: pytest.MonkeyPatch) -> None:
     """The Engine's compile options with the aot_eager backend (inductor is tested above)."""
-    monkeypatch.setitem(generation.COMPILE_OPTIONS, "backend", "aot_eager")
+    monkeypatch.setitem(engine_module.COMPILE_OPTIONS, "backend", "aot_eager")
 
 
 def test_engine_compiles_each_denoiser_once_and_jobs_reuse_it(models: dict, quick_compile: None) -> None:

@@ -27,9 +27,9 @@ from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 from ipadapter import ImagePrompt, InputError, attach, attached
 from ipadapter.adapter import apply
 from ipadapter.adapter import run as run_adapters
-from ipadapter.conditioning import BranchControl
 from ipadapter.pipelines import mode_pipeline
-from ipadapter.recipe import AdapterRecipe, Control, Recipe, Reference
+from ipadapter.prompt.conditioning import BranchControl
+from ipadapter.prompt.recipe import AdapterRecipe, Control, Recipe, Reference
 
 TOL = 2 / 255
 

@@ -11,8 +11,9 @@ from helpers import reference_image
 
 import ipadapter.pipelines as pipelines
 from ipadapter.cli import main
-from ipadapter.generation import Engine, Job
-from ipadapter.recipe import AdapterRecipe, Recipe, Reference
+from ipadapter.jobs.engine import Engine
+from ipadapter.jobs.job import Job
+from ipadapter.prompt.recipe import AdapterRecipe, Recipe, Reference
 
 
 def job(models: dict, base: str, seed: int = 0) -> Job:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import ipadapter.images as enc
+import ipadapter.prompt.images as enc
 from ipadapter import InputError, load_image
 
 

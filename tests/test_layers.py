@@ -7,10 +7,10 @@ import torch
 from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel
 
 from ipadapter.errors import IncompatibleModelError, InputError
-from ipadapter.layers import (
+from ipadapter.hosts.unet import block_map
+from ipadapter.prompt.blocks import (
     CURVE_NAMES,
     PRESET_NAMES,
-    block_map,
     block_weights,
     describe_blocks,
     layer_scales,
@@ -98,7 +98,7 @@ def test_sd15_block_map(sd15):
     parts = {b.index: b.part for b in blocks.values()}
     assert [parts[t] for t in range(16)] == ["input"] * 6 + ["middle"] + ["output"] * 9
     assert blocks[f"up_blocks.1.attentions.0.{X}"].name == "up_blocks.1.attentions.0"
-    assert describe_blocks(sd15) == (
+    assert describe_blocks(block_map(sd15).values()) == (
         "16 transformer blocks: t0-t1 down_blocks.0, t2-t3 down_blocks.1, t4-t5 down_blocks.2, t6 mid_block, "
         "t7-t9 up_blocks.1, t10-t12 up_blocks.2, t13-t15 up_blocks.3"
     )
@@ -117,7 +117,7 @@ def test_sdxl_block_map(sdxl):
         "down_blocks.2.attentions.1.transformer_blocks.0.attn2.processor",
         "down_blocks.2.attentions.1.transformer_blocks.1.attn2.processor",
     }
-    assert describe_blocks(sdxl) == (
+    assert describe_blocks(block_map(sdxl).values()) == (
         "11 transformer blocks: t0-t1 down_blocks.1, t2-t3 down_blocks.2, t4 mid_block, t5-t7 up_blocks.0, "
         "t8-t10 up_blocks.1"
     )
@@ -139,8 +139,8 @@ def test_motion_unet_excludes_motion_modules():
     assert not any("motion_modules" in n for n in blocks)
     assert blocks == block_map(unet)
     assert (
-        describe_blocks(motion)
-        == describe_blocks(unet)
+        describe_blocks(block_map(motion).values())
+        == describe_blocks(block_map(unet).values())
         == (
             "10 transformer blocks: t0 down_blocks.0, t1 down_blocks.1, t2 down_blocks.2, t3 mid_block, "
             "t4-t5 up_blocks.1, t6-t7 up_blocks.2, t8-t9 up_blocks.3"
@@ -214,8 +214,8 @@ def test_part_curves():
 
 def test_layer_scales(sdxl, sd15):
     names = _cross_names(sdxl)
-    assert layer_scales(sdxl, names) is None
-    scales = layer_scales(sdxl, names, preset="style+composition", composition_weight=0.5)
+    assert layer_scales(block_map(sdxl), names) is None
+    scales = layer_scales(block_map(sdxl), names, preset="style+composition", composition_weight=0.5)
     blocks = block_map(sdxl)
     assert len(scales) == len(names)
     for name, scale in zip(names, scales, strict=True):
@@ -223,14 +223,17 @@ def test_layer_scales(sdxl, sd15):
     assert sorted(scales).count(0.5) == 2  # t3's two transformer_blocks get the same value
     # a subset, in the caller's order
     subset = [f"up_blocks.0.attentions.1.{X}", f"down_blocks.2.attentions.1.{X}"]
-    assert layer_scales(sdxl, subset, preset="style+composition", composition_weight=0.5) == (1.0, 0.5)
+    assert layer_scales(block_map(sdxl), subset, preset="style+composition", composition_weight=0.5) == (
+        1.0,
+        0.5,
+    )
     # part curve with the UNet's own parts
     sd_names = [
         f"down_blocks.0.attentions.0.{X}",
         f"mid_block.attentions.0.{X}",
         f"up_blocks.3.attentions.2.{X}",
     ]
-    assert layer_scales(sd15, sd_names, curve="weak-middle") == pytest.approx((1.0, 0.2, 1.0))
+    assert layer_scales(block_map(sd15), sd_names, curve="weak-middle") == pytest.approx((1.0, 0.2, 1.0))
 
 
 # --- errors ---------------------------------------------------------------------------------------------------
@@ -248,11 +251,11 @@ def test_unknown_preset_and_curve():
 def test_preset_on_other_layout(small):
     names = list(block_map(small))
     with pytest.raises(InputError, match=r"has 7.*layer_weights") as error:
-        layer_scales(small, names, preset="style")
+        layer_scales(block_map(small), names, preset="style")
     assert "t2 mid_block" in str(error.value)  # names this UNet's layout
     with pytest.raises(InputError, match="has 7"):
         block_weights(7, preset="composition")
-    scales = layer_scales(small, names, layer_weights={"t2": 0.5})
+    scales = layer_scales(block_map(small), names, layer_weights={"t2": 0.5})
     assert {n: s for n, s in zip(names, scales, strict=True) if s} == {f"mid_block.attentions.0.{X}": 0.5}
 
 
@@ -260,7 +263,7 @@ def test_index_out_of_range(sdxl):
     with pytest.raises(InputError, match=r"t11.*t0\.\.t10"):
         block_weights(11, layer_weights={"t11": 1.0})
     with pytest.raises(InputError, match=r"t0\.\.t10.*11 transformer blocks"):
-        layer_scales(sdxl, list(block_map(sdxl)), layer_weights={11: 1.0})
+        layer_scales(block_map(sdxl), list(block_map(sdxl)), layer_weights={11: 1.0})
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -0.1, "0.5"])
@@ -272,7 +275,9 @@ def test_bad_composition_weight(value):
 def test_unknown_layer_name(sdxl):
     with pytest.raises(InputError, match="not a cross-attention processor"):
         layer_scales(
-            sdxl, ["down_blocks.1.attentions.0.transformer_blocks.0.attn1.processor"], preset="style"
+            block_map(sdxl),
+            ["down_blocks.1.attentions.0.transformer_blocks.0.attn1.processor"],
+            preset="style",
         )
 
 
@@ -339,7 +344,10 @@ def test_duck_typed_unet_and_unknown_layout():
             "down_blocks.0.attentions.0.transformer_blocks.0.attn2.processor": None,
         }
 
-    assert describe_blocks(Fake()) == "3 transformer blocks: t0 down_blocks.0, t1 mid_block, t2 up_blocks.0"
+    assert (
+        describe_blocks(block_map(Fake()).values())
+        == "3 transformer blocks: t0 down_blocks.0, t1 mid_block, t2 up_blocks.0"
+    )
     Fake.attn_processors = {"encoder.layers.0.attn2.processor": None}
     with pytest.raises(IncompatibleModelError, match="encoder.layers.0"):
         block_map(Fake())

@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 
 from ipadapter.errors import InputError
-from ipadapter.layers import CURVE_NAMES, PRESET_NAMES
-from ipadapter.recipe import COMBINE_MODES, CROP_MODES, AdapterRecipe, Control, Recipe, Reference
+from ipadapter.prompt.blocks import CURVE_NAMES, PRESET_NAMES
+from ipadapter.prompt.recipe import COMBINE_MODES, CROP_MODES, AdapterRecipe, Control, Recipe, Reference
 
 HUB = "h94/IP-Adapter/models/ip-adapter-plus_sd15.safetensors"
 
@@ -139,7 +139,7 @@ def test_absolute_paths_stay(tmp_path: Path) -> None:
 
 
 def test_recipe_does_not_import_heavy_libraries() -> None:
-    code = "import sys, ipadapter.recipe; print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))"  # noqa: E501
+    code = "import sys, ipadapter.prompt.recipe; print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))"  # noqa: E501
     src = str(Path(__file__).resolve().parents[1] / "src")
     out = subprocess.run(
         [sys.executable, "-c", code],

@@ -18,7 +18,8 @@ from helpers import b64_pixels, b64_png, reference_image
 from PIL import Image
 
 from ipadapter.cli import main
-from ipadapter.generation import OPTIONS, Engine
+from ipadapter.jobs.engine import Engine
+from ipadapter.jobs.options import OPTIONS
 from ipadapter.server import ServerConfig, create_app
 from ipadapter.server.app import serve_in_thread
 from ipadapter.server.bodies import FIELDS, REFUSED
@@ -216,8 +217,36 @@ def test_models_health_docs_and_page(client: TestClient, config: ServerConfig) -
 
 
 def test_every_generation_option_is_accepted_or_refused_on_purpose() -> None:
-    assert set(OPTIONS) <= set(FIELDS) | set(REFUSED)
-    assert {"images", "fps"} == set(FIELDS) - set(OPTIONS)
+    assert set(FIELDS) | set(REFUSED) == set(OPTIONS) and not set(FIELDS) & set(REFUSED)
+
+
+def test_cli_flags_openapi_schema_and_batch_keys_are_one_set(client: TestClient, tmp_path: Path) -> None:
+    """One option table: the generation commands' flags, the server's schema (with the keys it refuses on
+    purpose, each with a reason) and a manifest line's keys are the same set."""
+    from ipadapter.batch import BATCH_KEYS, read_manifest
+    from ipadapter.cli import build_parser
+    from ipadapter.modes import COMMAND_OF
+
+    front_end = {"help", "dtype", "device", "compile", "output", "json", "run", "mode", "debug", "command"}
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    flags = {
+        action.dest
+        for command in COMMAND_OF.values()
+        for action in sub.choices[command]._actions
+        if action.dest not in front_end
+    }
+    spec = client.get("/openapi.json").json()
+    schema = spec["paths"]["/v1/generate"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    manifest = tmp_path / "jobs.jsonl"
+    manifest.write_text(
+        json.dumps({**dict.fromkeys(OPTIONS), "base": "b", "output": "a.png"})
+        + "\n"
+        + '{"base": "b", "bogus": 1}\n'
+    )
+    every_key, bogus = read_manifest(manifest, tmp_path)
+    assert every_key.error is None and "unknown key(s) bogus" in bogus.error
+    assert flags | {"mode"} == set(OPTIONS) == set(schema["properties"]) | set(REFUSED)
+    assert set(BATCH_KEYS) == {"output"}  # the one key a manifest line adds: where its result goes
 
 
 # -- bad requests: each the right 4xx with a clear one-line message ---------------------------------------------
@@ -252,14 +281,14 @@ def _bad_bodies(ref: str, served: ServerConfig) -> list[tuple[Any, int, tuple[st
             ("is not a served ControlNet",),
         ),
         (
-            {"image": ref, "controlnet": [net, net], "control_image": [ref, ref]},
+            {"image": ref, "controlnet": [net, net], "control_image": [ref]},
             422,
-            ("names a ControlNet twice",),
+            ("2 'controlnet' but 1 'control_image'",),
         ),
         (
             {"image": ref, "controlnet": net, "control_image": ref, "control_scale": [1, 2]},
             422,
-            ("2 control scales for 1 ControlNet",),
+            ("2 'control_scale' values for 1 ControlNet",),
         ),
         ({"image": ref, "control_scale": 0.5}, 422, ("'control_scale' without 'controlnet'",)),
         ({"image": ref, "mode": "inpaint", "init": ref, "mask": ref}, 422, ("mask has colour",)),
@@ -292,8 +321,10 @@ def _bad_bodies(ref: str, served: ServerConfig) -> list[tuple[Any, int, tuple[st
         ({"image": ref, "steps": 10_000}, 422, ("'steps' is 10000", "at most 500")),
         ({"image": ref, "steps": "many"}, 422, ("'steps' is 'many'",)),
         ({"image": ref, "scheduler": "fast"}, 422, ("'scheduler' is 'fast'",)),
-        ({"image": ref, "images": [ref]}, 422, ("not both",)),
-        ({"image": [ref]}, 422, ("use 'images' for a list",)),
+        ({"image": [ref, 5]}, 422, ("'image' is int", "expected an image")),
+        ({"image": ref, "frames": 4}, 422, ("'frames' is for mode video", "leave it out")),
+        ({"image": ref, "scheduler": ["ddim"]}, 422, ("'scheduler' is ['ddim']", "one of")),
+        ({"image": ref, "seed": 2**64}, 422, ("'seed' is 18446744073709551616",)),
         ({"image": ref, "mode": "img2img"}, 422, ("img2img needs 'init'",)),
         ({"image": ref, "mode": "dream"}, 422, ("'mode' is 'dream'",)),
         ({"prompt": "no reference"}, 422, ("no reference",)),

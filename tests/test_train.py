@@ -20,7 +20,9 @@ from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
 from ipadapter import InputError, attach, load_checkpoint
 from ipadapter.cli import main
-from ipadapter.training.trainer import TrainConfig, Trainer, step_generator
+from ipadapter.training.config import TrainConfig
+from ipadapter.training.seeds import step_generator
+from ipadapter.training.trainer import Trainer
 
 TOL = 2 / 255
 
@@ -442,7 +444,7 @@ def test_engine_options_gradient_checkpointing_accumulation_bf16(
 def test_an_fsdp_gathered_state_dict_gives_the_same_adapter(
     models: dict, pairs: Path, tmp_path: Path
 ) -> None:
-    from ipadapter.training.trainer import trainable_state
+    from ipadapter.training.model import trainable_state
 
     trainer = Trainer(config(models, pairs, tmp_path / "run", variant="plus"))
     trainer.setup()

@@ -14,17 +14,10 @@ import torch
 from PIL import Image
 
 from ipadapter.errors import InputError, ModelNotAvailableError
-from ipadapter.training.data import (
-    Sample,
-    Source,
-    StreamingDataset,
-    TrainingDataset,
-    Transform,
-    collate,
-    epoch_order,
-    expand_braces,
-    open_source,
-)
+from ipadapter.training.data import Sample, Source, expand_braces, open_source
+from ipadapter.training.datasets import StreamingDataset, TrainingDataset, collate
+from ipadapter.training.seeds import epoch_order
+from ipadapter.training.transform import Transform
 
 SIZES = [(40, 24), (24, 40), (32, 32), (50, 30), (17, 29), (64, 20)]  # (width, height)
 R, S = 16, 16

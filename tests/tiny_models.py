@@ -30,10 +30,10 @@ from transformers import (
     CLIPVisionModelWithProjection,
 )
 
-from ipadapter.checkpoint import Checkpoint, save_checkpoint
+from ipadapter.adapters.checkpoint import Checkpoint, save_checkpoint
+from ipadapter.adapters.projection import build_projection
+from ipadapter.adapters.variants import AdapterSpec, ResamplerConfig
 from ipadapter.mini.tokenizer import build_tokenizer
-from ipadapter.projection import build_projection
-from ipadapter.variants import AdapterSpec, ResamplerConfig
 
 SD15_CROSS, SDXL_CROSS = 32, 64
 VIT_H = {"pooled": 24, "hidden": 32}

@@ -1,5 +1,9 @@
 """ipadapter: image prompts (IP-Adapter, Ye et al. 2023) for Stable Diffusion 1.5 / SDXL diffusers pipelines.
 
+The package's folders follow the data: ``adapters/`` (what an adapter file is), ``prompt/`` (the per-call
+image prompt: references -> tokens), ``hosts/`` (where the tokens enter a denoiser), ``adapter.py`` (attach),
+``jobs/`` (one generation as data), then the front ends (``cli/``, ``server/``, ``batch.py``).
+
 import ipadapter
 ip = ipadapter.attach(pipe, "h94/IP-Adapter/models/ip-adapter_sd15.safetensors", scale=0.6)
 image = ip(reference, prompt="a polar bear", num_inference_steps=30).images[0]
@@ -28,24 +32,27 @@ from .errors import (
 # Everything else loads on first use: importing torch/diffusers takes seconds, and the command line must be
 # able to report a bad input before paying for that.
 _LAZY = {
-    "IPAdapter": "adapter", "attach": "adapter", "attached": "adapter", "cross_attention_layers": "adapter",
+    "IPAdapter": "adapter", "attach": "adapter", "attached": "adapter", "cross_attention_layers": "hosts.unet",
     "detach": "adapter", "apply": "adapter", "run": "adapter", "RecipeRun": "adapter",
-    "Reference": "recipe", "Control": "recipe", "AdapterRecipe": "recipe", "Recipe": "recipe",
-    "Engine": "generation", "Job": "generation", "Checkpoint": "checkpoint", "load_checkpoint": "checkpoint",
-    "save_checkpoint": "checkpoint", "ImagePrompt": "conditioning", "ImageEncoder": "encoder",
-    "load_image": "images", "load_mask": "images", "AdapterSpec": "variants", "ResamplerConfig": "variants",
-    "detect": "variants",
+    "Reference": "prompt.recipe", "Control": "prompt.recipe", "AdapterRecipe": "prompt.recipe",
+    "Recipe": "prompt.recipe", "Engine": "jobs.engine", "Job": "jobs.job", "Checkpoint": "adapters.checkpoint",
+    "load_checkpoint": "adapters.checkpoint", "save_checkpoint": "adapters.checkpoint",
+    "ImagePrompt": "prompt.conditioning", "ImageEncoder": "prompt.encoder", "load_image": "prompt.images",
+    "load_mask": "prompt.images", "AdapterSpec": "adapters.variants", "ResamplerConfig": "adapters.variants",
+    "detect": "adapters.variants",
 }  # fmt: skip
 
 if TYPE_CHECKING:
-    from .adapter import IPAdapter, RecipeRun, apply, attach, attached, cross_attention_layers, detach, run
-    from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-    from .conditioning import ImagePrompt
-    from .encoder import ImageEncoder
-    from .generation import Engine, Job
-    from .images import load_image, load_mask
-    from .recipe import AdapterRecipe, Control, Recipe, Reference
-    from .variants import AdapterSpec, ResamplerConfig, detect
+    from .adapter import IPAdapter, RecipeRun, apply, attach, attached, detach, run
+    from .adapters.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+    from .adapters.variants import AdapterSpec, ResamplerConfig, detect
+    from .hosts.unet import cross_attention_layers
+    from .jobs.engine import Engine
+    from .jobs.job import Job
+    from .prompt.conditioning import ImagePrompt
+    from .prompt.encoder import ImageEncoder
+    from .prompt.images import load_image, load_mask
+    from .prompt.recipe import AdapterRecipe, Control, Recipe, Reference
 
 
 def __getattr__(name: str) -> Any:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,42 +16,20 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .attention import IPAttnProcessor, IPBranch, PassThroughProcessor
+from .adapters.checkpoint import KV_PARTS, Checkpoint, ip_key, load_checkpoint
+from .adapters.projection import build_projection
+from .adapters.variants import AdapterSpec, detect, family
 from .calls import base_module, check_call, native_size, num_frames, output_size, vae_factor
-from .checkpoint import KV_PARTS, Checkpoint, ip_key, load_checkpoint
-from .conditioning import BranchControl, ImagePrompt, Step, compiling
-from .encoder import ImageEncoder
 from .errors import CheckpointError, IncompatibleModelError, InputError
-from .images import ImageInput, load_image
-from .layers import is_cross_attention
-from .projection import build_projection
-from .recipe import Control, Recipe
-from .references import Prepared, control_tokens, prepare
+from .hosts.attention import IPBranch
+from .hosts.unet import CrossLayer, attachment, block_map, cross_attention_layers, install, uninstall
+from .prompt.blocks import Block
+from .prompt.conditioning import BranchControl, ImagePrompt
+from .prompt.encoder import ImageEncoder
+from .prompt.images import ImageInput, load_image
+from .prompt.recipe import Control, Recipe
+from .prompt.references import Prepared, control_tokens, prepare
 from .sources import default_encoder, load_image_encoder, resolve_adapter, split_hub_path
-from .variants import AdapterSpec, detect, family
-
-STATE_ATTR = "_ipadapter_attachment"
-
-
-@dataclass
-class CrossLayer:
-    """One cross-attention layer of a UNet, as IP-Adapter counts them."""
-
-    name: str  # processor name in unet.attn_processors
-    index: int  # position among cross-attention layers
-    hidden_size: int
-    cross_attention_dim: int
-
-
-def cross_attention_layers(unet: nn.Module) -> list[CrossLayer]:
-    """The UNet's cross-attention layers in the official id order (the rule diffusers' loader uses too)."""
-    layers = []
-    for name in unet.attn_processors:
-        if not is_cross_attention(name):
-            continue
-        attn = unet.get_submodule(name[: -len(".processor")])
-        layers.append(CrossLayer(name, len(layers), attn.to_k.out_features, attn.to_k.in_features))
-    return layers
 
 
 def check_scale(scale: float) -> float:
@@ -68,16 +45,6 @@ def check_scale(scale: float) -> float:
             f"scale {scale!r} is not usable; expected a finite number >= 0 (1.0 = full strength)"
         )
     return value
-
-
-@dataclass
-class _Attachment:
-    """What attaching changed on one UNet, so detach can put it back exactly."""
-
-    originals: dict[str, Any]
-    processors: dict[str, IPAttnProcessor]
-    hook: Any
-    adapters: dict[str, IPAdapter] = field(default_factory=dict)
 
 
 class IPAdapter:
@@ -122,6 +89,11 @@ class IPAdapter:
     def layer_names(self) -> list[str]:
         """The UNet's cross-attention processors this adapter serves, in official id order."""
         return list(self._branches)
+
+    @property
+    def blocks(self) -> dict[str, Block]:
+        """The transformer block of each cross-attention layer of the UNet (its host's block map)."""
+        return block_map(base_module(self.pipe.unet))
 
     def parameters(self) -> list[nn.Parameter]:
         """What training changes: the projection's and every layer's image key/value weights."""
@@ -168,7 +140,7 @@ class IPAdapter:
 
     @property
     def attached(self) -> bool:
-        state = getattr(base_module(self.pipe.unet), STATE_ATTR, None)
+        state = attachment(base_module(self.pipe.unet))
         return state is not None and state.adapters.get(self.name) is self
 
     @torch.no_grad()
@@ -201,7 +173,7 @@ class IPAdapter:
         One reference serves every prompt (and every frame); or give one reference per prompt; or, for a
         video of ``frames`` frames, one reference per frame (the same sequence for every prompt). When the
         count equals both the prompts and the frames of a video, it is read as one per frame. A
-        :class:`~ipadapter.recipe.Control` serves every prompt and frame with its references and options.
+        :class:`~ipadapter.prompt.recipe.Control` serves every prompt and frame with its references and options.
         The prompt carries the adapter's current scale. ``images_per_prompt``: the call's
         ``num_images_per_prompt``. ``output_size``: ``(height, width)`` of the images, for regional masks
         (default: the pipeline's own size; eager mode adapts to another, a compiled UNet needs it right).
@@ -246,7 +218,7 @@ class IPAdapter:
         """Run the pipeline with ``reference`` as the image prompt; other arguments go to the pipeline.
 
         ``reference``: an image (path, PIL image, bytes), a list of them (one per prompt, or for a video one
-        per frame), or a :class:`~ipadapter.recipe.Control` (several weighted references, masks, a step
+        per frame), or a :class:`~ipadapter.prompt.recipe.Control` (several weighted references, masks, a step
         window, layer weights...). It is positional so that the pipeline's own ``image`` (init or control
         image) passes through. ``pipeline``: another pipeline sharing this adapter's UNet (e.g. made with
         ``from_pipe`` for another mode); by default the one the adapter was attached to.
@@ -328,7 +300,7 @@ def _with_facts(
 
 
 class RecipeRun:
-    """The adapters of a :class:`~ipadapter.recipe.Recipe`, attached to one pipeline, ready to call."""
+    """The adapters of a :class:`~ipadapter.prompt.recipe.Recipe`, attached to one pipeline, ready to call."""
 
     def __init__(
         self, pipe: Any, recipe: Recipe, adapters: list[IPAdapter], prepared: list[Prepared]
@@ -449,7 +421,7 @@ def attach(
     """
     scale = check_scale(scale)
     unet = base_module(pipe.unet)  # from under torch.compile's wrapper, if compiled first
-    state: _Attachment | None = getattr(unet, STATE_ATTR, None)
+    state = attachment(unet)
     if state is not None and name in state.adapters:
         raise InputError(
             f"an adapter named '{name}' is already attached; detach it first or choose another name"
@@ -476,7 +448,7 @@ def attach(
 
     # Everything is checked; from here on only the UNet changes.
     if state is None:
-        state = _install(unet, layers)
+        state = install(unet, layers)
     handle = IPAdapter(pipe, name, spec, projection, encoder, branches, source)
     handle.encoder_key = encoder_key
     handle._scale = scale
@@ -522,44 +494,10 @@ def _encoder(
     return ImageEncoder(load_image_encoder(where, dtype=dtype, device=device)), key
 
 
-def _install(unet: nn.Module, layers: list[CrossLayer]) -> _Attachment:
-    """Replace every processor: ours on cross-attention, pass-through on the rest; hook the UNet."""
-    originals = dict(unet.attn_processors)
-    cross = {layer.name: IPAttnProcessor(layer.index) for layer in layers}
-    new = {n: cross.get(n) or PassThroughProcessor(p) for n, p in originals.items()}
-    unet.set_attn_processor(dict(new))  # diffusers empties the dict it is given
-    hook = unet.register_forward_pre_hook(_before_unet, with_kwargs=True)
-    state = _Attachment(originals, cross, hook)
-    setattr(unet, STATE_ATTR, state)
-    return state
-
-
-def _before_unet(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-    """At every UNet call with an image prompt, hand the processors this step's :class:`Step`.
-
-    It runs inside a compiled UNet's graph, so it reads only the call's arguments (no frames, no pipeline)
-    and, under ``torch.compile``, keeps the timestep a tensor; eager mode reads it once, to skip idle branches.
-    """
-    attention_kwargs = kwargs.get("cross_attention_kwargs") or {}
-    prompt = attention_kwargs.get("image_prompt")
-    if not isinstance(prompt, ImagePrompt):
-        return None
-    sample = args[0] if args else kwargs["sample"]
-    timestep = args[1] if len(args) > 1 else kwargs["timestep"]
-    t = torch.as_tensor(timestep).flatten()[0]  # pipelines pass one timestep; training the batch's own
-    if compiling():
-        progress: float | torch.Tensor = (1.0 - t.float() / prompt.train_timesteps).clamp(0.0, 1.0)
-    else:
-        progress = min(max(1.0 - float(t) / prompt.train_timesteps, 0.0), 1.0)
-    step = Step(progress, (sample.shape[-2], sample.shape[-1]))
-    kwargs = {**kwargs, "cross_attention_kwargs": {**attention_kwargs, "image_prompt_step": step}}
-    return args, kwargs
-
-
 def detach(pipe: Any, name: str | None = None) -> None:
     """Detach adapter ``name`` (all adapters if None). With none left, the original processors return."""
     unet = base_module(pipe.unet)
-    state: _Attachment | None = getattr(unet, STATE_ATTR, None)
+    state = attachment(unet)
     if state is None:
         return
     names = list(state.adapters) if name is None else [name]
@@ -571,12 +509,10 @@ def detach(pipe: Any, name: str | None = None) -> None:
             proc.remove_branch(n)
         del state.adapters[n]
     if not state.adapters:
-        unet.set_attn_processor(dict(state.originals))
-        state.hook.remove()
-        delattr(unet, STATE_ATTR)
+        uninstall(unet)
 
 
 def attached(pipe: Any) -> dict[str, IPAdapter]:
     """The adapters attached to ``pipe``, by name."""
-    state = getattr(base_module(pipe.unet), STATE_ATTR, None)
+    state = attachment(base_module(pipe.unet))
     return dict(state.adapters) if state is not None else {}

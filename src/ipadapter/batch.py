@@ -1,7 +1,7 @@
 """``ipadapter batch``: a JSON-lines manifest of jobs, run with models loaded once; resumable, accelerate-ready.
 
-One job per line: the command line's generation options as JSON keys (:data:`ipadapter.generation.OPTIONS`)
-plus :data:`BATCH_KEYS` (``output``, ``fps``). Relative paths are relative to the manifest's folder. Blank
+One job per line: the command line's generation options as JSON keys (:data:`ipadapter.jobs.options.OPTIONS`)
+plus :data:`BATCH_KEYS` (``output``). Relative paths are relative to the manifest's folder. Blank
 lines and lines starting with ``#`` are skipped; line numbers count every line, from 1.
 
 - A job whose output file(s) exist is skipped: rerunning a manifest resumes it. Results are written to a
@@ -18,9 +18,7 @@ lines and lines starting with ``#`` are skipped; line numbers count every line, 
 
 from __future__ import annotations
 
-import difflib
 import json
-import math
 import os
 import re
 import time
@@ -28,15 +26,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import generation, media
+from . import media
 from .errors import InputError, IPAdapterError
+from .jobs.engine import Engine
+from .jobs.job import Result
+from .jobs.options import check_options, job_from_options, local_files, near
 
 BATCH_KEYS: dict[str, str] = {
     "output": "file name inside the output folder: .png (.gif or .mp4 for video); default LINE.png / LINE.gif",
-    "fps": "video frames per second (default 8)",
 }
 _MODEL_KEYS = ("base", "base_config", "adapter", "image_encoder", "controlnet", "motion_adapter")
-_RAW_KEYS = ("image", "init", "mask", "controlnet", "control_image")  # recorded as the manifest wrote them
 _PARTIAL = ".partial-"  # temporary results: ".NAME.partial-PID.png", renamed when complete
 _FAILURES = re.compile(r"failures(-\d+)?\.jsonl")
 
@@ -49,7 +48,6 @@ class Line:
     options: dict[str, Any] = field(default_factory=dict)
     output: Path | None = None  # inside the output folder
     files: list[Path] = field(default_factory=list)  # what the job writes (numbered when several images)
-    fps: float = 8.0
     error: str | None = None
 
 
@@ -108,20 +106,12 @@ def _parse_line(entry: Line, raw: str, output_dir: Path) -> None:
             f"got a JSON {type(options).__name__}; expected an object such as "
             '{"base": "...", "adapter": "...", "image": "ref.png"}'
         )
-    valid = [*generation.OPTIONS, *BATCH_KEYS]
-    unknown = sorted(set(options) - set(valid))
-    if unknown:
-        hints = [m for key in unknown for m in difflib.get_close_matches(key, valid, n=1)]
-        hint = f" (did you mean {', '.join(hints)}?)" if hints else ""
-        raise InputError(f"unknown key(s) {', '.join(unknown)}{hint}; expected some of: {', '.join(valid)}")
     video = options.get("mode") == "video"
     name = _output_name(options.pop("output", None), entry.line, video, output_dir)
-    entry.fps = _fps(options.pop("fps", None))
-    count = options.get("num_images", 1)
-    valid_count = isinstance(count, int) and not isinstance(count, bool) and count >= 1
+    count = check_options(options).get("num_images") or 1  # every option's type and bounds, before any model
     entry.options = options
     entry.output = output_dir / name
-    entry.files = media.numbered(entry.output, count if valid_count and not video else 1)
+    entry.files = media.numbered(entry.output, 1 if video else count)
 
 
 def _output_name(value: Any, line: int, video: bool, output_dir: Path) -> Path:
@@ -137,11 +127,7 @@ def _output_name(value: Any, line: int, video: bool, output_dir: Path) -> Path:
             f"'output' '{value}' is outside the output folder; give a file name inside it (subfolders are "
             "fine; absolute paths and '..' are not)"
         )
-    suffix = path.suffix.lower()
-    if video and suffix not in media.VIDEO_SUFFIXES:
-        raise InputError(f"'output' '{value}' must end in .gif or .mp4 (a video)")
-    if not video and suffix != ".png":
-        raise InputError(f"'output' '{value}' must end in .png (it carries the generation parameters)")
+    media.check_output(path, video, "'output'")
     if path.name.startswith(".") and _PARTIAL in path.name:
         raise InputError(
             f"'output' '{value}' looks like a temporary file of this command; choose another name"
@@ -149,91 +135,40 @@ def _output_name(value: Any, line: int, video: bool, output_dir: Path) -> Path:
     return Path(os.path.normpath(value))
 
 
-def _fps(value: Any) -> float:
-    if value is None:
-        return 8.0
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or value <= 0
-    ):
-        raise InputError(f"'fps' is {value!r}; expected a number > 0, e.g. 8")
-    return float(value)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Running one line
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _near(base_dir: Path, value: str) -> str:
-    """A relative path made relative to the manifest's folder (``~`` expanded); absolute ones unchanged."""
-    path = Path(value).expanduser()
-    return str(path if path.is_absolute() else base_dir / path)
-
-
 def _models_near(options: dict[str, Any], base_dir: Path) -> dict[str, Any]:
     """Model keys naming a file or folder beside the manifest point there; others stay (hub ids, names)."""
 
-    def near(value: Any) -> Any:
+    def beside(value: Any) -> Any:
         if not isinstance(value, str) or not value.strip():
             return value
-        there = _near(base_dir, value)
+        there = near(value, base_dir)
         return there if Path(there).exists() else value
 
     out = dict(options)
     for key in _MODEL_KEYS:
         if key in out:
-            out[key] = [near(v) for v in out[key]] if isinstance(out[key], list) else near(out[key])
+            out[key] = [beside(v) for v in out[key]] if isinstance(out[key], list) else beside(out[key])
     return out
 
 
-def _embeds_file(base_dir: Path, value: str, what: str) -> str:
-    path = _near(base_dir, value)
-    if not Path(path).is_file():
-        raise InputError(f"{what} '{path}': no such file; make one with `ipadapter embed`")
-    return path
-
-
-def run_line(entry: Line, engine: generation.Engine, manifest: Path) -> list[Path]:
+def run_line(entry: Line, engine: Engine, manifest: Path) -> list[Path]:
     """Run one planned line with ``engine`` and write its result(s); returns the files written."""
     base_dir = Path(manifest).absolute().parent
-    job = generation.job_from_options(
-        _models_near(entry.options, base_dir),
-        locate=lambda value, what: _near(base_dir, value),
-        resolve_file=lambda value, what: _embeds_file(base_dir, value, what),
-        base_dir=str(base_dir),
+    locate, resolve_file = local_files(base_dir)
+    job = job_from_options(
+        _models_near(entry.options, base_dir), locate=locate, resolve_file=resolve_file, base_dir=base_dir
     )
-    result = engine.run(job)
-    return _write(result, entry, _params(result, job, entry, Path(manifest)))
+    result = engine.run(job)  # its parameters name files as the manifest wrote them
+    params = {**result.params, "manifest": Path(manifest).name, "line": entry.line}
+    return _write(result, entry, job.fps, params)
 
 
-def _params(result: generation.Result, job: generation.Job, entry: Line, manifest: Path) -> dict[str, Any]:
-    """The engine's parameters, completed as the CLI does, with the manifest's own (relative) file names."""
-    from .images import image_key
-
-    options = entry.options
-    params = dict(result.params)
-    entries = job.recipe.adapters if job.recipe is not None else []
-    hashes = [image_key(ref.path) for a in entries for ref in a.images if ref.path is not None]
-    if job.recipe is not None:
-        params["image_sha1"] = hashes[0] if len(hashes) == 1 and not result.video else hashes
-    if job.recipe is None:
-        pass  # the plain base model: no image prompt to record
-    elif options.get("recipe") is not None:
-        params["adapter"] = [a.path for a in job.recipe.adapters]
-        params["recipe"] = options["recipe"]
-    elif not job.per_frame:
-        params["recipe"] = generation.recipe_from_options(options).to_dict()
-    params.update({k: options[k] for k in _RAW_KEYS if options.get(k) not in (None, [])})
-    if result.video:
-        params["fps"] = entry.fps
-    params.update(manifest=manifest.name, line=entry.line)
-    return params
-
-
-def _write(result: generation.Result, entry: Line, params: dict[str, Any]) -> list[Path]:
+def _write(result: Result, entry: Line, fps: float, params: dict[str, Any]) -> list[Path]:
     """Write under temporary names, then rename: a final name only ever holds a complete file."""
     assert entry.output is not None
     entry.output.parent.mkdir(parents=True, exist_ok=True)
@@ -242,7 +177,7 @@ def _write(result: generation.Result, entry: Line, params: dict[str, Any]) -> li
     finals = media.numbered(entry.output, len(temps))
     try:
         if result.video:
-            media.save_video(result.images, temp, entry.fps, params)
+            media.save_video(result.images, temp, fps, params)
         else:
             media.save_images(result.images, temp, params)
         for path, final in zip(temps, finals, strict=True):
@@ -271,7 +206,7 @@ def run_batch(
 ) -> dict[str, Any] | None:
     """Run every job of ``manifest`` into the folder ``output``; returns the report (None on non-main processes).
 
-    ``compile``: each denoiser is compiled once, on first use (see :class:`~ipadapter.generation.Engine`).
+    ``compile``: each denoiser is compiled once, on first use (see :class:`~ipadapter.jobs.engine.Engine`).
 
     Report: ``{"jobs": n, "done": [files], "skipped": [files], "failed": [{"line": k, "error": "..."}],
     "seconds": s, "failures": [files], "processes": [{"process", "device", "done", "failed", "seconds"}]}``.
@@ -289,9 +224,7 @@ def run_batch(
             f"--output '{output}' is a file; expected a folder for the results (made if missing)"
         )
     lines = read_manifest(manifest, output)
-    engine = generation.Engine(
-        _device(state, device), dtype, compile=compile
-    )  # loads nothing until a job runs
+    engine = Engine(_device(state, device), dtype, compile=compile)  # loads nothing until a job runs
     pending, skipped = [], []
     for entry in lines:
         done = entry.error is None and all(path.is_file() for path in entry.files)
@@ -360,7 +293,7 @@ def _clear_leftovers(output: Path) -> None:
 
 
 def _run_share(
-    share: list[Line], engine: generation.Engine, manifest: Path, failures: Path, prefix: str, quiet: bool
+    share: list[Line], engine: Engine, manifest: Path, failures: Path, prefix: str, quiet: bool
 ) -> dict[str, Any]:
     done: list[tuple[int, list[str]]] = []
     failed: list[dict[str, Any]] = []

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from .errors import InputError
-from .images import load_mask
+from .prompt.images import load_mask
 
 
 def base_module(module: Any) -> Any:

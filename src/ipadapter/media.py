@@ -19,6 +19,16 @@ from .errors import InputError
 VIDEO_SUFFIXES = (".gif", ".mp4")
 
 
+def check_output(path: Path, video: bool, what: str = "output") -> None:
+    """Refuse an output file name of the wrong kind: a video is .gif / .mp4, images are .png (the PNG's text
+    chunk carries the generation parameters)."""
+    suffix = Path(path).suffix.lower()
+    if video and suffix not in VIDEO_SUFFIXES:
+        raise InputError(f"{what} '{path}' must end in .gif or .mp4 (a video)")
+    if not video and suffix != ".png":
+        raise InputError(f"{what} '{path}' must end in .png (it carries the generation parameters)")
+
+
 def numbered(output: Path, count: int) -> list[Path]:
     """``output`` for one result; ``stem-1.ext``, ``stem-2.ext``... for several."""
     if count == 1:
@@ -54,9 +64,8 @@ def _uint8_frames(frames: Sequence[Any]) -> list[np.ndarray]:
 def save_video(frames: Sequence[Any], path: Path, fps: float, params: dict[str, Any] | None = None) -> Path:
     """Write ``frames`` (PIL images or HxWx3 arrays) as an animated GIF or an H.264 MP4, by suffix."""
     path = Path(path)
+    check_output(path, video=True, what="video output")
     suffix = path.suffix.lower()
-    if suffix not in VIDEO_SUFFIXES:
-        raise InputError(f"video output '{path}' must end in .gif or .mp4")
     if not frames:
         raise InputError("no frames to write")
     if not (fps > 0):

@@ -27,13 +27,13 @@ from diffusers import (
 )
 from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 
-from .adapter import STATE_ATTR
+from .adapters.variants import family
 from .calls import native_size  # noqa: F401 - part of this module's API
 from .errors import IncompatibleModelError, InputError
-from .generation import MODES
+from .hosts.unet import original_processors
+from .modes import MODES
 from .schedulers import SCHEDULERS, set_scheduler  # noqa: F401 - part of this module's API
 from .sources import NETWORK_ERRORS, _unavailable, split_hub_path
-from .variants import family
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 SDXL_SINGLE_FILE_KEY = "conditioner.embedders.1.model.ln_final.weight"
@@ -272,15 +272,8 @@ def mode_pipeline(
         )
         extra = {"controlnet": net} if net is not None else {}
         # The motion UNet copies the 2D UNet's weights; attached adapters' weights must not come along.
-        state = getattr(unet, STATE_ATTR, None)
-        installed = dict(unet.attn_processors) if state is not None else None
-        if state is not None:
-            unet.set_attn_processor(dict(state.originals))
-        try:
+        with original_processors(unet):
             video = cls.from_pipe(pipe, motion_adapter=motion_adapter, **extra)
-        finally:
-            if installed is not None:
-                unet.set_attn_processor(installed)
         if video.unet.device != unet.device:  # the motion UNet is built on the CPU
             video.unet.to(unet.device)
         return video

@@ -16,8 +16,8 @@ from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import HFValidationError
 from transformers import CLIPVisionModelWithProjection
 
+from .adapters.variants import AdapterSpec
 from .errors import IncompatibleModelError, InputError, ModelNotAvailableError
-from .variants import AdapterSpec
 
 NETWORK_ERRORS = (OSError, HFValidationError, ValueError)  # hub errors subclass OSError
 

@@ -398,7 +398,8 @@ def _adapter_manifest(c: BuildConfig, folder: Path) -> Path:
 
 def stage_adapters(c: BuildConfig, out: Path) -> dict[str, Any]:
     """Basic and plus adapters, trained by ``ipadapter.training`` on the same data."""
-    from ..training.trainer import TrainConfig, Trainer
+    from ..training.config import TrainConfig
+    from ..training.trainer import Trainer
 
     manifest = _adapter_manifest(c, out / "data" / "train")
     info = {}

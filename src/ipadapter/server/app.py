@@ -31,7 +31,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import IPAdapterError
-from ..generation import Engine, Result
+from ..jobs.engine import Engine
+from ..jobs.job import Result
 from .bodies import (
     MAX_FRAMES,
     MAX_IMAGES,
@@ -136,7 +137,7 @@ def gif_base64(frames: list[Image.Image], fps: float, params: dict[str, Any]) ->
 def encode_result(result: Result, prepared: Prepared) -> dict[str, Any]:
     """A Result as the response JSON: base64 PNGs (or one GIF), the parameters, the seed and timings."""
     started = time.perf_counter()
-    params = {**result.params, **prepared.record}
+    params = result.params
     out: dict[str, Any] = {"seed": result.seed, "parameters": params}
     if result.video:
         out.update(

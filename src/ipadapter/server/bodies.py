@@ -1,6 +1,6 @@
-"""A request body (JSON) -> a checked :class:`~ipadapter.generation.Job`, through ``job_from_options``.
+"""A request body (JSON) -> a checked :class:`~ipadapter.jobs.engine.Job`, through ``job_from_options``.
 
-The body holds the command line's generation options (:data:`ipadapter.generation.OPTIONS`) with images as
+The body holds the command line's generation options (:data:`ipadapter.jobs.engine.OPTIONS`) with images as
 base64 data instead of paths. The server fills in what it serves (base, base config, image encoder, motion
 adapter); adapters and ControlNets are picked by the names the server was started with. Nothing a client sends
 can name a file or a model the server was not started with: a string that is not base64 image data is refused.
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import dataclasses
 import io
 import json
 import re
@@ -20,8 +19,10 @@ from typing import Any
 from PIL import Image
 
 from ..errors import InputError
-from ..generation import MODES, OPTIONS, Job, job_from_options
-from ..recipe import Recipe
+from ..fields import Option
+from ..jobs.job import Job
+from ..jobs.options import OPTIONS, SET_BY_SERVER, job_from_options
+from ..modes import MODES
 from .config import ServerConfig
 
 MAX_IMAGES = 16  # num_images per request
@@ -29,42 +30,53 @@ MAX_FRAMES = 64  # video frames per request
 MAX_STEPS = 500  # denoising steps per request
 
 _IMAGE = {"type": "string", "description": "base64 image data (PNG, JPEG, WebP...); a data: URL works too"}
-_NUMBER, _INT, _TEXT = {"type": "number"}, {"type": "integer"}, {"type": "string"}
-_IMAGES = {"oneOf": [_IMAGE, {"type": "array", "items": _IMAGE}]}
-_NAMES = {"oneOf": [_TEXT, {"type": "array", "items": _TEXT}]}
+# What the server reads differently from a file-based front end, in the schema's words.
+_SERVER_HELP = {
+    "adapter": "a served adapter's name (GET /v1/models); default: the first",
+    "controlnet": "served ControlNet name(s), one control image each",
+    "image": "reference image(s): base64 data, each optionally ending in :WEIGHT; one, or a list",
+    "recipe": "a whole recipe (recipe files' schema); every image, mask and negative_image path holds base64 "
+    "data, every adapter path a served adapter's name",
+}
 
-# key -> JSON schema of its value. Descriptions come from generation.OPTIONS (one wording everywhere).
+
+def _schema(option: Option) -> dict[str, Any]:
+    """The JSON schema of ``option``'s value, from its declaration."""
+    one: dict[str, Any]
+    if option.kind in ("int", "number"):
+        one = {"type": "integer" if option.kind == "int" else "number"}
+        if option.low is not None:
+            one["exclusiveMinimum" if option.low_open else "minimum"] = option.low
+        if option.high is not None:
+            one["maximum"] = option.high
+        if option.multiple:
+            one["multipleOf"] = option.multiple
+    elif option.kind == "bool":
+        one = {"type": "boolean"}
+    elif option.kind == "choice":
+        one = {"type": "string", "enum": list(option.choices)}
+    elif option.kind == "weights":
+        one = {"oneOf": [{"type": "string"}, {"type": "object", "additionalProperties": {"type": "number"}}]}
+    elif option.kind == "recipe":
+        one = {"type": "object"}
+    elif option.kind == "image":
+        one = dict(_IMAGE)
+        if option.name == "control_image":  # a video's frames for one ControlNet
+            one = {"oneOf": [_IMAGE, {"type": "array", "items": _IMAGE}]}
+    else:
+        one = {"type": "string"}
+    schema = {"oneOf": [one, {"type": "array", "items": one}]} if option.many else one
+    default = option.default if not isinstance(option.default, dict) else None
+    extra = {"default": default} if default not in (None, "") else {}
+    return {"description": _SERVER_HELP.get(option.name, option.help), **schema, **extra}
+
+
+# key -> JSON schema of its value: every option of the table the server accepts.
 FIELDS: dict[str, dict[str, Any]] = {
-    "prompt": _TEXT, "negative_prompt": _TEXT,
-    "image": {**_IMAGE, "description": "one reference image: base64 data, optionally ending in :WEIGHT"},
-    "images": {"type": "array", "items": _IMAGE,
-               "description": "several reference images (base64, each optionally ending in :WEIGHT)"},
-    "mode": {"type": "string", "enum": list(MODES)},
-    "adapter": {"type": "string", "description": "a served adapter's name (GET /v1/models); default: the first"},
-    "scale": _NUMBER, "steps": _INT, "guidance": _NUMBER, "seed": _INT, "width": _INT, "height": _INT,
-    "num_images": _INT, "scheduler": _TEXT, "strength": _NUMBER, "frames": _INT,
-    "fps": {"type": "number", "description": "frames per second of a video's GIF (default 8)"},
-    "combine": _TEXT, "crop": _TEXT, "preset": _TEXT, "curve": _TEXT, "composition_weight": _NUMBER,
-    "start": _NUMBER, "end": _NUMBER, "negative_image": _IMAGE, "image_mask": _IMAGES,
-    "layer_weights": {"oneOf": [_TEXT, {"type": "object", "additionalProperties": _NUMBER}]},
-    "init": _IMAGE, "mask": _IMAGE,
-    "controlnet": {**_NAMES, "description": "served ControlNet name(s), one control image each"},
-    "control_image": {"oneOf": [_IMAGE, {"type": "array", "items": {"oneOf": [_IMAGE, {"type": "array", "items": _IMAGE}]}}]},
-    "control_scale": {"oneOf": [_NUMBER, {"type": "array", "items": _NUMBER}]},
-    "recipe": {"type": "object", "description": "a whole recipe (recipe files' schema); every image, mask and "
-               "negative_image path holds base64 data, every adapter path a served adapter's name"},
-}  # fmt: skip
-FIELDS = {
-    key: {"description": OPTIONS[key], **schema} if key in OPTIONS else schema
-    for key, schema in FIELDS.items()
+    name: _schema(option) for name, option in OPTIONS.items() if option.server is None
 }
-
-SERVER_KEYS = ("base", "base_config", "image_encoder", "motion_adapter")  # filled by the server
-REFUSED = {
-    **{key: "is set by the server (see GET /v1/models); leave it out" for key in SERVER_KEYS},
-    "embeds": "is not accepted by the server (embeddings files are server-side files); send the reference "
-    "image as base64 in 'image'",
-}
+REFUSED = {name: option.server for name, option in OPTIONS.items() if option.server is not None}
+SERVER_KEYS = tuple(k for k, why in REFUSED.items() if why == SET_BY_SERVER)  # filled by the server
 
 REQUEST_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -155,10 +167,9 @@ class Served:
 
 @dataclass
 class Prepared:
-    """A request ready to run: the job and what the result's parameters record besides the engine's."""
+    """A request ready to run: its job (the queue's ticket takes it over)."""
 
     job: Job
-    record: dict[str, Any]
     fps: float = 8.0
 
 
@@ -200,20 +211,10 @@ def _check_limits(body: dict[str, Any], served: Served) -> None:
 
 
 def _check_controlnets(body: dict[str, Any], config: ServerConfig) -> None:
-    """Served names, each once; one control scale for all or one per ControlNet."""
+    """Every ControlNet named is one this server serves (counts and scales: ``job_from_options``)."""
     nets = body.get("controlnet") or []
-    nets = [nets] if isinstance(nets, str) else nets if isinstance(nets, list) else [nets]
-    for name in nets:
+    for name in [nets] if isinstance(nets, str) else nets if isinstance(nets, list) else [nets]:
         _served_name(name, config.controlnets, "controlnet", "ControlNet")
-    if len(set(nets)) != len(nets):
-        raise InputError(f"'controlnet' names a ControlNet twice ({nets}); give each once")
-    scale = body.get("control_scale")
-    if scale is not None and not nets:
-        raise InputError("'control_scale' without 'controlnet'; add a controlnet and its control_image")
-    if isinstance(scale, list) and len(scale) not in (1, len(nets)):
-        raise InputError(
-            f"{len(scale)} control scales for {len(nets)} ControlNet(s); give one for all or one per ControlNet"
-        )
 
 
 def _recipe_options(recipe: Any, config: ServerConfig) -> Any:
@@ -240,22 +241,12 @@ def _recipe_options(recipe: Any, config: ServerConfig) -> Any:
     return {**recipe, "adapter": out}
 
 
-def options_from_body(body: dict[str, Any], served: Served) -> tuple[dict[str, Any], float]:
-    """The body as ``job_from_options`` options (server keys filled in, names checked), and the video fps."""
+def options_from_body(body: dict[str, Any], served: Served) -> dict[str, Any]:
+    """The body as ``job_from_options`` options: server keys filled in, served names and limits checked."""
     config = served.config
     _check_keys(body)
     _check_limits(body, served)
-    options = {k: v for k, v in body.items() if k not in ("images", "fps")}
-    if "image" in body and "images" in body:
-        raise InputError("give 'image' (one reference) or 'images' (a list), not both")
-    if "image" in body and not isinstance(body["image"], str):
-        raise InputError(
-            f"'image' is {type(body['image']).__name__}; expected one base64 string (use 'images' for a list)"
-        )
-    if "images" in body:
-        if not isinstance(body["images"], list) or not body["images"]:
-            raise InputError("'images' must be a non-empty list of base64 image strings")
-        options["image"] = body["images"]
+    options = dict(body)
     mode = body.get("mode") or "t2i"
     if isinstance(mode, str) and mode in MODES and mode not in served.modes:
         why = " (no motion adapter is served)" if mode == "video" else ""
@@ -269,62 +260,21 @@ def options_from_body(body: dict[str, Any], served: Served) -> tuple[dict[str, A
         _served_name(options["adapter"], config.adapters, "adapter", "adapter")
         options["image_encoder"] = config.image_encoder
     _check_controlnets(body, config)
-    scheduler = body.get("scheduler")
-    if scheduler is not None:
-        from ..schedulers import SCHEDULERS
-
-        if scheduler not in SCHEDULERS:
-            raise InputError(
-                f"'scheduler' is {scheduler!r}; expected one of: {', '.join(sorted(SCHEDULERS))}"
-            )
-    fps = body.get("fps", 8.0)
-    if isinstance(fps, bool) or not isinstance(fps, int | float) or not 0 < fps <= 120:
-        raise InputError(f"'fps' is {fps!r}; expected a number in (0, 120]")
     options.update(base=config.base, base_config=config.base_config)
     if mode == "video":
         options["motion_adapter"] = config.motion_adapter
-    return {k: v for k, v in options.items() if v is not None}, float(fps)
+    return {k: v for k, v in options.items() if v is not None}
 
 
 def build_request(body: dict[str, Any], served: Served) -> Prepared:
     """Check ``body`` and decode its images: a Job ready for the queue (InputError otherwise)."""
-    from ..images import image_key, load_image
+    from ..prompt.images import load_image
 
-    options, fps = options_from_body(body, served)
     max_pixels = served.config.max_pixels
 
     def locate(value: Any, what: str) -> Image.Image:
         """Base64 -> a decoded image in its own mode (the library converts it: RGB, or a grey mask)."""
         return load_image(decode_image_data(value, what, max_pixels), what, convert=lambda img: img.copy())
 
-    job = job_from_options(options, locate=locate)
-    record: dict[str, Any] = {}
-    keys = [image_key(ref.path) for entry in job.recipe.adapters for ref in entry.images]
-    record["image_sha1"] = keys[0] if len(keys) == 1 and not job.per_frame else keys
-    if not job.per_frame:
-        record["recipe"] = recorded_recipe(job.recipe)
-    if job.init is not None:
-        record["init_sha1"] = image_key(job.init)
-    if job.controlnets:
-        record["controlnet"] = list(job.controlnets)
-    if job.mode == "video":
-        record["fps"] = fps
-    return Prepared(job, record, fps)
-
-
-def recorded_recipe(recipe: Recipe) -> dict[str, Any]:
-    """The recipe as a file would hold it, each image replaced by ``sha1:<content hash>`` (no pixel data)."""
-    from ..images import image_key
-
-    def named(value: Any) -> Any:
-        return f"sha1:{image_key(value)}" if isinstance(value, Image.Image) else value
-
-    entries = [
-        dataclasses.replace(
-            entry,
-            images=[dataclasses.replace(r, path=named(r.path), mask=named(r.mask)) for r in entry.images],
-            negative_image=named(entry.negative_image),
-        )
-        for entry in recipe.adapters
-    ]
-    return Recipe(entries).to_dict()
+    job = job_from_options(options_from_body(body, served), locate=locate, record_paths=False)
+    return Prepared(job, job.fps)

@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import IncompatibleModelError, InputError, IPAdapterError
-from ..generation import Cancelled, Engine, Job, Result
+from ..jobs.engine import Engine
+from ..jobs.job import Cancelled, Job, Result
 
 log = logging.getLogger("ipadapter.server")
 

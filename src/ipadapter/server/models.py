@@ -6,8 +6,10 @@ from typing import Any
 
 from PIL import Image
 
-from ..generation import Engine, Job
-from ..recipe import AdapterRecipe, Recipe, Reference
+from ..jobs.engine import Engine
+from ..jobs.job import Job
+from ..modes import IMAGE_MODES
+from ..prompt.recipe import AdapterRecipe, Recipe, Reference
 from .bodies import Served
 from .config import ServerConfig
 
@@ -36,7 +38,7 @@ def preload(engine: Engine, config: ServerConfig) -> tuple[Served, dict[str, Any
     """
     base = engine.base(config.base, config.base_config)
     inpainting = base.unet.config.in_channels == 9  # an inpainting base runs inpaint only
-    modes = ["inpaint"] if inpainting else ["t2i", "img2img", "inpaint"]
+    modes = ["inpaint"] if inpainting else list(IMAGE_MODES)
     first = modes[0]
     adapters = []
     for name in config.adapters:

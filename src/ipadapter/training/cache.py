@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..errors import InputError
+from .datasets import collate
 
 SHARD = 256
 VERSION = 1
@@ -92,3 +94,42 @@ class CachedExamples(torch.utils.data.Dataset):
         _, index = key
         sample = self.source[index]
         return {"key": sample.key, "text": sample.text, **self.cache.example(index)}
+
+
+def fill_shards(
+    cache: FeatureCache,
+    source: Any,
+    transform: Any,
+    encode: Callable[[dict[str, Any]], tuple[torch.Tensor, torch.Tensor]],
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+) -> None:
+    """Compute this process's share of the missing shards (every ``world_size``-th, from ``rank``).
+
+    ``encode`` maps a collated batch of ``batch_size`` transformed examples to its latent moments and image
+    features; unreadable examples are recorded in their shard as skipped.
+    """
+    n = len(source)
+    for shard in cache.missing_shards(n)[rank::world_size]:
+        tensors: dict[str, torch.Tensor] = {}
+        skipped: dict[int, str] = {}
+        indices = list(range(shard * SHARD, min(n, (shard + 1) * SHARD)))
+        for chunk in range(0, len(indices), batch_size):
+            part = indices[chunk : chunk + batch_size]
+            examples = [transform(source[i]) for i in part]
+            for i, e in zip(part, examples, strict=True):
+                if "skipped" in e:
+                    skipped[i] = e["skipped"]
+            good = [(i, e) for i, e in zip(part, examples, strict=True) if "skipped" not in e]
+            if not good:
+                continue
+            batch = collate([e for _, e in good])
+            with torch.no_grad():
+                moments, feats = encode(batch)
+            for row, (i, _) in enumerate(good):
+                tensors[f"{i}.moments"] = moments[row].float()
+                tensors[f"{i}.features"] = feats[row]
+                tensors[f"{i}.original_size"] = batch["original_size"][row]
+                tensors[f"{i}.crop_top_left"] = batch["crop_top_left"][row]
+        cache.write_shard(shard, tensors, skipped)

@@ -1,41 +1,31 @@
-"""Training data for ``ipadapter train``: image–caption pairs from folders, manifests, datasets or tar shards.
+"""Where training data comes from: image–caption pairs from folders, manifests, datasets or tar shards.
 
 :func:`open_source` turns one string into a :class:`Source` of raw :class:`Sample` records and checks
 everything cheap up front (folder non-empty, manifest lines valid and their images present, shards present),
-so a bad dataset fails before any model is loaded. :class:`Transform` decodes one sample into the tensors
-the trainer needs (VAE pixels with SDXL micro-conditioning, and CLIP pixels for the image encoder); an
-unreadable image becomes a "skipped" record that :func:`collate` drops from the batch and reports.
+so a bad dataset fails before any model is loaded. Decoding a sample is :mod:`.transform`'s; turning a
+source into the examples of a run is :mod:`.datasets`'.
 
-Map-style sources (folder, manifest, dataset saved with ``save_to_disk``) go through
-:class:`TrainingDataset` (random access, shuffled with :func:`epoch_order`); streaming sources (``hf://``
-hub datasets, tar shards) through :class:`StreamingDataset`. Random crops and flips are drawn from a
-generator seeded from (seed, epoch, index), so a resumed run reproduces them exactly.
+Map-style sources (folder, manifest, dataset saved with ``save_to_disk``) have a length and random access;
+streaming sources (``hf://`` hub datasets, tar shards) are read in order.
 """
 
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
 import os
 import re
 import tarfile
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-from PIL import Image
-
 from ..errors import InputError, ModelNotAvailableError
-from ..images import MAX_IMAGE_PIXELS, load_image
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 MAX_LISTED = 5  # problems named in one validation message; the rest are counted
-_WHAT = "training image"
 
 
 @dataclass
@@ -468,220 +458,3 @@ def _open_tar(spec: str, text_column: str) -> Source:
     if bad:
         raise _problems(f"tar shards '{spec}'", bad, "WebDataset .tar shards")
     return _TarSource(spec, list(dict.fromkeys(shards)), text_column)
-
-
-# ------------------------------------------------------------------------------------------- transform
-
-
-def _decode(image: Any) -> Image.Image:
-    """A sample's image as RGB, with the same guards as :func:`ipadapter.images.load_image`."""
-    if image is None:
-        raise InputError(f"{_WHAT}: missing")
-    if isinstance(image, Image.Image):
-        if image.width * image.height > MAX_IMAGE_PIXELS:
-            raise InputError(
-                f"{_WHAT} is too large ({image.width}x{image.height}); the limit is {MAX_IMAGE_PIXELS:,} pixels"
-            )
-        return load_image(image, _WHAT)
-    if not isinstance(image, str | Path | bytes | bytearray | memoryview):
-        raise InputError(
-            f"{_WHAT}: unsupported value of type {type(image).__name__}; expected a path or bytes"
-        )
-    return load_image(image, _WHAT)  # paths and encoded bytes: the same guards either way
-
-
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
-
-
-@dataclass
-class Transform:
-    """Sample -> training tensors: VAE pixels (resize shortest side, crop, optional flip) and CLIP pixels.
-
-    ``pixel_values`` (3, R, R) in [-1, 1]; ``clip_pixel_values`` (3, S, S) from the original image with the
-    inference encoder's preprocessing; ``original_size`` (h, w) before resizing and ``crop_top_left``
-    (top, left) in the resized (and possibly flipped) image, as diffusers' SDXL training script records them.
-    """
-
-    resolution: int
-    clip_size: int
-    random_crop: bool = False
-    random_flip: bool = False
-    _processor: Any = field(default=None, init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.resolution, int) or self.resolution <= 0 or self.resolution % 8:
-            raise InputError(
-                f"resolution {self.resolution!r} is not a positive multiple of 8; the VAE downsamples by 8, "
-                "so pick e.g. 512 (SD 1.5) or 1024 (SDXL)"
-            )
-        if not isinstance(self.clip_size, int) or self.clip_size <= 0:
-            raise InputError(
-                f"clip_size {self.clip_size!r} is not a positive integer; expected the image encoder's image_size"
-            )
-        from transformers import CLIPImageProcessorPil
-
-        size = self.clip_size
-        self._processor = CLIPImageProcessorPil(
-            size={"shortest_edge": size}, crop_size={"height": size, "width": size}
-        )
-
-    def __call__(self, sample: Sample, generator: torch.Generator | None = None) -> dict[str, Any]:
-        """Decode and transform one sample, or return ``{"key", "skipped": reason}`` if it can't be used."""
-        if sample.error:
-            return {"key": sample.key, "skipped": _one_line(sample.error)}
-        try:
-            rgb = _decode(sample.image)
-        except InputError as e:
-            return {"key": sample.key, "skipped": _one_line(str(e))}
-        except Exception as e:  # a decoder bug must not end a long training run
-            return {
-                "key": sample.key,
-                "skipped": _one_line(f"{_WHAT}: could not be read ({type(e).__name__}: {e})"),
-            }
-        width, height = rgb.size
-        r = self.resolution
-        scale = r / min(width, height)
-        size = (max(r, round(width * scale)), max(r, round(height * scale)))
-        resized = rgb.resize(size, Image.Resampling.BICUBIC) if size != rgb.size else rgb
-        flip = bool(torch.rand((), generator=generator) < 0.5) if self.random_flip else False
-        if flip:
-            resized = resized.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        if self.random_crop:
-            top = int(torch.randint(0, size[1] - r + 1, (), generator=generator))
-            left = int(torch.randint(0, size[0] - r + 1, (), generator=generator))
-        else:
-            top, left = max(0, round((size[1] - r) / 2)), max(0, round((size[0] - r) / 2))
-        crop = resized.crop((left, top, left + r, top + r))
-        pixels = (
-            torch.from_numpy(np.asarray(crop, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1).contiguous()
-        )
-        clip = self._processor(images=[rgb], return_tensors="pt").pixel_values[0].to(torch.float32)
-        return {
-            "key": sample.key,
-            "text": sample.text,
-            "pixel_values": pixels,
-            "clip_pixel_values": clip,
-            "original_size": torch.tensor([height, width]),
-            "crop_top_left": torch.tensor([top, left]),
-        }
-
-
-# -------------------------------------------------------------------------------------------- datasets
-
-
-def example_seed(seed: int, epoch: int, index: int) -> int:
-    """A well-mixed 63-bit seed for (seed, epoch, index)."""
-    digest = hashlib.blake2b(f"{seed}:{epoch}:{index}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
-
-
-def _generator(seed: int, epoch: int, index: int) -> torch.Generator:
-    return torch.Generator().manual_seed(example_seed(seed, epoch, index))
-
-
-def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    """A deterministic permutation of ``range(n)`` for one epoch."""
-    return torch.randperm(n, generator=_generator(seed, epoch, -1)).tolist()
-
-
-class TrainingDataset(torch.utils.data.Dataset):
-    """A map-style source with its transform; item i's crop/flip is seeded from (seed, epoch, i)."""
-
-    def __init__(self, source: Source, transform: Transform, seed: int = 0) -> None:
-        if source.streaming:
-            raise TypeError(f"dataset '{source.spec}' is streamed; use StreamingDataset")
-        self.source, self.transform, self.seed, self.epoch = source, transform, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch the random crops and flips are drawn for."""
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        return self.transform(self.source[i], _generator(self.seed, self.epoch, i))
-
-
-class StreamingDataset(torch.utils.data.IterableDataset):
-    """The stream's examples rank, rank + world_size, ... forever, skipping this rank's first ``start``.
-
-    Each example's crop/flip is seeded from (seed, epoch, position in the stream). With several DataLoader
-    workers, worker w of k takes every k-th of this rank's examples (after ``start``): nothing is repeated,
-    but batches interleave, so exact resume needs ``num_workers`` <= 1.
-    """
-
-    def __init__(
-        self,
-        source: Source,
-        transform: Transform,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        start: int = 0,
-    ) -> None:
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is not in range for world_size {world_size}")
-        if start < 0:
-            raise ValueError(f"start {start} is negative")
-        self.source, self.transform, self.seed = source, transform, seed
-        self.rank, self.world_size, self.start = rank, world_size, start
-
-    def _positions(self) -> Iterator[tuple[int, int, Sample]]:
-        """(epoch, position, sample) of this rank's examples, forever, from this rank's ``start``-th."""
-        epoch, skip = 0, self.start
-        if not self.source.streaming:  # jump straight to the resume point
-            n = len(self.source)
-            per_epoch = len(range(self.rank, n, self.world_size))
-            if per_epoch == 0:
-                raise self._too_small(n)
-            epoch, skip = divmod(skip, per_epoch)
-            while True:
-                for position in range(self.rank + skip * self.world_size, n, self.world_size):
-                    yield epoch, position, self.source[position]
-                epoch, skip = epoch + 1, 0
-        while True:
-            seen = mine = 0
-            for position, sample in enumerate(self.source):
-                seen = position + 1
-                if position % self.world_size != self.rank:
-                    continue
-                mine += 1
-                if skip:
-                    skip -= 1
-                    continue
-                yield epoch, position, sample
-            if mine == 0:
-                raise self._too_small(seen)
-            epoch += 1
-
-    def _too_small(self, n: int) -> InputError:
-        if n == 0:
-            return InputError(f"dataset '{self.source.spec}' is empty; expected image–caption pairs")
-        return InputError(
-            f"dataset '{self.source.spec}' has {n} examples, fewer than the {self.world_size} training "
-            "processes; add data or use fewer processes"
-        )
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        info = torch.utils.data.get_worker_info()
-        workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
-        for count, (epoch, position, sample) in enumerate(self._positions()):
-            if count % workers == worker:
-                yield self.transform(sample, _generator(self.seed, epoch, position))
-
-
-def collate(examples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack the usable examples into a batch; skipped ones are listed under ``"skipped"`` as (key, reason)."""
-    good = [e for e in examples if "skipped" not in e]
-    batch: dict[str, Any] = {
-        "texts": [e["text"] for e in good],
-        "keys": [e["key"] for e in good],
-        "skipped": [(e["key"], e["skipped"]) for e in examples if "skipped" in e],
-    }
-    if good:  # every tensor field: images, or cached latents/features, and the SDXL size ids
-        for name, value in good[0].items():
-            if isinstance(value, torch.Tensor):
-                batch[name] = torch.stack([e[name] for e in good])
-    return batch

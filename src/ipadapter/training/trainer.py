@@ -1,308 +1,51 @@
-"""The paper's training recipe (Ye et al. 2023, DESIGN.md §3.4) on accelerate.
+"""The paper's training recipe (Ye et al. 2023, DESIGN.md §3.4) on accelerate: the :class:`Trainer` and its loop.
 
 Frozen UNet, VAE, text and image encoders; trained: the image projection and every layer's ``to_k_ip`` /
-``to_v_ip`` (initialised as copies of that layer's ``to_k`` / ``to_v``). Text, image or both are dropped at
-set rates (a dropped text is the empty string, a dropped image the adapter's own negative: a zero embedding
-for pooled features, the encoder on an all-zero input for hidden states), so the result supports
-classifier-free guidance. Loss: MSE to the noise (or the velocity, when the base predicts v).
+``to_v_ip`` (:mod:`.model`). Text, image or both are dropped at set rates (a dropped text is the empty string,
+a dropped image the adapter's own negative: a zero embedding for pooled features, the encoder on an all-zero
+input for hidden states), so the result supports classifier-free guidance. Loss: MSE to the noise (or the
+velocity, when the base predicts v).
 
-Every random choice of a step (which example is dropped, the noise, the timesteps, the latent sample) comes
-from a generator seeded by (seed, step, micro-batch, rank), and the data order from (seed, epoch): so a run
-resumed from a checkpoint repeats exactly what the uninterrupted run would have done.
+Every random choice of a step comes from a generator seeded by (seed, step, micro-batch, rank), and the data
+order from (seed, epoch) (:mod:`.seeds`): so a run resumed from a checkpoint (:mod:`.checkpoints`) repeats
+exactly what the uninterrupted run would have done. The run's settings are a :class:`~.config.TrainConfig`;
+DeepSpeed and FSDP specifics live in :mod:`.engines`.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-from torch import nn
 
-from ..errors import IncompatibleModelError, InputError
-from ..variants import AdapterSpec, ResamplerConfig
+from ..errors import InputError
+from .checkpoints import check_output, latest_checkpoint, step_folder, write_checkpoint
+from .config import CONFIG, TrainConfig
+from .data import open_source
+from .datasets import EpochIndexed, RankPositions, StreamingDataset, collate
+from .engines import configure_engine, engine_of, load_optimizer, save_optimizer, whole_weights
+from .model import (
+    AdapterTrainModule,
+    default_training_encoder,
+    freeze,
+    new_spec,
+    start_checkpoint,
+    trainable_state,
+)
+from .seeds import deterministic_kernels, step_generator
+from .transform import Transform
+from .validation import render_validation, save_validation
 
-VARIANTS = ("basic", "plus")
-CHECKPOINTS = "checkpoints"
 FINAL = "ip-adapter.safetensors"
-CONFIG = "train_config.json"
-
-# Fields that may change when a run is resumed (they do not change what the finished run computes).
-RESUMABLE_CHANGES = {"max_steps", "checkpoint_every", "keep_checkpoints", "validate_every", "validation_image",
-                     "validation_prompt", "num_workers", "report_to", "log_every", "resume", "export_dtype",
-                     "output", "base_config", "cache_dir", "deterministic"}  # fmt: skip
-
-
-@dataclass
-class TrainConfig:
-    """Everything a training run depends on. ``output`` is the run folder."""
-
-    base: str
-    data: str
-    output: str
-    variant: str = "plus"
-    image_encoder: str | None = None
-    base_config: str | None = None
-    init_adapter: str | None = None
-    resolution: int = 512
-    batch_size: int = 8
-    grad_accum: int = 1
-    lr: float = 1e-4
-    weight_decay: float = 0.01
-    warmup_steps: int = 0
-    max_steps: int = 1000
-    num_tokens: int | None = None  # default: 4 (basic), 16 (plus)
-    drop_text: float = 0.05
-    drop_image: float = 0.05
-    drop_both: float = 0.05
-    seed: int = 42
-    mixed_precision: str = "no"  # no | fp16 | bf16
-    gradient_checkpointing: bool = False
-    max_grad_norm: float | None = None
-    random_crop: bool = False
-    random_flip: bool = False
-    cache_dir: str | None = None  # precomputed latents/features (centre crops only)
-    image_column: str = "image"
-    text_column: str = "text"
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 3
-    validate_every: int = 0
-    validation_image: str | None = None
-    validation_prompt: str = ""
-    export_dtype: str = "float16"
-    num_workers: int = 0
-    log_every: int = 10
-    report_to: str = "auto"  # auto (tensorboard when installed) | tensorboard | none
-    deterministic: bool = False  # deterministic CUDA kernels: a rerun or a resumed run repeats bit for bit
-    resume: bool = False
-
-    def __post_init__(self) -> None:
-        problems = []
-        if self.variant not in VARIANTS:
-            problems.append(
-                f"variant '{self.variant}' is not trainable; expected one of {', '.join(VARIANTS)}"
-            )
-        if self.resolution <= 0 or self.resolution % 8:
-            problems.append(
-                f"resolution {self.resolution} is not a positive multiple of 8 (try "
-                f"{max(8, self.resolution // 8 * 8)})"
-            )
-        for name in (
-            "batch_size",
-            "grad_accum",
-            "max_steps",
-            "checkpoint_every",
-            "keep_checkpoints",
-            "log_every",
-        ):
-            if getattr(self, name) < 1:
-                problems.append(f"{name} {getattr(self, name)} must be at least 1")
-        if self.num_tokens is not None and self.num_tokens < 1:
-            problems.append(f"num_tokens {self.num_tokens} must be at least 1")
-        for name in ("warmup_steps", "validate_every", "num_workers"):
-            if getattr(self, name) < 0:
-                problems.append(f"{name} {getattr(self, name)} must be >= 0")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            problems.append(f"lr {self.lr} must be a positive number")
-        drops = (self.drop_text, self.drop_image, self.drop_both)
-        if any(not 0 <= d <= 1 for d in drops) or sum(drops) > 1:
-            problems.append(
-                f"drop rates text {self.drop_text}, image {self.drop_image}, both {self.drop_both} "
-                "must each be in [0, 1] and sum to at most 1"
-            )
-        if self.mixed_precision not in ("no", "fp16", "bf16"):
-            problems.append(f"mixed precision '{self.mixed_precision}' is not one of no, fp16, bf16")
-        if self.export_dtype not in ("float16", "float32", "bfloat16"):
-            problems.append(f"export dtype '{self.export_dtype}' is not one of float16, float32, bfloat16")
-        if self.report_to not in ("auto", "tensorboard", "none"):
-            problems.append(f"report_to '{self.report_to}' is not one of auto, tensorboard, none")
-        if self.cache_dir and (self.random_crop or self.random_flip):
-            problems.append(
-                "a feature cache stores centre crops; it cannot be used with random crops or flips"
-            )
-        if self.validate_every and not self.validation_image:
-            problems.append("validate_every is set but no validation image is given (--validation-image)")
-        if problems:
-            raise InputError("; ".join(problems))
-
-    @property
-    def tokens(self) -> int:
-        return self.num_tokens or (4 if self.variant == "basic" else 16)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def differences(self, saved: dict[str, Any]) -> list[str]:
-        """Fields that differ from a saved run's config in a way that would change its result."""
-        out = []
-        for f in fields(self):
-            if f.name in RESUMABLE_CHANGES or f.name not in saved:
-                continue
-            if saved[f.name] != getattr(self, f.name):
-                out.append(f"{f.name}: run has {saved[f.name]!r}, now {getattr(self, f.name)!r}")
-        return out
-
-
-def deterministic_kernels(
-    on: bool, warn_only: bool = False, benchmark: bool = False
-) -> tuple[bool, bool, bool]:
-    """Switch torch to deterministic kernels (or back); returns the previous (on, warn_only, cudnn benchmark).
-
-    On CUDA the same run then gives the same weights bit for bit (at some speed: cuDNN's autotuner is off and
-    attention's backward takes its slower ordered path); an op with no deterministic kernel raises. cuBLAS
-    needs ``CUBLAS_WORKSPACE_CONFIG`` set before its first call, so this sets it when it is unset.
-    """
-    before = (
-        torch.are_deterministic_algorithms_enabled(),
-        torch.is_deterministic_algorithms_warn_only_enabled(),
-        torch.backends.cudnn.benchmark,
-    )
-    if on:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(on, warn_only=warn_only)
-    torch.backends.cudnn.benchmark = benchmark
-    return before
-
-
-def step_generator(seed: int, *parts: int) -> torch.Generator:
-    """A CPU generator for one (step, micro-batch, rank): the same numbers whenever that step runs."""
-    value = seed
-    for part in parts:
-        value = (value * 1_000_003 + part + 1) % (2**63 - 1)
-    return torch.Generator("cpu").manual_seed(value)
-
-
-def new_spec(variant: str, unet: nn.Module, encoder: nn.Module, num_tokens: int) -> AdapterSpec:
-    """The adapter layout the recipe trains for this UNet and image encoder (official hyper-parameters)."""
-    from ..adapter import cross_attention_layers
-
-    layers = cross_attention_layers(unet)
-    cross = layers[0].cross_attention_dim
-    config = encoder.config
-    resampler = None
-    if variant == "basic":
-        feature, feature_dim = "pooled", int(config.projection_dim)
-    else:
-        feature, feature_dim = "hidden", int(config.hidden_size)
-        # SD1.5 plus: dim = cross dim (768), 12 heads; SDXL plus: dim 1280, 20 heads; heads of 64 dims.
-        dim = 1280 if cross == 2048 else cross
-        resampler = ResamplerConfig(
-            dim=dim,
-            depth=4,
-            dim_head=64,
-            heads=max(1, dim // 64),
-            num_queries=num_tokens,
-            embedding_dim=feature_dim,
-            output_dim=cross,
-            ff_mult=4,
-        )
-    return AdapterSpec(
-        layout=variant,
-        names=(),
-        num_tokens=num_tokens,
-        feature=feature,
-        feature_dim=feature_dim,
-        cross_attention_dim=cross,
-        layer_ids=tuple(2 * layer.index + 1 for layer in layers),
-        hidden_sizes=tuple(layer.hidden_size for layer in layers),
-        resampler=resampler,
-    )
-
-
-def initial_checkpoint(spec: AdapterSpec, unet: nn.Module, seed: int) -> Any:
-    """A fresh projection and ``to_k_ip``/``to_v_ip`` copied from each layer's ``to_k``/``to_v``."""
-    from ..adapter import cross_attention_layers
-    from ..checkpoint import Checkpoint, ip_key
-    from ..projection import build_projection
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        projection = build_projection(spec)
-    ip_adapter = {}
-    for layer, layer_id in zip(cross_attention_layers(unet), spec.layer_ids, strict=True):
-        attn = unet.get_submodule(layer.name.removesuffix(".processor"))
-        ip_adapter[ip_key(layer_id, "to_k_ip")] = attn.to_k.weight.detach().float().clone()
-        ip_adapter[ip_key(layer_id, "to_v_ip")] = attn.to_v.weight.detach().float().clone()
-    image_proj = {k: v.detach().float().clone() for k, v in projection.state_dict().items()}
-    return Checkpoint(image_proj, ip_adapter, source="initialisation")
-
-
-class AdapterTrainModule(nn.Module):
-    """The trainable adapter and the frozen UNet it lives in: ``forward`` predicts the noise (or v)."""
-
-    def __init__(self, unet: nn.Module, projection: nn.Module, name: str) -> None:
-        super().__init__()
-        self.unet = unet
-        self.projection = projection
-        self.name = name
-
-    def forward(
-        self,
-        noisy: torch.Tensor,
-        timesteps: torch.Tensor,
-        text: torch.Tensor,
-        features: torch.Tensor,
-        added_cond_kwargs: dict[str, torch.Tensor] | None = None,
-    ) -> torch.Tensor:
-        from ..conditioning import ImagePrompt
-
-        # DeepSpeed runs the whole module (adapter included) in fp16/bf16; elsewhere the adapter is float32
-        tokens = self.projection(features.to(next(self.projection.parameters()).dtype))  # (B, N, D)
-        prompt = ImagePrompt({self.name: tokens}, {self.name: tokens}, guidance=False)
-        return self.unet(
-            noisy,
-            timesteps,
-            encoder_hidden_states=text,
-            added_cond_kwargs=added_cond_kwargs,
-            cross_attention_kwargs={"image_prompt": prompt},
-        ).sample
-
-
-def trainable_state(handle: Any, gathered: dict[str, torch.Tensor] | None = None) -> Any:
-    """The adapter's current weights as an official-layout :class:`Checkpoint` (float32, CPU).
-
-    ``gathered``: a full state dict of the :class:`AdapterTrainModule` (FSDP gathers one from the shards);
-    without it the weights are read from the live modules, which hold them whole (single process, DDP,
-    DeepSpeed ZeRO 1/2).
-    """
-    from ..checkpoint import Checkpoint
-
-    if gathered is None:
-        live = handle.state_dict()
-        image_proj, ip_adapter = live.image_proj, live.ip_adapter
-    else:
-        image_proj = {
-            k.removeprefix("projection."): v for k, v in gathered.items() if k.startswith("projection.")
-        }
-        ip_adapter = {key: gathered[f"unet.{name}"] for key, name in handle.unet_names().items()}
-
-    def copy(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {k: v.detach().float().cpu().clone() for k, v in state.items()}
-
-    return Checkpoint(copy(image_proj), copy(ip_adapter), source="training")
-
-
-def checkpoints(output: Path) -> list[Path]:
-    """The run's complete checkpoints, oldest first."""
-    folder = output / CHECKPOINTS
-    if not folder.is_dir():
-        return []
-    found = [
-        p
-        for p in folder.iterdir()
-        if p.is_dir() and p.name.startswith("step-") and (p / "state.json").is_file()
-    ]
-    return sorted(found, key=lambda p: int(p.name.removeprefix("step-")))
 
 
 class Trainer:
@@ -318,34 +61,6 @@ class Trainer:
         self._kernels_before: tuple[bool, bool, bool] | None = None  # torch's switches, while --deterministic
 
     # -- setup -------------------------------------------------------------------------------------------
-    def _check_output(self) -> dict[str, Any] | None:
-        """The saved config when resuming (after checking it matches), else None."""
-        c = self.config
-        saved_path = self.output / CONFIG
-        if c.resume:
-            if not saved_path.is_file():
-                raise InputError(
-                    f"--resume: '{self.output}' holds no training run ({CONFIG} missing); "
-                    "start a new run with --output"
-                )
-            saved = json.loads(saved_path.read_text())
-            diff = c.differences(saved)
-            if diff:
-                raise InputError(
-                    f"--resume: '{self.output}' was trained with another configuration ("
-                    + "; ".join(diff)
-                    + "); resume with the same settings or start a new run"
-                )
-            return saved
-        if saved_path.is_file() or checkpoints(self.output):
-            raise InputError(
-                f"output '{self.output}' already holds a training run; pass --resume to continue it "
-                "or choose a new --output"
-            )
-        if self.output.exists() and not self.output.is_dir():
-            raise InputError(f"output '{self.output}' is a file; expected a folder for the run")
-        return None
-
     def setup(self) -> None:
         """Validate everything, load the models, wrap them for the engine, and restore a resumed run."""
         # deterministic kernels are chosen before anything runs on the GPU (cuBLAS reads its workspace
@@ -363,28 +78,45 @@ class Trainer:
             self._kernels_before = None
 
     def _setup(self) -> None:
-        from accelerate import Accelerator
-        from accelerate.utils import ProjectConfiguration
-        from diffusers import DDPMScheduler
-
-        from ..adapter import attach
-        from ..checkpoint import load_checkpoint
-        from ..images import load_image
-        from ..pipelines import load_pipeline
-        from ..sources import load_image_encoder, resolve_adapter
-        from ..variants import detect
-        from .data import Transform, open_source
+        from ..prompt.images import load_image
 
         started = time.perf_counter()
         c = self.config
-        self._check_output()
+        check_output(c)
         self.report_to = self._report_to()
         self.source = open_source(c.data, image_column=c.image_column, text_column=c.text_column)
         if c.validation_image:
             self.validation_reference = load_image(c.validation_image, "validation image")
+        self._start_accelerator()
+        configure_engine(c, self.accelerator)
+        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
+            c.mixed_precision, torch.float32
+        )
+        encoder_spec = self._load_models()
+        self.cache = None
+        if c.cache_dir:
+            cache_started = time.perf_counter()
+            self._build_cache(encoder_spec)
+            self.seconds["cache"] = time.perf_counter() - cache_started
+        self._prepare()
+        acc = self.accelerator
+        # every rank has checked the output folder (check_output) before it holds a run: wrapping need not
+        # synchronise the ranks (FSDP2 shards locally), and a late rank would otherwise find this run's config
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            self.output.mkdir(parents=True, exist_ok=True)
+            (self.output / CONFIG).write_text(json.dumps(c.to_dict(), indent=2))
+        self.seconds["setup"] = time.perf_counter() - started
+        if self.report_to != "none":
+            acc.init_trackers("ipadapter", config={k: v for k, v in c.to_dict().items() if v is not None})
 
+    def _start_accelerator(self) -> None:
+        """The run's :class:`accelerate.Accelerator` (its engine, precision and process group)."""
+        from accelerate import Accelerator
         from accelerate.state import AcceleratorState
+        from accelerate.utils import ProjectConfiguration
 
+        c = self.config
         # A second run in the same process (a notebook, tests) may use another precision: accelerate keeps
         # that in a process-wide singleton. Reset it; the distributed PartialState is kept.
         AcceleratorState._reset_state()
@@ -406,30 +138,23 @@ class Trainer:
                 "`pip install tensorboard` turns it on)",
                 file=sys.stderr,
             )
-        self._configure_engine()
-        weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(c.mixed_precision, torch.float32)
-        self.weight_dtype = weight_dtype
+
+    def _load_models(self) -> str:
+        """The base pipeline, image encoder and adapter (fresh or ``init_adapter``), all frozen but the adapter
+        and placed on the device; returns the image encoder's name."""
+        from diffusers import DDPMScheduler
+
+        from ..adapter import attach
+        from ..pipelines import load_pipeline
+        from ..sources import load_image_encoder
+
+        c = self.config
         pipe = load_pipeline(c.base, dtype=torch.float32, device="cpu", base_config=c.base_config)
         pipe.set_progress_bar_config(disable=True)
         encoder_spec = c.image_encoder or default_training_encoder(pipe, c.variant)
         encoder_model = load_image_encoder(encoder_spec)
         spec = new_spec(c.variant, pipe.unet, encoder_model, c.tokens)
-        if c.init_adapter:
-            init = load_checkpoint(resolve_adapter(c.init_adapter))
-            init_spec = detect(init)
-            if (init_spec.layout, init_spec.feature_dim, init_spec.num_tokens) != (
-                spec.layout,
-                spec.feature_dim,
-                spec.num_tokens,
-            ):
-                raise IncompatibleModelError(
-                    f"--init-adapter '{c.init_adapter}' is a {init_spec.layout} adapter with {init_spec.num_tokens} "
-                    f"tokens from {init_spec.feature_dim}-dim features; this run trains a {spec.layout} adapter with "
-                    f"{spec.num_tokens} tokens from {spec.feature_dim}-dim features"
-                )
-            start = init
-        else:
-            start = initial_checkpoint(spec, pipe.unet, c.seed)
+        start = start_checkpoint(spec, pipe.unet, c.seed, c.init_adapter)
         # attach validates the layout against the UNet and the encoder before anything changes
         handle = attach(pipe, start, encoder_model, scale=1.0, name="train")
         self.transform = Transform(
@@ -438,53 +163,32 @@ class Trainer:
             random_crop=c.random_crop,
             random_flip=c.random_flip,
         )
-
         # Freeze everything, then unfreeze the adapter's weights (kept in float32).
-        for module in (pipe.unet, pipe.vae, encoder_model, *self._text_encoders(pipe)):
-            module.requires_grad_(False)
-            module.eval()
-        params = handle.parameters()
-        device = acc.device
-        for module in (pipe.unet, *self._text_encoders(pipe), encoder_model):
-            _place(module, device, weight_dtype)
-        _place(pipe.vae, device, torch.float32)  # the SDXL VAE overflows in float16
-        for p in params:
-            p.data = p.data.to(device=device, dtype=torch.float32)
-            p.requires_grad_(True)
-        handle.projection.train()
+        self.params = freeze(pipe, handle, encoder_model, self.accelerator.device, self.weight_dtype)
         if c.gradient_checkpointing:
             pipe.unet.enable_gradient_checkpointing()
         self.pipe, self.handle, self.encoder_model, self.spec = pipe, handle, encoder_model, spec
-        self.params = params
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        return encoder_spec
 
-        self.cache = None
-        if c.cache_dir:
-            cache_started = time.perf_counter()
-            self._build_cache(encoder_spec)
-            self.seconds["cache"] = time.perf_counter() - cache_started
-        module = AdapterTrainModule(pipe.unet, handle.projection, handle.name)
-        optimizer = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
+    def _prepare(self) -> None:
+        """The optimizer and lr schedule; the adapter wrapped for the engine; a resumed run's state restored."""
+        from ..adapters.checkpoint import load_checkpoint
+
+        c, acc, handle = self.config, self.accelerator, self.handle
+        module = AdapterTrainModule(self.pipe.unet, handle.projection, handle.name)
+        optimizer = torch.optim.AdamW(self.params, lr=c.lr, weight_decay=c.weight_decay)
         lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: min(1.0, (step + 1) / c.warmup_steps) if c.warmup_steps else 1.0
         )
         self.step = 0
-        latest = self._latest_checkpoint() if c.resume else None
+        latest = latest_checkpoint(self.output, acc, self.engine) if c.resume else None
         if latest is not None:  # weights go in before wrapping: FSDP shards and DDP broadcasts what it finds
             handle.load_state_dict(load_checkpoint(latest[0] / "adapter.safetensors"))
         self.module, self.optimizer = acc.prepare(module, optimizer)
         self.lr_scheduler = lr_scheduler
         if latest is not None:
             self._load_state(*latest)
-        # every rank has checked the output folder (_check_output) before it holds a run: wrapping need not
-        # synchronise the ranks (FSDP2 shards locally), and a late rank would otherwise find this run's config
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            self.output.mkdir(parents=True, exist_ok=True)
-            (self.output / CONFIG).write_text(json.dumps(c.to_dict(), indent=2))
-        self.seconds["setup"] = time.perf_counter() - started
-        if self.report_to != "none":
-            acc.init_trackers("ipadapter", config={k: v for k, v in c.to_dict().items() if v is not None})
 
     def _report_to(self) -> str:
         """Where losses go: TensorBoard when asked for (its package must be there) or, by default, when
@@ -504,78 +208,11 @@ class Trainer:
     @property
     def engine(self) -> str:
         """How the adapter is wrapped: ``plain`` (one process or DDP), ``deepspeed`` or ``fsdp``."""
-        from accelerate.utils import DistributedType
-
-        kind = self.accelerator.distributed_type
-        return {DistributedType.DEEPSPEED: "deepspeed", DistributedType.FSDP: "fsdp"}.get(kind, "plain")
-
-    def _configure_engine(self) -> None:
-        """Fit an accelerate DeepSpeed / FSDP config to this run, or say why it cannot (before any loading)."""
-        c, acc = self.config, self.accelerator
-        if self.engine == "deepspeed":
-            plugin = acc.state.deepspeed_plugin
-            cfg = plugin.deepspeed_config
-            stage = cfg.get("zero_optimization", {}).get("stage", 0)
-            if stage not in (0, 1, 2, "auto"):
-                raise InputError(
-                    f"DeepSpeed ZeRO stage {stage} is not supported: stage 3 partitions the frozen UNet, "
-                    "whose layers the adapter's branches run inside; use zero_stage 1 or 2 (they "
-                    "partition the adapter's optimizer state and gradients) or an FSDP config"
-                )
-            if stage == "auto":
-                cfg.setdefault("zero_optimization", {})["stage"] = 2
-            # "auto" (or absent) values follow the command line; explicit ones must agree with it
-            wanted = {
-                "train_micro_batch_size_per_gpu": (c.batch_size, "--batch-size"),
-                "gradient_accumulation_steps": (c.grad_accum, "--grad-accum"),
-                "gradient_clipping": (c.max_grad_norm or 0.0, "--max-grad-norm"),
-            }
-            for key, (value, flag) in wanted.items():
-                current = cfg.get(key, "auto")
-                if current == "auto":
-                    cfg[key] = value
-                elif float(current) != float(value):
-                    raise InputError(
-                        f"the DeepSpeed config sets {key} = {current} but this run has {flag} {value}; "
-                        f'set it to "auto" in the config (it then follows {flag}) or pass {flag} {current}'
-                    )
-            if cfg.get("train_batch_size", "auto") == "auto":
-                cfg["train_batch_size"] = c.batch_size * c.grad_accum * acc.num_processes
-            acc.gradient_accumulation_steps = c.grad_accum  # DeepSpeed counts the micro-steps itself
-        elif self.engine == "fsdp":
-            import functools
-
-            from torch.distributed.fsdp.wrap import size_based_auto_wrap_policy
-
-            plugin = acc.state.fsdp_plugin
-            policy = plugin.auto_wrap_policy
-            if (
-                policy.func if isinstance(policy, functools.partial) else policy
-            ) is size_based_auto_wrap_policy:
-                raise InputError(
-                    "FSDP's SIZE_BASED_WRAP cannot wrap a diffusers UNet: it picks module lists whose "
-                    "layers are called one by one, so their weights are never gathered; use "
-                    "--fsdp_auto_wrap_policy TRANSFORMER_BASED_WRAP --fsdp_transformer_layer_cls_to_wrap "
-                    "BasicTransformerBlock (or NO_WRAP)"
-                )
-            # FSDP1 flattens each wrapped module's parameters into one tensor that is trained or frozen as a
-            # whole; the adapter's branches sit inside the frozen UNet's layers, so keep the parameters apart.
-            if getattr(plugin, "fsdp_version", 1) == 1:
-                plugin.use_orig_params = True
-
-    @staticmethod
-    def _text_encoders(pipe: Any) -> list[nn.Module]:
-        return [
-            m
-            for m in (getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None))
-            if m is not None
-        ]
+        return engine_of(self.accelerator)
 
     # -- data --------------------------------------------------------------------------------------------
     def _batches(self) -> Iterator[dict[str, Any]]:
         """This rank's micro-batches from the run's current position onwards."""
-        from .data import StreamingDataset, collate
-
         c, acc = self.config, self.accelerator
         per_rank = c.batch_size
         start = self.step * c.grad_accum * per_rank  # examples this rank has consumed
@@ -596,8 +233,8 @@ class Trainer:
 
             dataset = CachedExamples(self.cache, self.source)
         else:
-            dataset = _EpochIndexed(self.source, self.transform, c.seed)
-        sampler = _RankPositions(
+            dataset = EpochIndexed(self.source, self.transform, c.seed)
+        sampler = RankPositions(
             len(self.source), c.seed, acc.process_index, acc.num_processes, per_rank, start
         )
         loader = torch.utils.data.DataLoader(
@@ -680,8 +317,7 @@ class Trainer:
 
     def _build_cache(self, encoder_spec: str) -> None:
         """Compute the missing cache shards (ranks share them), then read the negative features."""
-        from .cache import SHARD, FeatureCache
-        from .data import collate
+        from .cache import FeatureCache, fill_shards
 
         c, acc = self.config, self.accelerator
         if self.source.streaming:
@@ -710,34 +346,24 @@ class Trainer:
                     negative = self._raw_features(zeros)[0]
             cache.write_index(negative)  # first: shards are only ever read under a matching fingerprint
         acc.wait_for_everyone()
-        for shard in cache.missing_shards(n)[acc.process_index :: acc.num_processes]:
-            tensors: dict[str, torch.Tensor] = {}
-            skipped: dict[int, str] = {}
-            indices = list(range(shard * SHARD, min(n, (shard + 1) * SHARD)))
-            for chunk in range(0, len(indices), c.batch_size):
-                part = indices[chunk : chunk + c.batch_size]
-                examples = [self.transform(self.source[i]) for i in part]
-                for i, e in zip(part, examples, strict=True):
-                    if "skipped" in e:
-                        skipped[i] = e["skipped"]
-                good = [(i, e) for i, e in zip(part, examples, strict=True) if "skipped" not in e]
-                if not good:
-                    continue
-                batch = collate([e for _, e in good])
-                with torch.no_grad():
-                    moments = self.pipe.vae.encode(
-                        batch["pixel_values"].to(acc.device)
-                    ).latent_dist.parameters
-                    feats = self._raw_features(batch["clip_pixel_values"].to(acc.device))
-                for row, (i, _) in enumerate(good):
-                    tensors[f"{i}.moments"] = moments[row].float()
-                    tensors[f"{i}.features"] = feats[row]
-                    tensors[f"{i}.original_size"] = batch["original_size"][row]
-                    tensors[f"{i}.crop_top_left"] = batch["crop_top_left"][row]
-            cache.write_shard(shard, tensors, skipped)
+        fill_shards(
+            cache,
+            self.source,
+            self.transform,
+            self._encode_for_cache,
+            c.batch_size,
+            acc.process_index,
+            acc.num_processes,
+        )
         acc.wait_for_everyone()
         self.cache = cache
         self.negative = cache.negative()
+
+    def _encode_for_cache(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """A collated batch's latent moments (B, 2C, h, w) and raw image features (what the cache stores)."""
+        device = self.accelerator.device
+        moments = self.pipe.vae.encode(batch["pixel_values"].to(device)).latent_dist.parameters
+        return moments, self._raw_features(batch["clip_pixel_values"].to(device))
 
     # -- the loop ----------------------------------------------------------------------------------------
     def train(self) -> Path:
@@ -812,10 +438,8 @@ class Trainer:
         Every process takes part (FSDP gathers the adapter from its shards, DeepSpeed writes each rank's
         optimizer partition); the main process then renames the finished folder into place.
         """
-        from ..checkpoint import save_checkpoint
-
         acc = self.accelerator
-        folder = self.output / CHECKPOINTS / f"step-{self.step:07d}"
+        folder = step_folder(self.output, self.step)
         tmp = folder.with_name(f".{folder.name}.tmp")
         acc.wait_for_everyone()
         if acc.is_main_process:
@@ -824,19 +448,10 @@ class Trainer:
         acc.wait_for_everyone()
         ckpt = self._adapter_checkpoint()
         state: dict[str, Any] = {"lr_scheduler": self.lr_scheduler.state_dict()}
-        if self.engine == "deepspeed":
-            self.module.save_checkpoint(str(tmp / "deepspeed"), tag="state", exclude_frozen_parameters=True)
-        elif self.engine == "fsdp":
-            from accelerate.utils import save_fsdp_optimizer
-
-            save_fsdp_optimizer(acc.state.fsdp_plugin, acc, self.optimizer, self.module, str(tmp))
-        else:
-            state["optimizer"] = self.optimizer.state_dict()
+        state.update(save_optimizer(self.engine, acc, self.module, self.optimizer, tmp))
         acc.wait_for_everyone()
         if acc.is_main_process:
             ckpt.metadata = self._metadata()
-            save_checkpoint(ckpt, tmp / "adapter.safetensors")
-            torch.save(state, tmp / "optimizer.pt")
             position = {
                 "step": self.step,
                 "skipped": len(self.skipped),
@@ -844,12 +459,10 @@ class Trainer:
                 "engine": self.engine,
                 "processes": acc.num_processes,
             }
-            (tmp / "state.json").write_text(json.dumps(position, indent=2))
-            if folder.exists():
-                shutil.rmtree(folder)
-            os.replace(tmp, folder)  # a checkpoint exists whole or not at all
-            for old in checkpoints(self.output)[: -self.config.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
+            keep = self.config.keep_checkpoints
+            write_checkpoint(
+                self.output, folder, tmp, adapter=ckpt, state=state, position=position, keep=keep
+            )
         acc.wait_for_everyone()
         return folder
 
@@ -858,46 +471,10 @@ class Trainer:
         gathered = self.accelerator.get_state_dict(self.module) if self.engine == "fsdp" else None
         return trainable_state(self.handle, gathered) if self.accelerator.is_main_process else None
 
-    def _latest_checkpoint(self) -> tuple[Path, dict[str, Any]] | None:
-        """The newest complete checkpoint of the run being resumed and its state.json, checked against this
-        launch."""
-        if self.accelerator.is_main_process:  # a run killed while writing leaves its temporary folder
-            for stale in (self.output / CHECKPOINTS).glob(".step-*.tmp*"):
-                shutil.rmtree(stale, ignore_errors=True)
-        self.accelerator.wait_for_everyone()
-        found = checkpoints(self.output)
-        if not found:
-            return None  # the run stopped before its first checkpoint: start from the beginning
-        saved = json.loads((found[-1] / "state.json").read_text())
-        engine = saved.get("engine", "plain")
-        if engine != self.engine or (
-            engine != "plain" and saved.get("processes") != self.accelerator.num_processes
-        ):
-            raise InputError(
-                f"--resume: the last checkpoint {found[-1].name} was written by a {engine} run on "
-                f"{saved.get('processes', '?')} process(es); this launch is {self.engine} on "
-                f"{self.accelerator.num_processes}: launch it the same way to resume"
-            )
-        return found[-1], saved
-
     def _load_state(self, folder: Path, saved: dict[str, Any]) -> None:
         """Optimizer, lr schedule and position from a checkpoint (after the adapter is wrapped)."""
         state = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
-        if self.engine == "deepspeed":
-            self.module.load_checkpoint(
-                str(folder / "deepspeed"),
-                tag="state",
-                load_module_strict=False,
-                load_lr_scheduler_states=False,
-            )
-        elif self.engine == "fsdp":
-            from accelerate.utils import load_fsdp_optimizer
-
-            load_fsdp_optimizer(
-                self.accelerator.state.fsdp_plugin, self.accelerator, self.optimizer, self.module, str(folder)
-            )
-        else:
-            self.optimizer.load_state_dict(state["optimizer"])
+        load_optimizer(self.engine, self.accelerator, self.module, self.optimizer, folder, state)
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         self.step = int(saved["step"])
 
@@ -921,76 +498,19 @@ class Trainer:
         acc = self.accelerator
         acc.wait_for_everyone()
         path = None
-        with self._whole_weights():
+        with whole_weights(self.engine, acc, self.module):
             if self.engine == "fsdp" or acc.is_main_process:
-                image = self._render_validation()
+                image = render_validation(
+                    self.handle, self.validation_reference, self.config, acc.device, self.weight_dtype
+                )
         if acc.is_main_process:
-            path = self._save_validation(image)
+            path = save_validation(image, self.output, self.step, acc.trackers)
         acc.wait_for_everyone()
-        return path
-
-    def _whole_weights(self) -> Any:
-        """A context in which every module holds its whole weights outside the wrapped forward (FSDP gathers)."""
-        import contextlib
-
-        if self.engine != "fsdp":
-            return contextlib.nullcontext()
-        if getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1) == 1:
-            from torch.distributed.fsdp import FullyShardedDataParallel
-
-            return FullyShardedDataParallel.summon_full_params(self.module, writeback=False)
-        from torch.distributed.fsdp import FSDPModule
-
-        @contextlib.contextmanager
-        def unsharded() -> Iterator[None]:
-            sharded = [m for m in self.module.modules() if isinstance(m, FSDPModule)]
-            for m in sharded:
-                m.unshard()
-            try:
-                yield
-            finally:
-                for m in sharded:
-                    m.reshard()
-
-        return unsharded()
-
-    def _render_validation(self) -> Any:
-        """The validation image (PIL) from the current weights."""
-        acc = self.accelerator
-        c = self.config
-        self.handle.projection.eval()
-        # the UNet may be in fp16/bf16 beside a float32 VAE (DeepSpeed casts the whole wrapped module)
-        mixed = torch.autocast(
-            acc.device.type, dtype=self.weight_dtype, enabled=self.weight_dtype != torch.float32
-        )
-        with torch.no_grad(), mixed:
-            image = self.handle(
-                self.validation_reference,
-                prompt=c.validation_prompt,
-                num_inference_steps=30 if c.resolution >= 256 else 4,
-                height=c.resolution,
-                width=c.resolution,
-                generator=torch.Generator("cpu").manual_seed(c.seed),
-            ).images[0]
-        self.handle.projection.train()
-        return image
-
-    def _save_validation(self, image: Any) -> Path:
-        acc = self.accelerator
-        folder = self.output / "validation"
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"step-{self.step:07d}.png"
-        image.save(path)
-        for tracker in acc.trackers:
-            if tracker.name == "tensorboard":
-                import numpy as np
-
-                tracker.writer.add_image("validation", np.asarray(image), self.step, dataformats="HWC")
         return path
 
     def export(self, path: Path) -> Path:
         """The adapter as an official-format ``.safetensors`` in the export dtype, with run metadata."""
-        from ..checkpoint import save_checkpoint
+        from ..adapters.checkpoint import save_checkpoint
 
         acc = self.accelerator
         acc.wait_for_everyone()
@@ -1013,60 +533,6 @@ class Trainer:
                 )
         acc.wait_for_everyone()
         return path
-
-
-def _place(module: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
-    """Move a frozen model; cast only when needed (diffusers warns about every cast)."""
-    if next(module.parameters()).dtype != dtype:
-        module.to(dtype=dtype)
-    module.to(device)
-
-
-def default_training_encoder(pipe: Any, variant: str) -> str:
-    """The official encoder a variant is trained with: ViT-H for SD1.5 and SDXL plus, bigG for SDXL basic."""
-    sdxl = pipe.unet.config.cross_attention_dim == 2048
-    sub = "sdxl_models/image_encoder" if sdxl and variant == "basic" else "models/image_encoder"
-    return f"h94/IP-Adapter/{sub}"
-
-
-class _EpochIndexed(torch.utils.data.Dataset):
-    """Map-style examples addressed by (epoch, index): crops/flips seeded from both, so resume repeats them."""
-
-    def __init__(self, source: Any, transform: Any, seed: int) -> None:
-        self.source, self.transform, self.seed = source, transform, seed
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
-        epoch, index = key
-        return self.transform(self.source[index], step_generator(self.seed, 7, epoch, index))
-
-
-class _RankPositions(torch.utils.data.Sampler):
-    """(epoch, index) keys of this rank's examples from ``start`` on, forever: each epoch a seeded permutation,
-    consecutive ``batch``-sized slices dealt round-robin to the ranks."""
-
-    def __init__(self, n: int, seed: int, rank: int, world: int, batch: int, start: int) -> None:
-        self.n, self.seed, self.rank, self.world, self.batch, self.start = n, seed, rank, world, batch, start
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        from .data import epoch_order
-
-        k = (
-            self.start
-        )  # this rank's k-th example is global example (k // batch * world + rank) * batch + k % batch
-        orders: dict[int, list[int]] = {}
-        while True:
-            q = (k // self.batch * self.world + self.rank) * self.batch + k % self.batch
-            epoch, pos = divmod(q, self.n)
-            if epoch not in orders:
-                orders = {epoch: epoch_order(self.n, self.seed, epoch)}
-            yield epoch, orders[epoch][pos]
-            k += 1
-
-    def __len__(self) -> int:  # endless; DataLoader only needs a number for its length hint
-        return 2**31
 
 
 def train(config: TrainConfig) -> Path:

@@ -1,26 +1,22 @@
-"""Which transformer block each cross-attention layer belongs to, and per-block weights (DESIGN.md §3.2).
+"""Per-block weights of an image prompt: presets, explicit ``t3=0.5`` weights and curves (DESIGN.md §3.2).
 
-A UNet's transformer blocks (``down_blocks.i.attentions.j``, ``mid_block.attentions.j``,
-``up_blocks.i.attentions.j``) are numbered t0, t1, ... in forward order: every down block, then the mid block,
-then every up block. Every cross-attention inside one block shares that index, so SDXL (whose blocks hold several
-``transformer_blocks.k``) has 11 indices and SD1.5 has 16. Presets (InstantStyle and community ones), explicit
-``t3=0.5`` weights and curves turn into one weight per block; :func:`layer_scales` expands them to one multiplier
-per cross-attention processor.
+A host numbers its denoiser's transformer blocks t0, t1, ... in forward order (for a UNet:
+:func:`ipadapter.hosts.unet.block_map`); every cross-attention layer inside one block shares that index, so SDXL
+has 11 indices and SD1.5 has 16. Presets (InstantStyle and community ones), explicit weights and curves turn into
+one weight per block; :func:`layer_scales` expands them to one multiplier per cross-attention layer.
 
-No torch or diffusers import here: the CLI imports this module for option parsing before the heavy libraries, and
-the UNet is only read through ``attn_processors`` (its processor names).
+No torch or diffusers import here: the CLI imports this module for option parsing before the heavy libraries.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from numbers import Real
-from typing import Any, Protocol
 
-from .errors import IncompatibleModelError, InputError
+from ..errors import InputError
 
 PRESET_NAMES = ("style", "composition", "style+composition", "strong-style")
 CURVE_NAMES = (
@@ -39,9 +35,6 @@ PART_NAMES = ("input", "middle", "output")
 SD15_BLOCKS, SDXL_BLOCKS = 16, 11
 
 _LAYER_WEIGHTS_SYNTAX = 'expected comma-separated "t<index>=<weight>" entries, e.g. "t3=0.5,t6=1.0"'
-# "down_blocks.2.attentions.1" -> ("down_blocks", "2", "1"); the mid block has no block number
-_BLOCK_RE = re.compile(r"^(?:(down_blocks|up_blocks)\.(\d+)|(mid_block))\.attentions\.(\d+)$")
-_PART_OF = {"down_blocks": "input", "mid_block": "middle", "up_blocks": "output"}
 # Curves that scale whole UNet parts by 0.2: which parts each one weakens
 _PART_CURVES = {
     "weak-input": ("input",),
@@ -51,79 +44,30 @@ _PART_CURVES = {
 }
 
 
-class UNetLike(Protocol):
-    """What this module reads from a UNet: the processor names (diffusers' ``attn_processors``)."""
-
-    @property
-    def attn_processors(self) -> Mapping[str, Any]: ...
-
-
 @dataclass(frozen=True)
 class Block:
-    """One transformer block of a UNet.
+    """One transformer block of a denoiser, as its host numbers them.
 
-    ``index`` is t (forward order: down, mid, up); ``name`` is the Transformer2DModel's module path, e.g.
-    ``"down_blocks.2.attentions.1"``; ``part`` is ``"input"`` (down), ``"middle"`` (mid) or ``"output"`` (up).
+    ``index`` is t (forward order); ``name`` is the block's module path, e.g. ``"down_blocks.2.attentions.1"``;
+    ``part`` is ``"input"``, ``"middle"`` or ``"output"``; ``group`` names the blocks shown together in
+    messages (a UNet's ``"down_blocks.2"``).
     """
 
     index: int
     name: str
     part: str
+    group: str = ""
 
 
-def is_cross_attention(name: str) -> bool:
-    """Whether processor ``name`` (of ``unet.attn_processors``) is an IP-Adapter layer: the rule diffusers'
-    loader uses too. AnimateDiff's motion modules hold attention layers, but temporal self-attention ones."""
-    return name.endswith("attn2.processor") and "motion_modules" not in name
-
-
-def block_map(unet: UNetLike) -> dict[str, Block]:
-    """The transformer block of every cross-attention processor of ``unet``.
-
-    Keys: the processor names :func:`is_cross_attention` accepts, in ``unet.attn_processors`` order. Values: the :class:`Block`
-    holding it; all processors of one block share one ``Block``. Works for ``UNet2DConditionModel`` and
-    ``UNetMotionModel``. Raises IncompatibleModelError if a cross-attention processor does not sit in a
-    ``down_blocks.i.attentions.j`` / ``mid_block.attentions.j`` / ``up_blocks.i.attentions.j`` transformer block.
-    """
-    names = [name for name in unet.attn_processors if is_cross_attention(name)]
-    block_of: dict[str, str] = {}
-    sort_key: dict[str, tuple[int, int, int]] = {}
-    for name in names:
-        path = name.split(".transformer_blocks.", 1)[0]
-        match = _BLOCK_RE.match(path)
-        if ".transformer_blocks." not in name or match is None:
-            raise IncompatibleModelError(
-                f"cross-attention layer {name!r} is not inside a transformer block; expected names like "
-                "'down_blocks.1.attentions.0.transformer_blocks.0.attn2.processor' (a diffusers UNet2DConditionModel "
-                "or UNetMotionModel); per-layer weights need such a UNet"
-            )
-        kind, number, mid, attention = match.groups()
-        kind = kind or mid
-        # Forward order: down (0) before mid (1) before up (2); attn_processors lists mid last, so sort explicitly.
-        order = ("down_blocks", "mid_block", "up_blocks").index(kind)
-        block_of[name] = path
-        sort_key[path] = (order, int(number or 0), int(attention))
-    ordered = sorted(sort_key, key=sort_key.__getitem__)
-    blocks = {path: Block(t, path, _PART_OF[path.split(".", 1)[0]]) for t, path in enumerate(ordered)}
-    return {name: blocks[block_of[name]] for name in names}
-
-
-def _blocks(unet: UNetLike) -> list[Block]:
-    """The distinct blocks of ``unet`` in t order."""
-    return sorted(set(block_map(unet).values()), key=lambda block: block.index)
-
-
-def describe_blocks(unet: UNetLike) -> str:
-    """One line naming the UNet's blocks by t, grouped by down/mid/up block.
+def describe_blocks(blocks: Iterable[Block]) -> str:
+    """One line naming the blocks by t, grouped by their ``group``.
 
     E.g. ``"11 transformer blocks: t0-t1 down_blocks.1, t2-t3 down_blocks.2, t4 mid_block, t5-t7 up_blocks.0,
     t8-t10 up_blocks.1"``.
     """
     groups: dict[str, list[int]] = {}
-    for block in _blocks(unet):
-        # "down_blocks.2.attentions.1" -> "down_blocks.2"; "mid_block.attentions.0" -> "mid_block"
-        group = block.name.rsplit(".attentions.", 1)[0]
-        groups.setdefault(group, []).append(block.index)
+    for block in sorted(set(blocks), key=lambda block: block.index):
+        groups.setdefault(block.group or block.name, []).append(block.index)
     count = sum(len(indices) for indices in groups.values())
     parts = [
         f"t{ts[0]} {group}" if len(ts) == 1 else f"t{ts[0]}-t{ts[-1]} {group}" for group, ts in groups.items()
@@ -334,7 +278,7 @@ def _block_weights(
 
 
 def layer_scales(
-    unet: UNetLike,
+    block_of: Mapping[str, Block],
     layer_names: Sequence[str],
     *,
     preset: str | None = None,
@@ -344,6 +288,7 @@ def layer_scales(
 ) -> tuple[float, ...] | None:
     """The multiplier of each cross-attention layer in ``layer_names`` (processor names), in that order.
 
+    ``block_of``: the transformer block of every cross-attention layer of the denoiser (its host's block map).
     ``None`` when no preset, layer_weights or curve is given: every layer runs at the adapter's scale, so the
     caller can skip per-layer work. Otherwise layers of one transformer block get that block's
     :func:`block_weights` value. Raises InputError as :func:`block_weights` does (messages about blocks name this
@@ -351,8 +296,7 @@ def layer_scales(
     """
     if preset is None and layer_weights is None and curve is None:
         return None
-    mapping = block_map(unet)
-    blocks = sorted(set(mapping.values()), key=lambda block: block.index)
+    blocks = sorted(set(block_of.values()), key=lambda block: block.index)
     # Range and preset errors are only actionable with the UNet's layout in view, so they name it.
     weights = _block_weights(
         len(blocks),
@@ -361,14 +305,14 @@ def layer_scales(
         layer_weights,
         curve,
         [block.part for block in blocks],
-        layout=f" ({describe_blocks(unet)})",
+        layout=f" ({describe_blocks(blocks)})",
     )
     scales = []
     for name in layer_names:
-        if name not in mapping:
+        if name not in block_of:
             raise InputError(
                 f"layer {name!r} is not a cross-attention processor of this UNet; expected one of its "
-                f"'...attn2.processor' names, e.g. {next(iter(mapping), 'none: it has no cross-attention')!r}"
+                f"'...attn2.processor' names, e.g. {next(iter(block_of), 'none: it has no cross-attention')!r}"
             )
-        scales.append(weights[mapping[name].index])
+        scales.append(weights[block_of[name].index])
     return tuple(scales)

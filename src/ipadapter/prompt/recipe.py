@@ -21,23 +21,32 @@ changing a field afterwards is not re-checked.
 
 from __future__ import annotations
 
-import contextvars
 import difflib
 import json
-import math
-import numbers
-import re
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 from PIL import Image
 
-from .errors import InputError
+from .controls import COMBINE_MODES, CONTROLS
 from .images import CROP_MODES
-from .layers import CURVE_NAMES, PRESET_NAMES
+from .recipe_checks import (
+    Where,
+    as_choice,
+    as_file,
+    as_optional_file,
+    as_weight,
+    at,
+    control_field,
+    example_of,
+    fail,
+    key_path,
+    listed,
+    place_of,
+    shown,
+)
 
 try:
     import tomllib
@@ -46,176 +55,10 @@ except ModuleNotFoundError:  # Python 3.10
 
 __all__ = ["COMBINE_MODES", "CROP_MODES", "AdapterRecipe", "Control", "Recipe", "Reference"]
 
-COMBINE_MODES = ("concat", "average", "norm-average", "add", "subtract")
-
 # Keys of each table in a recipe file, in the order to_dict writes them.
 _REFERENCE_KEYS = ("path", "embeds", "weight", "mask", "crop")
-_ADAPTER_KEYS = (
-    "path", "image_encoder", "scale", "combine", "start", "end", "preset", "composition_weight",
-    "layer_weights", "curve", "negative_image", "image",
-)  # fmt: skip
+_ADAPTER_KEYS = ("path", "image_encoder", *CONTROLS, "image")  # the per-call fields: prompt.controls
 _RECIPE_KEYS = ("adapter",)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Where an error is: a file's key path (set by the parser) or the class being built in Python.
-
-
-@dataclass(frozen=True)
-class _Where:
-    where: str  # e.g. "ip.toml: adapter[0]" or "Control.images[1]"
-    file: bool  # file key names ("image") and TOML examples, or Python field names ("images")
-
-
-_HERE: contextvars.ContextVar[_Where | None] = contextvars.ContextVar("ipadapter_recipe_where", default=None)
-
-
-@contextmanager
-def _at(where: str, file: bool) -> Iterator[None]:
-    """Build objects inside this block as if they sat at ``where`` (their errors say so)."""
-    token = _HERE.set(_Where(where, file))
-    try:
-        yield
-    finally:
-        _HERE.reset(token)
-
-
-def _here(obj: object) -> _Where:
-    """The place being built: the parser's, or the object's class name when built directly in Python."""
-    here = _HERE.get()
-    _HERE.set(None)  # nested objects built later (outside an _at block) must not inherit it
-    return here if here is not None else _Where(type(obj).__name__, False)
-
-
-def _loc(where: str, key: str) -> str:
-    return where if not key else f"{where}{key}" if key.startswith("[") else f"{where}.{key}"
-
-
-def _fail(loc: str, message: str) -> NoReturn:
-    """Raise the one-line InputError ``<loc>: <message>``."""
-    raise InputError(re.sub(r"[\r\n]+", " ", f"{loc}: {message}"))
-
-
-def _show(value: Any) -> str:
-    """A short one-line picture of a received value and its type."""
-    if isinstance(value, Image.Image):
-        return f"a PIL image ({value.mode}, {value.width}x{value.height})"
-    if isinstance(value, bytes | bytearray):
-        return f"{len(value)} bytes"
-    text = repr(value)
-    text = text if len(text) <= 60 else text[:57] + "..."
-    kind = {bool: "a boolean", str: "a string", int: "an integer", float: "a number"}.get(type(value))
-    if kind is None:
-        kind = (
-            "a table" if isinstance(value, Mapping) else "a list" if isinstance(value, list | tuple) else None
-        )
-    return f"{text} ({kind or type(value).__name__})" if value is not None else "null/None"
-
-
-def _example(here: _Where, key: str, value: str) -> str:
-    return f"{key} = {value}" if here.file else f"{key}={value}"
-
-
-def _names(names: tuple[str, ...]) -> str:
-    return ", ".join(names)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Field checks shared by the dataclasses.
-
-
-def _number(value: Any, here: _Where, key: str, example: str) -> float:
-    """A finite real number (not a bool) as float."""
-    loc = _loc(here.where, key)
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        _fail(loc, f"got {_show(value)}; expected a number; write e.g. {_example(here, key, example)}")
-    try:
-        number = float(value)
-    except (OverflowError, ValueError):
-        number = math.inf
-    if not math.isfinite(number):
-        _fail(loc, f"got {value!r}; expected a finite number; write e.g. {_example(here, key, example)}")
-    return number
-
-
-def _weight(value: Any, here: _Where, key: str, example: str = "0.8") -> float:
-    """A finite number >= 0 as float."""
-    number = _number(value, here, key, example)
-    if number < 0:
-        _fail(
-            _loc(here.where, key),
-            f"got {value!r}; expected a number >= 0; write e.g. {_example(here, key, example)}",
-        )
-    return number
-
-
-def _choice(value: Any, names: tuple[str, ...], here: _Where, key: str, optional: bool) -> Any:
-    if (value is None and optional) or (isinstance(value, str) and value in names):
-        return value
-    leave = " (or leave it out)" if optional else ""
-    _fail(
-        _loc(here.where, key),
-        f"got {_show(value)}; expected one of {_names(names)}{leave}; use one of those names",
-    )
-
-
-def _file_value(value: Any, here: _Where, key: str, *, image: bool = False, data: bool = False) -> Any:
-    """A file reference: a non-empty path (str/Path); in Python also a PIL image (``image``) or bytes (``data``)."""
-    loc = _loc(here.where, key)
-    ok: tuple[type, ...] = (str, Path)
-    if not here.file:
-        ok += (Image.Image,) * image + (bytes, bytearray) * data
-    if not isinstance(value, ok):
-        if here.file:
-            expected = "a file path (a string)"
-        else:
-            expected = (
-                "a file path (str or Path)" + ", a PIL image" * image + " or bytes (encoded image)" * data
-            )
-        _fail(loc, f"got {_show(value)}; expected {expected}")
-    empty = (
-        not value.strip() if isinstance(value, str) else isinstance(value, bytes | bytearray) and not value
-    )
-    if empty:
-        _fail(
-            loc,
-            "got an empty path; expected a file path; give the file's path or leave the key out",
-        )
-    return value
-
-
-def _optional_file(value: Any, here: _Where, key: str, *, image: bool = False) -> Any:
-    return None if value is None else _file_value(value, here, key, image=image)
-
-
-def _layer_weights(value: Any, here: _Where, key: str = "layer_weights") -> dict[str, float] | None:
-    """``{"t3": 0.5, ...}`` from keys ``"t3"`` / ``"3"`` / ``3`` and finite weights >= 0."""
-    if value is None:
-        return None
-    loc = _loc(here.where, key)
-    example = "{ t3 = 1.0, t6 = 0.5 }" if here.file else "{'t3': 1.0, 't6': 0.5}"
-    if not isinstance(value, Mapping):
-        _fail(loc, f"got {_show(value)}; expected a table of transformer-block weights like {example}")
-    if not value:
-        _fail(loc, f"is empty; expected at least one block weight like {example}, or leave {key} out")
-    out: dict[str, float] = {}
-    for raw, weight in value.items():
-        match = re.fullmatch(r"[tT]?(\d+)", raw.strip()) if isinstance(raw, str) else None
-        if isinstance(raw, int) and not isinstance(raw, bool) and raw >= 0:
-            index = raw
-        elif match is not None:
-            index = int(match.group(1))
-        else:
-            _fail(
-                loc,
-                f"key {raw!r} is not a transformer-block index; expected keys like 't3' or '3' (block index >= 0), e.g. {example}",
-            )
-        name = f"t{index}"
-        if name in out:
-            _fail(loc, f"block {name} is given twice (key {raw!r}); give each block once")
-        sub = f"{key}.{raw}" if isinstance(raw, str) and re.fullmatch(r"[\w-]+", raw) else f"{key}[{raw!r}]"
-        out[name] = _weight(weight, here, sub, "1.0")
-    return out
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -241,16 +84,16 @@ class Reference:
     crop: str = "center"
 
     def __post_init__(self) -> None:
-        here = _here(self)
+        here = place_of(self)
         if self.path is not None:
-            self.path = _file_value(self.path, here, "path", image=True, data=True)
-        self.embeds = _optional_file(self.embeds, here, "embeds")
-        self.weight = _weight(self.weight, here, "weight")
-        self.mask = _optional_file(self.mask, here, "mask", image=True)
-        self.crop = _choice(self.crop, CROP_MODES, here, "crop", optional=False)
+            self.path = as_file(self.path, here, "path", image=True, data=True)
+        self.embeds = as_optional_file(self.embeds, here, "embeds")
+        self.weight = as_weight(self.weight, here, "weight")
+        self.mask = as_optional_file(self.mask, here, "mask", image=True)
+        self.crop = as_choice(self.crop, CROP_MODES, here, "crop", optional=False)
         if (self.path is None) == (self.embeds is None):
             both = "both path and embeds" if self.path is not None else "neither path nor embeds"
-            _fail(
+            fail(
                 here.where,
                 f"got {both}; expected exactly one of them (an image, or precomputed embeddings); keep one",
             )
@@ -266,18 +109,18 @@ def _as_reference(value: Any, where: str, file: bool, base_dir: Path | None) -> 
         for key in ("path", "embeds", "mask"):
             if key in kwargs:
                 kwargs[key] = _resolve(kwargs[key], base_dir)
-        with _at(where, file):
+        with at(where, file):
             return Reference(**kwargs)
     plain = (str, Path) if file else (str, Path, Image.Image, bytes, bytearray)
     if isinstance(value, plain):
-        with _at(where, file):
+        with at(where, file):
             return Reference(path=_resolve(value, base_dir))
     expected = (
         "a file path (string) or a table with path or embeds"
         if file
         else "a Reference, a file path, a PIL image, bytes or a dict with path or embeds"
     )
-    _fail(where, f"got {_show(value)}; expected {expected}")
+    fail(where, f"got {shown(value)}; expected {expected}")
 
 
 def _as_references(value: Any, where: str, file: bool, base_dir: Path | None) -> list[Reference]:
@@ -287,10 +130,10 @@ def _as_references(value: Any, where: str, file: bool, base_dir: Path | None) ->
         value = [value]
     if not isinstance(value, list | tuple):
         what = "(file paths, or tables with path or embeds)" if file else "(Reference, path or PIL image)"
-        _fail(where, f"got {_show(value)}; expected a list of reference images {what}")
+        fail(where, f"got {shown(value)}; expected a list of reference images {what}")
     if not value:
         add = 'add [[adapter.image]] with path = "ref.png"' if file else "pass e.g. images=['ref.png']"
-        _fail(where, f"is empty; expected at least one reference image; {add}")
+        fail(where, f"is empty; expected at least one reference image; {add}")
     return [_as_reference(item, f"{where}[{j}]", file, base_dir) for j, item in enumerate(value)]
 
 
@@ -306,11 +149,11 @@ class Control:
       must sum to more than 0) | ``add`` | ``subtract`` (the first minus the others; at least 2 references).
     - ``start`` / ``end``: the part of the denoising run the adapter acts in, as fractions:
       ``0 <= start < end <= 1`` (default the whole run).
-    - ``preset``: a layer preset from :data:`ipadapter.layers.PRESET_NAMES` (e.g. ``style``), or None.
+    - ``preset``: a layer preset from :data:`ipadapter.prompt.blocks.PRESET_NAMES` (e.g. ``style``), or None.
     - ``composition_weight``: finite >= 0 (default 1.0): the composition blocks' weight in ``style+composition``.
     - ``layer_weights``: per transformer-block weights; keys ``"t3"``, ``"3"`` or ``3`` are stored as ``"t3"``,
       values finite >= 0. Indices are checked against the UNet when attached, not here.
-    - ``curve``: a scale curve over the layers from :data:`ipadapter.layers.CURVE_NAMES`, or None.
+    - ``curve``: a scale curve over the layers from :data:`ipadapter.prompt.blocks.CURVE_NAMES`, or None.
     - ``negative_image``: an image whose features replace the empty negative (file path or PIL image), or None.
     """
 
@@ -326,51 +169,38 @@ class Control:
     negative_image: str | Path | Image.Image | None = None
 
     def __post_init__(self) -> None:
-        here = _here(self)
+        here = place_of(self)
         self._check_own(here)
         key = "image" if here.file else "images"
-        self.images = _as_references(self.images, _loc(here.where, key), here.file, None)
-        self.scale = None if self.scale is None else _weight(self.scale, here, "scale", "0.7")
-        self.combine = _choice(self.combine, COMBINE_MODES, here, "combine", optional=False)
-        self.start = _number(self.start, here, "start", "0.0")
-        self.end = _number(self.end, here, "end", "1.0")
-        for name, value in (("start", self.start), ("end", self.end)):
-            if not 0.0 <= value <= 1.0:
-                _fail(
-                    _loc(here.where, name),
-                    f"got {value!r}; expected a fraction of the denoising run in [0, 1]",
-                )
+        self.images = _as_references(self.images, key_path(here.where, key), here.file, None)
+        for name, option in CONTROLS.items():
+            setattr(self, name, control_field(getattr(self, name), option, here))
         if self.start >= self.end:
-            _fail(
+            fail(
                 here.where,
                 f"start = {self.start!r} is not before end = {self.end!r}; expected 0 <= start < end <= 1 (the adapter acts from start to end of the run); make start smaller than end",
             )
-        self.preset = _choice(self.preset, PRESET_NAMES, here, "preset", optional=True)
-        self.composition_weight = _weight(self.composition_weight, here, "composition_weight", "1.0")
-        self.layer_weights = _layer_weights(self.layer_weights, here)
-        self.curve = _choice(self.curve, CURVE_NAMES, here, "curve", optional=True)
-        self.negative_image = _optional_file(self.negative_image, here, "negative_image", image=True)
         self._check_combine(here, key)
 
-    def _check_own(self, here: _Where) -> None:
+    def _check_own(self, here: Where) -> None:
         """Hook for subclasses: check their own fields first."""
 
-    def _check_combine(self, here: _Where, key: str) -> None:
-        combine = _example(here, "combine", '"concat"' if here.file else "'concat'")
+    def _check_combine(self, here: Where, key: str) -> None:
+        combine = example_of(here, "combine", '"concat"' if here.file else "'concat'")
         for j, ref in enumerate(self.images):
             if ref.mask is not None and self.combine != "concat":
-                _fail(
-                    _loc(here.where, f"{key}[{j}].mask"),
+                fail(
+                    key_path(here.where, f"{key}[{j}].mask"),
                     f"a mask needs {combine} (each masked reference drives its own region), but combine is {self.combine!r}, which merges the references; use {combine} or remove the mask",
                 )
         if self.combine == "subtract" and len(self.images) < 2:
-            _fail(
-                _loc(here.where, key),
+            fail(
+                key_path(here.where, key),
                 f"combine 'subtract' takes the first reference minus the others, so it needs at least 2 references; got {len(self.images)}; add a reference or use another combine mode",
             )
         if self.combine in ("average", "norm-average") and sum(ref.weight for ref in self.images) <= 0:
-            _fail(
-                _loc(here.where, key),
+            fail(
+                key_path(here.where, key),
                 f"the weights sum to 0, but combine {self.combine!r} divides by their sum; give at least one reference a weight > 0",
             )
 
@@ -388,10 +218,10 @@ class AdapterRecipe(Control):
     path: str
     image_encoder: str | None = None
 
-    def _check_own(self, here: _Where) -> None:
-        self.path = str(_file_value(self.path, here, "path"))
+    def _check_own(self, here: Where) -> None:
+        self.path = str(as_file(self.path, here, "path"))
         if self.image_encoder is not None:
-            self.image_encoder = str(_file_value(self.image_encoder, here, "image_encoder"))
+            self.image_encoder = str(as_file(self.image_encoder, here, "image_encoder"))
 
 
 @dataclass
@@ -413,14 +243,14 @@ class Recipe:
         if isinstance(adapters, AdapterRecipe):
             adapters = [adapters]
         if not isinstance(adapters, list | tuple):
-            _fail("Recipe.adapters", f"got {_show(adapters)}; expected a list of AdapterRecipe")
+            fail("Recipe.adapters", f"got {shown(adapters)}; expected a list of AdapterRecipe")
         if not adapters:
-            _fail("Recipe.adapters", "is empty; expected at least one AdapterRecipe(path=..., images=[...])")
+            fail("Recipe.adapters", "is empty; expected at least one AdapterRecipe(path=..., images=[...])")
         for i, entry in enumerate(adapters):
             if not isinstance(entry, AdapterRecipe):
-                _fail(
+                fail(
                     f"Recipe.adapters[{i}]",
-                    f"got {_show(entry)}; expected an AdapterRecipe (a Control with the adapter's path)",
+                    f"got {shown(entry)}; expected an AdapterRecipe (a Control with the adapter's path)",
                 )
         self.adapters = list(adapters)
 
@@ -439,10 +269,10 @@ class Recipe:
         """
         base = None if base_dir is None else Path(base_dir)
         if not isinstance(data, Mapping):
-            _fail(source, f"got {_show(data)}; expected a table with [[adapter]] entries")
+            fail(source, f"got {shown(data)}; expected a table with [[adapter]] entries")
         _check_keys(data, _RECIPE_KEYS, source)
         if "adapter" not in data:
-            _fail(
+            fail(
                 source,
                 'no [[adapter]] entries; add at least one [[adapter]] table with path = "..." and an image',
             )
@@ -450,9 +280,9 @@ class Recipe:
         if isinstance(entries, Mapping):
             entries = [entries]
         if not isinstance(entries, list | tuple):
-            _fail(f"{source}: adapter", f"got {_show(entries)}; expected a list of [[adapter]] tables")
+            fail(f"{source}: adapter", f"got {shown(entries)}; expected a list of [[adapter]] tables")
         if not entries:
-            _fail(
+            fail(
                 f"{source}: adapter",
                 'is empty; add at least one [[adapter]] table with path = "..." and an image',
             )
@@ -472,22 +302,22 @@ class Recipe:
         path = Path(path)
         kind = path.suffix.lower()
         if kind not in (".toml", ".json"):
-            _fail(f"recipe file '{path}'", "has an unknown suffix; expected a .toml or .json file; rename it")
+            fail(f"recipe file '{path}'", "has an unknown suffix; expected a .toml or .json file; rename it")
         if not path.is_file():
             what = "is a folder" if path.is_dir() else "does not exist"
-            _fail(f"recipe file '{path}'", f"{what}; expected a .toml or .json recipe file; check the path")
+            fail(f"recipe file '{path}'", f"{what}; expected a .toml or .json recipe file; check the path")
         try:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError:
-            _fail(f"recipe file '{path}'", "is not UTF-8 text; save it as UTF-8")
+            fail(f"recipe file '{path}'", "is not UTF-8 text; save it as UTF-8")
         except OSError as e:
-            _fail(f"recipe file '{path}'", f"cannot be read ({e.strerror or e}); check its permissions")
+            fail(f"recipe file '{path}'", f"cannot be read ({e.strerror or e}); check its permissions")
         try:
             data = tomllib.loads(text) if kind == ".toml" else json.loads(text)
         except tomllib.TOMLDecodeError as e:
-            _fail(str(path), f"not valid TOML ({e}); fix the syntax there")
+            fail(str(path), f"not valid TOML ({e}); fix the syntax there")
         except json.JSONDecodeError as e:
-            _fail(
+            fail(
                 str(path),
                 f"not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); fix the syntax there",
             )
@@ -508,13 +338,13 @@ class Recipe:
             for name in _ADAPTER_KEYS[1:-1]:
                 value = getattr(entry, name)
                 if name == "negative_image":
-                    value = _writable(value, _loc(where, name))
+                    value = _writable(value, key_path(where, name))
                 elif name == "layer_weights" and value is not None:
                     value = dict(value)
                 if value is not None:
                     out[name] = value
             out["image"] = [
-                _reference_dict(ref, _loc(where, f"{key}[{j}]")) for j, ref in enumerate(entry.images)
+                _reference_dict(ref, key_path(where, f"{key}[{j}]")) for j, ref in enumerate(entry.images)
             ]
             adapters.append(out)
         return {"adapter": adapters}
@@ -529,8 +359,8 @@ class Recipe:
             where, key = self._where(i)
             for j, ref in enumerate(entry.images):
                 for name in ("path", "embeds", "mask"):
-                    _check_file(getattr(ref, name), _loc(where, f"{key}[{j}].{name}"))
-            _check_file(entry.negative_image, _loc(where, "negative_image"))
+                    _check_file(getattr(ref, name), key_path(where, f"{key}[{j}].{name}"))
+            _check_file(entry.negative_image, key_path(where, "negative_image"))
 
     def _where(self, i: int) -> tuple[str, str]:
         """The i-th adapter's place in messages, and the key of its image list."""
@@ -551,7 +381,7 @@ def _check_keys(table: Mapping[Any, Any], valid: tuple[str, ...], where: str) ->
     hint = f" (did you mean {', '.join(repr(h) for h in hints)}?)" if hints else ""
     names = ", ".join(repr(key) for key in unknown)
     plural = "s" if len(unknown) > 1 else ""
-    _fail(where, f"unknown key{plural} {names}{hint}; valid keys here: {_names(valid)}; fix or remove it")
+    fail(where, f"unknown key{plural} {names}{hint}; valid keys here: {listed(valid)}; fix or remove it")
 
 
 def _resolve(value: Any, base_dir: Path | None) -> Any:
@@ -569,12 +399,12 @@ def _resolve_if_exists(value: Any, base_dir: Path | None) -> Any:
 
 def _adapter_from_dict(entry: Any, where: str, base_dir: Path | None) -> AdapterRecipe:
     if not isinstance(entry, Mapping):
-        _fail(where, f"got {_show(entry)}; expected an [[adapter]] table with path and image")
+        fail(where, f"got {shown(entry)}; expected an [[adapter]] table with path and image")
     _check_keys(entry, _ADAPTER_KEYS, where)
     if "path" not in entry:
-        _fail(where, "missing key 'path'; add path = \"<adapter file, hub path or name>\"")
+        fail(where, "missing key 'path'; add path = \"<adapter file, hub path or name>\"")
     if "image" not in entry:
-        _fail(
+        fail(
             where,
             'missing key \'image\'; add at least one [[adapter.image]] with path = "ref.png" (or image = ["ref.png"])',
         )
@@ -584,8 +414,8 @@ def _adapter_from_dict(entry: Any, where: str, base_dir: Path | None) -> Adapter
         kwargs["image_encoder"] = _resolve_if_exists(kwargs["image_encoder"], base_dir)
     if "negative_image" in kwargs:
         kwargs["negative_image"] = _resolve(kwargs["negative_image"], base_dir)
-    kwargs["images"] = _as_references(entry["image"], _loc(where, "image"), True, base_dir)
-    with _at(where, True):
+    kwargs["images"] = _as_references(entry["image"], key_path(where, "image"), True, base_dir)
+    with at(where, True):
         return AdapterRecipe(**kwargs)
 
 
@@ -594,7 +424,7 @@ def _writable(value: Any, loc: str) -> str | None:
         return value
     if isinstance(value, Path):
         return str(value)
-    _fail(loc, f"{_show(value)} cannot be written to a recipe file; save it to a file and give its path")
+    fail(loc, f"{shown(value)} cannot be written to a recipe file; save it to a file and give its path")
 
 
 def _reference_dict(ref: Reference, where: str) -> dict[str, Any]:
@@ -602,7 +432,7 @@ def _reference_dict(ref: Reference, where: str) -> dict[str, Any]:
     for name in _REFERENCE_KEYS:
         value = getattr(ref, name)
         if name in ("path", "embeds", "mask"):
-            value = _writable(value, _loc(where, name))
+            value = _writable(value, key_path(where, name))
         if value is not None:
             out[name] = value
     return out
@@ -613,9 +443,9 @@ def _check_file(value: Any, loc: str) -> None:
         return  # None, a PIL image or bytes: nothing on disk
     path = Path(value)
     if not path.exists():
-        _fail(
+        fail(
             loc,
             f"no such file '{path}'; check the path (relative paths in a recipe file are relative to its folder)",
         )
     if not path.is_file():
-        _fail(loc, f"'{path}' is not a file (a folder?); expected an image or embeddings file")
+        fail(loc, f"'{path}' is not a file (a folder?); expected an image or embeddings file")

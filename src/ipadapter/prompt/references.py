@@ -1,6 +1,6 @@
 """One adapter's references for a call -> its image tokens and :class:`BranchControl`.
 
-A :class:`~ipadapter.recipe.Control` lists references (images or embeddings files), each with a weight, an
+A :class:`~ipadapter.prompt.recipe.Control` lists references (images or embeddings files), each with a weight, an
 optional regional mask and a crop mode, and says how to combine them:
 
     concat        every reference's tokens in one attention (diffusers' list of images); a weight w
@@ -18,22 +18,35 @@ The negative (unconditional) tokens are the adapter's default ones, or the proje
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from PIL import Image
 
+from ..adapters.variants import AdapterSpec
+from ..errors import InputError
+from .blocks import Block, layer_scales
 from .conditioning import BranchControl
 from .embeds import Embeds, check_embeds, load_embeds
-from .errors import InputError
+from .encoder import ImageEncoder
 from .images import load_image, load_mask
-from .layers import layer_scales
 from .recipe import Control, Reference
 
-if TYPE_CHECKING:
-    from .adapter import IPAdapter
+
+class IPAdapter(Protocol):
+    """What this module reads of an attached adapter (:class:`ipadapter.adapter.IPAdapter` has it)."""
+
+    spec: AdapterSpec  # which feature it reads, and its dim
+    projection: torch.nn.Module  # features -> tokens
+    encoder: ImageEncoder
+    source: str  # the adapter's name in messages
+    layer_names: list[str]  # its layers, in official id order
+
+    @property
+    def blocks(self) -> Mapping[str, Block]: ...
 
 
 @dataclass
@@ -64,7 +77,7 @@ def prepare(ip: IPAdapter, control: Control, where: str = "") -> Prepared:
     if control.negative_image is not None:
         negative = load_image(control.negative_image, f"{where}negative image")
     scales = layer_scales(
-        ip.pipe.unet,
+        ip.blocks,
         ip.layer_names,
         preset=control.preset,
         composition_weight=control.composition_weight,

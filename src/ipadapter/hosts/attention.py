@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .conditioning import ImagePrompt, Step, compiling
+from ..prompt.conditioning import ImagePrompt, Step, compiling
 
 
 class IPBranch(nn.Module):

@@ -16,7 +16,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 SECTIONS = ("image_proj", "ip_adapter")
 KV_PARTS = ("to_k_ip", "to_v_ip")  # each layer's image key / value projections

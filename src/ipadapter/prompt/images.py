@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from .errors import InputError
+from ..errors import InputError
 
 MAX_IMAGE_PIXELS = 8192 * 8192  # larger images are refused as possible decompression bombs
 ImageInput = Image.Image | str | Path | bytes
@@ -37,6 +37,8 @@ def load_image(image: ImageInput, what: str = "reference image", convert=None) -
             raise InputError(f"{what}: empty (0 bytes); expected a PNG, JPEG or WebP image")
         return _decode(io.BytesIO(data), what, "data", convert)
     path = Path(image)
+    if path.is_dir():
+        raise InputError(f"{what} '{path}' is a folder; expected an image file")
     if not path.is_file():
         raise InputError(f"{what} '{path}': no such file")
     if path.stat().st_size == 0:

@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
+from ..errors import CheckpointError
 from .checkpoint import Checkpoint
-from .errors import CheckpointError
 
 RESAMPLER_HEAD_DIM = 64  # the official Resampler's dim_head; heads = to_q rows / 64
 

@@ -22,8 +22,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import safe_open, save_file
 
+from ..errors import IncompatibleModelError, InputError
 from .encoder import ImageEncoder
-from .errors import IncompatibleModelError, InputError
 
 FORMAT = "ipadapter-embeds"
 VERSION = "1"

@@ -1,0 +1,117 @@
+"""What every command shares: the parser class, argument types, quiet libraries, exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+from typing import NoReturn
+
+from ..errors import InputError
+
+EXIT_USAGE = 2  # bad input of any kind: options, files, models that do not fit
+EXIT_INTERNAL = 1  # a bug or an environment problem we did not anticipate
+
+
+class CLIError(Exception):
+    """Bad command-line usage, reported like any library error."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line, no usage dump
+        raise CLIError(f"{message} (see '{self.prog} --help')")
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def finite(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a finite number")
+    return value
+
+
+def scale(text: str) -> float:
+    value = finite(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative; expected a number >= 0 (1.0 = full strength)")
+    return value
+
+
+def size(text: str) -> int:
+    value = positive_int(text)
+    if value % 8:
+        raise argparse.ArgumentTypeError(f"{value} is not a multiple of 8 (try {max(8, value // 8 * 8)})")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = finite(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{value} must be greater than 0")
+    return value
+
+
+def add_compile_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="compile the denoiser with torch.compile (the first generation takes a while; later "
+        "ones of the same size are faster)",
+    )
+
+
+def quiet_environment() -> None:
+    """Before anything heavy is imported: library chatter would bury our one-line messages."""
+    import os
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    for name in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY", "HF_HUB_VERBOSITY"):
+        os.environ.setdefault(name, "error")
+
+
+def quiet_libraries() -> None:
+    """Once the heavy libraries are needed: silence their loggers and loading bars (the denoising bar stays)."""
+    import warnings
+
+    import huggingface_hub
+    import transformers
+
+    huggingface_hub.utils.logging.set_verbosity_error()
+    warnings.filterwarnings("ignore")
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()  # loading bars; the denoising bar stays
+    import diffusers  # after transformers is quiet: importing diffusers' pipelines triggers its notices
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+
+
+def one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
+
+
+def add_device(p: argparse.ArgumentParser, help_extra: str = "") -> None:
+    """``--device``; ``help_extra`` continues the "(default auto" remark, e.g. "; under accelerate ...")."""
+    p.add_argument(
+        "--device", default="auto", help=f"auto, cpu, cuda, cuda:N or mps (default auto{help_extra})"
+    )
+
+
+def check_output_folder(output: str) -> None:
+    """Refuse (InputError) an ``--output`` whose folder does not exist."""
+    parent = Path(output).parent
+    if not parent.is_dir():
+        raise InputError(f"output folder '{parent}' does not exist; create it or choose another --output")

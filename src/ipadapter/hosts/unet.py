@@ -1,0 +1,178 @@
+"""The SD1.5 / SDXL UNet as a host: its cross-attention layers, their transformer blocks, and the install.
+
+The only module that knows a diffusers UNet's internals (processor names, block paths, ``attn_processors`` /
+``set_attn_processor``, the forward pre-hook). Official ``ip_adapter`` key ids count the UNet's attention
+processors in ``unet.attn_processors`` order (down blocks, up blocks, mid block last): cross-attention layer k has
+id 2k+1 (DESIGN.md §3.1). Transformer blocks are numbered t0, t1, ... in forward order: every down block, then the
+mid block, then every up block (DESIGN.md §3.2).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from ..errors import IncompatibleModelError
+from ..prompt.blocks import Block
+from ..prompt.conditioning import ImagePrompt, Step, compiling
+from .attention import IPAttnProcessor, PassThroughProcessor
+
+STATE_ATTR = "_ipadapter_attachment"  # the UNet attribute holding what attaching changed
+
+# "down_blocks.2.attentions.1" -> ("down_blocks", "2", None, "1"); the mid block has no block number
+_BLOCK_RE = re.compile(r"^(?:(down_blocks|up_blocks)\.(\d+)|(mid_block))\.attentions\.(\d+)$")
+_PART_OF = {"down_blocks": "input", "mid_block": "middle", "up_blocks": "output"}
+
+
+class UNetLike(Protocol):
+    """What the block map reads from a UNet: the processor names (diffusers' ``attn_processors``)."""
+
+    @property
+    def attn_processors(self) -> Mapping[str, Any]: ...
+
+
+def is_cross_attention(name: str) -> bool:
+    """Whether processor ``name`` (of ``unet.attn_processors``) is an IP-Adapter layer: the rule diffusers'
+    loader uses too. AnimateDiff's motion modules hold attention layers, but temporal self-attention ones."""
+    return name.endswith("attn2.processor") and "motion_modules" not in name
+
+
+@dataclass
+class CrossLayer:
+    """One cross-attention layer of a UNet, as IP-Adapter counts them."""
+
+    name: str  # processor name in unet.attn_processors
+    index: int  # position among cross-attention layers
+    hidden_size: int
+    cross_attention_dim: int
+
+
+def cross_attention_layers(unet: Any) -> list[CrossLayer]:
+    """The UNet's cross-attention layers in the official id order."""
+    layers = []
+    for name in unet.attn_processors:
+        if not is_cross_attention(name):
+            continue
+        attn = unet.get_submodule(name[: -len(".processor")])
+        layers.append(CrossLayer(name, len(layers), attn.to_k.out_features, attn.to_k.in_features))
+    return layers
+
+
+def block_map(unet: UNetLike) -> dict[str, Block]:
+    """The transformer block of every cross-attention processor of ``unet``.
+
+    Keys: the processor names :func:`is_cross_attention` accepts, in ``unet.attn_processors`` order. Values: the
+    :class:`~ipadapter.prompt.blocks.Block` holding it; all processors of one block share one ``Block``. Works for
+    ``UNet2DConditionModel`` and ``UNetMotionModel``. Raises IncompatibleModelError if a cross-attention processor
+    does not sit in a ``down_blocks.i.attentions.j`` / ``mid_block.attentions.j`` / ``up_blocks.i.attentions.j``
+    transformer block.
+    """
+    names = [name for name in unet.attn_processors if is_cross_attention(name)]
+    block_of: dict[str, str] = {}
+    sort_key: dict[str, tuple[int, int, int]] = {}
+    for name in names:
+        path = name.split(".transformer_blocks.", 1)[0]
+        match = _BLOCK_RE.match(path)
+        if ".transformer_blocks." not in name or match is None:
+            raise IncompatibleModelError(
+                f"cross-attention layer {name!r} is not inside a transformer block; expected names like "
+                "'down_blocks.1.attentions.0.transformer_blocks.0.attn2.processor' (a diffusers UNet2DConditionModel "
+                "or UNetMotionModel); per-layer weights need such a UNet"
+            )
+        kind, number, mid, attention = match.groups()
+        kind = kind or mid
+        # Forward order: down (0) before mid (1) before up (2); attn_processors lists mid last, so sort explicitly.
+        order = ("down_blocks", "mid_block", "up_blocks").index(kind)
+        block_of[name] = path
+        sort_key[path] = (order, int(number or 0), int(attention))
+    ordered = sorted(sort_key, key=sort_key.__getitem__)
+    blocks = {
+        path: Block(t, path, _PART_OF[path.split(".", 1)[0]], path.rsplit(".attentions.", 1)[0])
+        for t, path in enumerate(ordered)
+    }
+    return {name: blocks[block_of[name]] for name in names}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Installing our processors and the pre-hook
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Attachment:
+    """What attaching changed on one UNet, so that detaching can put it back exactly."""
+
+    originals: dict[str, Any]
+    processors: dict[str, IPAttnProcessor]
+    hook: Any
+    adapters: dict[str, Any] = field(default_factory=dict)  # name -> the adapter's handle
+
+
+def attachment(unet: Any) -> Attachment | None:
+    """What is installed on ``unet`` (None: nothing)."""
+    return getattr(unet, STATE_ATTR, None)
+
+
+def install(unet: Any, layers: list[CrossLayer]) -> Attachment:
+    """Replace every processor: ours on cross-attention, pass-through on the rest; hook the UNet."""
+    originals = dict(unet.attn_processors)
+    cross = {layer.name: IPAttnProcessor(layer.index) for layer in layers}
+    new = {n: cross.get(n) or PassThroughProcessor(p) for n, p in originals.items()}
+    unet.set_attn_processor(dict(new))  # diffusers empties the dict it is given
+    hook = unet.register_forward_pre_hook(_before_unet, with_kwargs=True)
+    state = Attachment(originals, cross, hook)
+    setattr(unet, STATE_ATTR, state)
+    return state
+
+
+def uninstall(unet: Any) -> None:
+    """Put back the processors ``install`` replaced and remove the hook (exactly the originals)."""
+    state = attachment(unet)
+    if state is None:
+        return
+    unet.set_attn_processor(dict(state.originals))
+    state.hook.remove()
+    delattr(unet, STATE_ATTR)
+
+
+@contextmanager
+def original_processors(unet: Any) -> Iterator[None]:
+    """Inside the block the UNet runs its original processors (e.g. while another pipeline copies its
+    weights); ours come back afterwards."""
+    state = attachment(unet)
+    if state is None:
+        yield
+        return
+    installed = dict(unet.attn_processors)
+    unet.set_attn_processor(dict(state.originals))
+    try:
+        yield
+    finally:
+        unet.set_attn_processor(installed)
+
+
+def _before_unet(module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    """At every UNet call with an image prompt, hand the processors this step's :class:`Step`.
+
+    It runs inside a compiled UNet's graph, so it reads only the call's arguments (no frames, no pipeline)
+    and, under ``torch.compile``, keeps the timestep a tensor; eager mode reads it once, to skip idle branches.
+    """
+    attention_kwargs = kwargs.get("cross_attention_kwargs") or {}
+    prompt = attention_kwargs.get("image_prompt")
+    if not isinstance(prompt, ImagePrompt):
+        return None
+    sample = args[0] if args else kwargs["sample"]
+    timestep = args[1] if len(args) > 1 else kwargs["timestep"]
+    t = torch.as_tensor(timestep).flatten()[0]  # pipelines pass one timestep; training the batch's own
+    if compiling():
+        progress: float | torch.Tensor = (1.0 - t.float() / prompt.train_timesteps).clamp(0.0, 1.0)
+    else:
+        progress = min(max(1.0 - float(t) / prompt.train_timesteps, 0.0), 1.0)
+    step = Step(progress, (sample.shape[-2], sample.shape[-1]))
+    kwargs = {**kwargs, "cross_attention_kwargs": {**attention_kwargs, "image_prompt_step": step}}
+    return args, kwargs

@@ -1,0 +1,484 @@
+"""Every generation option, declared once, and the one function that turns options into a :class:`Job`.
+
+:data:`OPTIONS` is the table: the command line's flags (``cli.generate``), the server's request schema (and so
+``/openapi.json``), batch manifest keys and the recipe's per-call fields (:mod:`ipadapter.prompt.controls`) are
+made from it. :func:`job_from_options` is the only validator of a job's options: the command line, ``batch``
+and the server all call it, each naming options in its own words (``spell``) and reading images its own way
+(``locate``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from ..errors import InputError
+from ..fields import Option, quoted, table
+from ..modes import IMAGE_MODES, INIT_MODES, MODES, STRENGTH
+from ..prompt.controls import CONTROLS, REFERENCES
+from ..prompt.recipe import Recipe
+from ..schedulers import SCHEDULERS
+from .job import Job
+
+SET_BY_SERVER = "is set by the server (see GET /v1/models); leave it out"
+
+OPTIONS: dict[str, Option] = table(
+    Option("mode", "choice", "what to make", default="t2i", choices=MODES),
+    # the models
+    Option("base", "model", "base model: diffusers folder, hub id, or single-file .safetensors/.ckpt",
+           server=SET_BY_SERVER),
+    Option("base_config", "model", "for a single-file base: a diffusers folder/hub id of the same family",
+           server=SET_BY_SERVER),
+    Option("adapter", "model", "adapter file, hub path owner/repo/path/in/repo.safetensors, or name (no "
+           "adapter, recipe or image: the plain base model)"),
+    Option("image_encoder", "model", "CLIP vision model folder or hub path (default: from the adapter's repo)",
+           server=SET_BY_SERVER),
+    Option("recipe", "recipe", "a recipe (a .toml/.json file, or a table): adapters, references and their "
+           "options; replaces adapter, image and the image prompt options"),
+    # the image prompt of a single adapter
+    *REFERENCES.values(),
+    *CONTROLS.values(),
+    # text and sampling
+    Option("prompt", "text", "text prompt", default=""),
+    Option("negative_prompt", "text", "negative text prompt"),
+    Option("steps", "int", "denoising steps (default: the pipeline's)", low=1),
+    Option("guidance", "number", "classifier-free guidance (default: the pipeline's)"),
+    Option("seed", "int", "seed of a CPU torch.Generator, as diffusers' examples use (default: random, "
+           "reported)", low=0, high=2**64 - 1),
+    Option("width", "int", "multiple of 8 (default: the model's native size, or the init image's)", low=8,
+           multiple=8),
+    Option("height", "int", "multiple of 8 (default: the model's native size, or the init image's)", low=8,
+           multiple=8),
+    Option("num_images", "int", "images to make", default=1, low=1, modes=IMAGE_MODES),
+    Option("scheduler", "choice", "sampler (default: the base model's)", choices=tuple(sorted(SCHEDULERS))),
+    # images to start from, and ControlNets
+    Option("init", "image", "the image to start from (its size is the output size)", modes=INIT_MODES),
+    Option("strength", "number", "how much to repaint", default=STRENGTH, low=0, low_open=True, high=1,
+           modes=INIT_MODES,
+           expect="a number in (0, 1]; 1.0 repaints everything, small values keep more of the init image"),
+    Option("mask", "image", "greyscale mask: white = repaint, black = keep", modes=("inpaint",)),
+    Option("controlnet", "model", "ControlNet folder or hub id; several, each with its control_image",
+           many=True),
+    Option("control_image", "image", "conditioning image per ControlNet, in the same order (a video: one "
+           "for all frames, or one per frame)", many=True),
+    Option("control_scale", "number", "ControlNet strength: one for all or one per ControlNet (default 1.0)",
+           many=True),
+    # video
+    Option("motion_adapter", "model", "AnimateDiff motion adapter: folder or hub id", modes=("video",),
+           server=SET_BY_SERVER),
+    Option("frames", "int", "number of frames", default=16, low=1, modes=("video",)),
+    Option("fps", "number", "frames per second of the written video", default=8.0, low=0, low_open=True,
+           high=120, modes=("video",)),
+    Option("vae_slicing", "bool", "decode frames one by one (less memory)", default=False, modes=("video",)),
+    Option("cpu_offload", "bool", "keep idle models in CPU memory (CUDA only; much less GPU memory, a bit "
+           "slower)", default=False, modes=("video",),
+           server="is a setting of the server's process, not of a request; leave it out"),
+)  # fmt: skip
+
+PROMPT_KEYS = ("adapter", "image_encoder", *REFERENCES, *CONTROLS)  # what makes an image prompt
+CONTROL_KEYS = tuple(k for k in PROMPT_KEYS if k not in ("adapter", "image_encoder", "image", "scale"))
+RECORDED_AS_GIVEN = ("image", "init", "mask", "control_image")  # recorded as the user named them
+Spell = Callable[[str], str]
+Locate = Callable[[str, str], Any]  # (value, what) -> something load_image reads
+
+
+def split_weight(value: str) -> tuple[str, float | None]:
+    """``PATH[:WEIGHT]`` -> (path, weight or None); a colon followed by a non-number belongs to the path."""
+    path, sep, tail = value.rpartition(":")
+    if sep and path:
+        try:
+            return path, float(tail)
+        except ValueError:
+            pass
+    return value, None
+
+
+def near(value: str, base_dir: str | Path | None = None) -> str:
+    """A relative path made relative to ``base_dir`` (``~`` expanded); absolute ones unchanged."""
+    path = Path(value).expanduser()
+    return str(path if path.is_absolute() or base_dir is None else Path(base_dir) / path)
+
+
+def local_files(base_dir: str | Path | None = None) -> tuple[Locate, Locate]:
+    """``locate`` and ``resolve_file`` for local files (relative paths relative to ``base_dir``): the command
+    line's and batch's. ``resolve_file`` refuses a missing file, saying how to make an embeddings file."""
+
+    def locate(value: str, what: str) -> str:
+        return near(value, base_dir)
+
+    def resolve_file(value: str, what: str) -> str:
+        path = near(value, base_dir)
+        if not Path(path).is_file():
+            hint = "; make one with `ipadapter embed`" if what == "embeddings" else ""
+            raise InputError(f"{what} '{path}': no such file{hint}")
+        return path
+
+    return locate, resolve_file
+
+
+def plain_options(options: dict[str, Any]) -> bool:
+    """True when ``options`` name no image prompt at all (no recipe, adapter, reference or image-prompt
+    option): the job runs the plain base model."""
+    return options.get("recipe") is None and all(options.get(k) in (None, [], "") for k in PROMPT_KEYS)
+
+
+def per_frame_video(options: dict[str, Any]) -> bool:
+    """Plain references for a video with no control options: one for all frames, or one per frame."""
+    images = options.get("image") or []
+    images = [images] if isinstance(images, str) else images
+    plain = all(isinstance(v, str) and split_weight(v)[1] is None for v in images)
+    return (
+        options.get("mode") == "video"
+        and not options.get("recipe")
+        and plain
+        and not any(options.get(k) not in (None, [], "") for k in CONTROL_KEYS)
+    )
+
+
+def fit_init(init: Image.Image, width: int | None, height: int | None) -> Image.Image:
+    """The init image at the requested size, cropped to multiples of 8 (what the VAE needs)."""
+    if width or height:
+        init = init.resize((width or init.width, height or init.height), Image.Resampling.BICUBIC)
+    w, h = init.width // 8 * 8, init.height // 8 * 8
+    return init if (w, h) == init.size else init.crop((0, 0, w, h))
+
+
+def check_options(options: Any, where: str = "", spell: Spell = quoted) -> dict[str, Any]:
+    """Every key known, every value of its declared type and bounds, only options of the job's mode.
+
+    Returns the values normalised (lists for list-valued options, numbers as int/float, ``mode`` filled).
+    """
+    if not isinstance(options, dict):
+        raise InputError(f"{where}a job must be a JSON object; got {type(options).__name__}")
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        hints = [m for key in unknown for m in difflib.get_close_matches(key, OPTIONS, n=1)]
+        hint = f" (did you mean {', '.join(hints)}?)" if hints else ""
+        raise InputError(
+            f"{where}unknown key(s) {', '.join(unknown)}{hint}; expected some of: {', '.join(OPTIONS)}"
+        )
+    checked = {key: OPTIONS[key].check(value, where, spell) for key, value in options.items()}
+    mode = checked["mode"] = checked.get("mode") or "t2i"
+    for key, value in checked.items():
+        modes = OPTIONS[key].modes
+        if (
+            modes is not None
+            and mode not in modes
+            and value is not None
+            and value is not False
+            and value != []
+        ):
+            raise InputError(
+                f"{where}{spell(key)} is for mode {' / '.join(modes)}; this job's mode is {mode}: leave it out"
+            )
+    if not checked.get("base"):
+        raise InputError(f"{where}no base model: give {spell('base')}")
+    return checked
+
+
+def job_from_options(
+    options: dict[str, Any],
+    *,
+    locate: Locate,
+    resolve_file: Locate | None = None,
+    base_dir: str | Path | None = None,
+    where: str = "",
+    spell: Spell = quoted,
+    record_paths: bool = True,
+    notice: Callable[[str], None] | None = None,
+) -> Job:
+    """A :class:`Job` from options as a JSON object (keys and values: :data:`OPTIONS`). The only validator.
+
+    ``locate(value, what)`` turns an image value into something :func:`~ipadapter.prompt.images.load_image`
+    reads (a path, or bytes); ``resolve_file(value, what)`` does the same for embeddings and recipe files
+    (None: such files are refused). ``base_dir``: where relative paths inside a ``recipe`` table point.
+    ``spell``: how messages name an option (``--num-images`` on the command line). ``record_paths``: the result
+    records image values as given (paths); otherwise only their content hashes (the server's base64 data).
+    ``notice``: told about adjustments (e.g. a mask read as greyscale). Every image is decoded here, so a bad
+    one fails before any model loads.
+    """
+    o = check_options(options, where, spell)
+    mode = o["mode"]
+    given, recipe, per_frame = _image_prompt(o, resolve_file, base_dir, where, spell)
+    loaded = None if recipe is None else load_recipe_inputs(recipe, locate, resolve_file, where)
+    frames = o.get("frames") or 16
+    if per_frame and loaded is not None and len(loaded.adapters[0].images) not in (1, frames):
+        raise InputError(
+            f"{where}{len(loaded.adapters[0].images)} reference images for {frames} frames; give one reference "
+            "for all frames or one per frame"
+        )
+    job: dict[str, Any] = {
+        "base": o["base"],
+        "base_config": o.get("base_config"),
+        "mode": mode,
+        "recipe": loaded,
+        "per_frame": per_frame,
+        "prompt": o.get("prompt") or "",
+        "negative_prompt": o.get("negative_prompt"),
+        "steps": o.get("steps"),
+        "guidance": o.get("guidance"),
+        "seed": o.get("seed"),
+        "num_images": o.get("num_images") or 1,
+        "scheduler": o.get("scheduler"),
+        "width": o.get("width"),
+        "height": o.get("height"),
+        "motion_adapter": o.get("motion_adapter"),
+        "frames": frames,
+        "fps": o.get("fps") or OPTIONS["fps"].default,
+        "vae_slicing": bool(o.get("vae_slicing")),
+        "cpu_offload": bool(o.get("cpu_offload")),
+    }
+    job.update(_start_images(o, locate, where, spell, notice))
+    job.update(_controlnets(o, frames, locate, where, spell))
+    job["record"] = _record(options, o, given, loaded, per_frame, record_paths, job)
+    return Job(**job)
+
+
+def _image_prompt(
+    o: dict[str, Any], resolve_file: Locate | None, base_dir: str | Path | None, where: str, spell: Spell
+) -> tuple[Recipe | None, Recipe | None, bool]:
+    """(the recipe as given, the recipe to run, one reference per frame?): None for the plain base model."""
+    if plain_options(o):
+        return None, None, False
+    value = o.get("recipe")
+    if value is not None:
+        clash = [spell(k) for k in PROMPT_KEYS if o.get(k) not in (None, [])]
+        if clash:
+            raise InputError(
+                f"{where}{spell('recipe')} replaces {', '.join(clash)}: put them in the recipe or drop "
+                f"{spell('recipe')}"
+            )
+        if isinstance(value, dict):
+            recipe = Recipe.from_dict(value, base_dir=base_dir, source=f"{where}recipe")
+            return recipe, recipe, False
+        if resolve_file is None:
+            raise InputError(f"{where}recipe files are not accepted here; send the recipe as a JSON object")
+        recipe = Recipe.load(resolve_file(value, "recipe file"))
+        recipe.check_files()
+        return recipe, recipe, False
+    start, end = o.get("start", 0.0), o.get("end", 1.0)
+    start, end = 0.0 if start is None else start, 1.0 if end is None else end
+    if not start < end:  # said in the options' words (the recipe would name its own fields)
+        raise InputError(
+            f"{where}{spell('start')} {start:g} {spell('end')} {end:g}: expected 0 <= start < end <= 1, the "
+            "part of the denoising run the image prompt acts in; e.g. start 0.2, end 0.8"
+        )
+    recipe = recipe_from_options(o, where, spell)
+    per_frame = per_frame_video(o)
+    return recipe, recipe, per_frame
+
+
+def recipe_from_options(options: dict[str, Any], where: str = "", spell: Spell = quoted) -> Recipe:
+    """A one-adapter recipe from flag-style options (``adapter``, ``image``, ``embeds``, ``combine``, ...).
+
+    Reference values stay as given (paths, or whatever the caller's ``locate`` understands later).
+    """
+    from ..prompt.blocks import parse_layer_weights
+    from ..prompt.recipe import AdapterRecipe, Reference
+
+    if not options.get("adapter"):
+        raise InputError(
+            f"{where}no adapter: give {spell('adapter')} (a file, hub path or name) or {spell('recipe')}"
+        )
+    images, embeds = _listed(options.get("image")), _listed(options.get("embeds"))
+    if not images and not embeds:
+        raise InputError(f"{where}no reference: give {spell('image')} (or {spell('embeds')}, or a recipe)")
+    refs = [(*split_weight(v), "path") for v in images] + [(*split_weight(v), "embeds") for v in embeds]
+    masks = _listed(options.get("image_mask"))
+    if masks and len(masks) != len(refs):
+        raise InputError(
+            f"{where}{len(masks)} image masks for {len(refs)} references; give one mask per reference (images "
+            "first, then embeds) or none"
+        )
+    crop = options.get("crop") or "center"
+    references = [
+        Reference(**{kind: path}, weight=1.0 if w is None else w, mask=masks[i] if masks else None, crop=crop)
+        for i, (path, w, kind) in enumerate(refs)
+    ]
+    weights = options.get("layer_weights")
+    if isinstance(weights, str):
+        weights = parse_layer_weights(weights)
+    names = ("combine", "start", "end", "preset", "curve", "negative_image", "composition_weight")
+    control = {k: options[k] for k in names if options.get(k) is not None}
+    scale = options.get("scale")
+    entry = AdapterRecipe(
+        path=options["adapter"],
+        image_encoder=options.get("image_encoder"),
+        scale=1.0 if scale is None else scale,
+        images=references,
+        layer_weights=weights or None,
+        **control,
+    )
+    return Recipe([entry])
+
+
+def _listed(value: Any) -> list[Any]:
+    return [] if value is None else value if isinstance(value, list) else [value]
+
+
+def _start_images(
+    o: dict[str, Any], locate: Locate, where: str, spell: Spell, notice: Callable[[str], None] | None
+) -> dict[str, Any]:
+    """img2img / inpaint: the init image (at the asked size), the strength and the mask, decoded now."""
+    from ..prompt.images import load_image, load_mask
+
+    mode = o["mode"]
+    if mode not in INIT_MODES:
+        return {}
+    if not o.get("init"):
+        raise InputError(f"{where}{mode} needs {spell('init')} (the image to start from)")
+    init = fit_init(
+        load_image(locate(o["init"], "init image"), f"{where}init image"), o.get("width"), o.get("height")
+    )
+    strength = o.get("strength")
+    out = {"init": init, "strength": OPTIONS["strength"].default_for(mode) if strength is None else strength}
+    if mode == "inpaint":
+        if not o.get("mask"):
+            raise InputError(f"{where}inpaint needs {spell('mask')} (white = repaint)")
+        out["mask"], note = load_mask(locate(o["mask"], "mask"), init.size)
+        if note and notice is not None:
+            notice(note)
+    return out
+
+
+def _controlnets(o: dict[str, Any], frames: int, locate: Locate, where: str, spell: Spell) -> dict[str, Any]:
+    """ControlNets, one control image each (a video: a frame list each) and their scale(s), counts checked."""
+    from ..prompt.images import load_image
+
+    nets, images, scales = o.get("controlnet") or [], o.get("control_image") or [], o.get("control_scale")
+    if len(images) != len(nets):
+        raise InputError(
+            f"{where}{len(nets)} {spell('controlnet')} but {len(images)} {spell('control_image')}; give one "
+            "control image per ControlNet, in the same order"
+        )
+    if scales and not nets:
+        raise InputError(
+            f"{where}{spell('control_scale')} without {spell('controlnet')}; add a ControlNet and its control image"
+        )
+    if scales and len(scales) not in (1, len(nets)):
+        raise InputError(
+            f"{where}{len(scales)} {spell('control_scale')} values for {len(nets)} ControlNet(s); give one for "
+            "all or one per ControlNet"
+        )
+    controls = []
+    for i, value in enumerate(images):
+        values = value if isinstance(value, list) else [value]
+        loaded = [load_image(locate(v, "control image"), f"{where}control image") for v in values]
+        if o["mode"] != "video":
+            if len(loaded) != 1:
+                raise InputError(
+                    f"{where}{spell('control_image')} {i} is a list of {len(loaded)} images; image modes take "
+                    "one control image per ControlNet"
+                )
+            controls.append(loaded[0])
+        elif len(loaded) not in (1, frames):
+            raise InputError(
+                f"{where}control image {i} has {len(loaded)} images for {frames} frames; give one for all "
+                "frames or one per frame"
+            )
+        else:
+            controls.append(loaded * frames if len(loaded) == 1 else loaded)
+    scale: float | list[float] = 1.0
+    if scales:
+        scale = scales[0] if len(nets) == 1 else scales * len(nets) if len(scales) == 1 else list(scales)
+    return {"controlnets": list(nets), "control_images": controls, "control_scale": scale}
+
+
+def _record(
+    options: dict[str, Any],
+    o: dict[str, Any],
+    given: Recipe | None,
+    loaded: Recipe | None,
+    per_frame: bool,
+    record_paths: bool,
+    job: dict[str, Any],
+) -> dict[str, Any]:
+    """What the result records of the inputs: references (content hashes, and the recipe), and the files as
+    the user named them (or, for data sent inline, their content hashes)."""
+    from ..prompt.images import image_key
+
+    record: dict[str, Any] = {}
+    if loaded is not None:
+        keys = [
+            image_key(ref.path) for entry in loaded.adapters for ref in entry.images if ref.path is not None
+        ]
+        record["image_sha1"] = keys[0] if len(keys) == 1 and o["mode"] != "video" else keys
+        if o.get("recipe") is not None:
+            record["adapter"] = [entry.path for entry in loaded.adapters]
+        if not per_frame and record_paths:
+            record["recipe"] = o["recipe"] if isinstance(o.get("recipe"), dict) else given.to_dict()
+        elif not per_frame:
+            record["recipe"] = recorded_recipe(loaded)
+    if record_paths:
+        record.update({k: options[k] for k in RECORDED_AS_GIVEN if options.get(k) not in (None, [])})
+    else:
+        record.update({f"{k}_sha1": image_key(job[k]) for k in ("init", "mask") if job.get(k) is not None})
+    if o["mode"] == "video":
+        record["fps"] = job["fps"]
+    return record
+
+
+def recorded_recipe(recipe: Recipe) -> dict[str, Any]:
+    """The recipe as a file would hold it, each image replaced by ``sha1:<content hash>`` (no pixel data)."""
+    from ..prompt.images import image_key
+
+    def named(value: Any) -> Any:
+        return f"sha1:{image_key(value)}" if isinstance(value, Image.Image) else value
+
+    entries = [
+        dataclasses.replace(
+            entry,
+            images=[dataclasses.replace(r, path=named(r.path), mask=named(r.mask)) for r in entry.images],
+            negative_image=named(entry.negative_image),
+        )
+        for entry in recipe.adapters
+    ]
+    return Recipe(entries).to_dict()
+
+
+def load_recipe_inputs(
+    recipe: Recipe,
+    locate: Callable[[str, str], Any],
+    resolve_file: Callable[[str, str], str] | None,
+    where: str = "",
+) -> Recipe:
+    """The recipe with every image, mask and negative image decoded, and embeddings files located.
+
+    Messages name a reference by its index only where its adapter has several (``image[1] reference image``),
+    and the adapter only where the recipe has several.
+    """
+    from ..prompt.images import load_image, load_mask
+
+    entries = []
+    for a, entry in enumerate(recipe.adapters):
+        at = f"{where}adapter[{a}]." if len(recipe.adapters) > 1 else where
+        refs = []
+        for i, ref in enumerate(entry.images):
+            label = f"{at}image[{i}] reference image" if len(entry.images) > 1 else f"{at}reference image"
+            changes: dict[str, Any] = {}
+            if isinstance(ref.path, str | bytes) or hasattr(ref.path, "__fspath__"):
+                value = (
+                    locate(str(ref.path), "reference image") if not isinstance(ref.path, bytes) else ref.path
+                )
+                changes["path"] = load_image(value, label)
+            if ref.embeds is not None:
+                if resolve_file is None:
+                    raise InputError(
+                        f"{at}image[{i}]: embeddings files are not accepted here; send the image"
+                    )
+                changes["embeds"] = resolve_file(str(ref.embeds), "embeddings")
+            if isinstance(ref.mask, str) or hasattr(ref.mask, "__fspath__"):
+                changes["mask"], _ = load_mask(locate(str(ref.mask), "mask"))
+            refs.append(dataclasses.replace(ref, **changes) if changes else ref)
+        changes = {"images": refs}
+        if isinstance(entry.negative_image, str) or hasattr(entry.negative_image, "__fspath__"):
+            changes["negative_image"] = load_image(
+                locate(str(entry.negative_image), "negative image"), f"{at}negative image"
+            )
+        entries.append(dataclasses.replace(entry, **changes))
+    return Recipe(entries)

@@ -1,0 +1,43 @@
+"""The options of one adapter's image prompt in a call: its references and how they are used.
+
+Declared once here (:class:`~ipadapter.fields.Option` rows); the recipe's fields
+(:class:`~ipadapter.prompt.recipe.Control`), the command line's flags, batch keys and the server's JSON schema
+are made from them (:data:`ipadapter.jobs.options.OPTIONS` holds them with the other generation options).
+"""
+
+from __future__ import annotations
+
+from ..fields import Option, table
+from .blocks import CURVE_NAMES, PRESET_NAMES
+from .images import CROP_MODES
+
+COMBINE_MODES = ("concat", "average", "norm-average", "add", "subtract")
+
+# The references of the single-adapter form (flags, batch keys, JSON); a recipe lists them as image tables.
+REFERENCES = table(
+    Option("image", "image", "reference image PATH[:WEIGHT]; repeat for several references (see combine)",
+           many=True),
+    Option("embeds", "file", "reference from an `ipadapter embed` file, FILE[:WEIGHT]; repeatable", many=True,
+           server="is not accepted by the server (embeddings files are server-side files); send the reference "
+           "image as base64 in 'image'"),
+    Option("image_mask", "image", "regional mask per reference (white = where it acts), in the order of image "
+           "then embeds", many=True),
+    Option("crop", "choice", "how a non-square reference is fitted", default="center", choices=CROP_MODES),
+)  # fmt: skip
+
+# How one adapter uses its references; in recipe files' order (a recipe's [[adapter]] keys).
+CONTROLS = table(
+    Option("scale", "number", "image prompt strength, >= 0 (1.0 = full strength)", default=1.0, low=0,
+           example="0.7"),
+    Option("combine", "choice", "how several references combine", default="concat", choices=COMBINE_MODES),
+    Option("start", "number", "denoising progress at which the image prompt starts (0-1)", default=0.0, low=0,
+           high=1, expect="a fraction of the denoising run in [0, 1]", example="0.0"),
+    Option("end", "number", "denoising progress at which it ends (0-1)", default=1.0, low=0, high=1,
+           expect="a fraction of the denoising run in [0, 1]", example="1.0"),
+    Option("preset", "choice", "blocks for style / composition (SD1.5 and SDXL)", choices=PRESET_NAMES),
+    Option("composition_weight", "number", "composition blocks' weight in style+composition", default=1.0,
+           low=0, example="1.0"),
+    Option("layer_weights", "weights", 'weight per transformer block, e.g. "t3=0.5,t6=1.0" (unlisted: 0)'),
+    Option("curve", "choice", "weight curve over the transformer blocks", choices=CURVE_NAMES),
+    Option("negative_image", "image", "image whose tokens replace the unconditional image tokens"),
+)  # fmt: skip
