@@ -13,7 +13,7 @@ import ipadapter
 
 PACKAGE = Path(ipadapter.__file__).parent
 LEVELS = [
-    ("errors", "modes", "fields", "mini.shipped"),  # facts and declarations every layer may use
+    ("errors", "files", "modes", "fields", "mini.shipped"),  # facts and declarations every layer may use
     ("adapters",),  # what an adapter file is
     ("prompt",),  # the per-call image prompt: references -> tokens
     ("hosts",),  # where the tokens enter a denoiser

@@ -13,8 +13,10 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 
 from .errors import InputError
+from .files import atomic_path
 
 VIDEO_SUFFIXES = (".gif", ".mp4")
 
@@ -37,14 +39,14 @@ def numbered(output: Path, count: int) -> list[Path]:
 
 
 def save_images(images: Sequence[Image.Image], output: Path, params: dict[str, Any]) -> list[Path]:
-    """Write PNGs carrying ``params`` as JSON in the ``parameters`` text chunk."""
-    from PIL.PngImagePlugin import PngInfo
-
+    """Write PNGs carrying ``params`` as JSON in the ``parameters`` text chunk (each file whole or not at all:
+    :func:`ipadapter.files.atomic_path`)."""
     paths = numbered(output, len(images))
     for i, (image, path) in enumerate(zip(images, paths, strict=True)):
         info = PngInfo()
         info.add_text("parameters", json.dumps({**params, "index": i}))
-        image.save(path, pnginfo=info)
+        with atomic_path(path) as temp:
+            image.save(temp, format="PNG", pnginfo=info)
     return paths
 
 
@@ -72,10 +74,17 @@ def save_video(frames: Sequence[Any], path: Path, fps: float, params: dict[str, 
         raise InputError(f"fps {fps} is not usable; expected a number > 0, e.g. 8")
     arrays = _uint8_frames(frames)
     comment = json.dumps(params or {})
+    with atomic_path(path) as temp:
+        _write_video(arrays, temp, suffix, fps, comment)
+    return path
+
+
+def _write_video(arrays: list[np.ndarray], path: Path, suffix: str, fps: float, comment: str) -> None:
     if suffix == ".gif":
         images = [Image.fromarray(a) for a in arrays]
         images[0].save(
             path,
+            format="GIF",
             save_all=True,
             append_images=images[1:],
             duration=round(1000 / fps),
@@ -84,8 +93,8 @@ def save_video(frames: Sequence[Any], path: Path, fps: float, params: dict[str, 
             optimize=False,
             disposal=1,
         )
-        return path
-    import imageio_ffmpeg
+        return
+    import imageio_ffmpeg  # MP4 only: keeps imageio_ffmpeg (and subprocess) out of CLI start-up
 
     height, width = arrays[0].shape[:2]
     writer = imageio_ffmpeg.write_frames(
@@ -105,7 +114,6 @@ def save_video(frames: Sequence[Any], path: Path, fps: float, params: dict[str, 
             writer.send(np.ascontiguousarray(arr))
     finally:
         writer.close()
-    return path
 
 
 def read_video(path: Path) -> list[np.ndarray]:
@@ -118,7 +126,7 @@ def read_video(path: Path) -> list[np.ndarray]:
                 img.seek(i)
                 frames.append(np.asarray(img.convert("RGB")))
         return frames
-    import imageio_ffmpeg
+    import imageio_ffmpeg  # MP4 only: keeps imageio_ffmpeg (and subprocess) out of CLI start-up
 
     reader = imageio_ffmpeg.read_frames(str(path))
     meta = reader.__next__()

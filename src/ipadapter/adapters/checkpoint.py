@@ -13,10 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from ..errors import CheckpointError
+from ..files import atomic_path
 
 SECTIONS = ("image_proj", "ip_adapter")
 KV_PARTS = ("to_k_ip", "to_v_ip")  # each layer's image key / value projections
@@ -102,45 +103,81 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     a pickle that needs code, or tensors that are not the IP-Adapter layout.
     """
     path = Path(path)
+    head = _head(path)
+    if path.suffix.lower() == ".safetensors":
+        state, metadata = _read_safetensors(path, head)
+    else:
+        state, metadata = _read_pickle(path, head), {}
+    ckpt = split_sections(state, str(path))
+    ckpt.metadata = metadata
+    return ckpt
+
+
+def _head(path: Path) -> bytes:
+    """The file's first bytes, after refusing what cannot be a checkpoint file at all."""
     source = str(path)
+    if path.is_dir():
+        raise CheckpointError(
+            f"{source}: is a folder; pass the path of an IP-Adapter .safetensors or .bin file in it"
+        )
     if not path.is_file():
         raise CheckpointError(f"{source}: no such file; pass the path of an IP-Adapter .safetensors or .bin")
     if path.stat().st_size == 0:
         raise CheckpointError(f"{source}: the file is empty (0 bytes); download it again")
     suffix = path.suffix.lower()
-    metadata: dict[str, str] = {}
-    if suffix == ".safetensors":
-        try:
-            state = load_file(str(path), device="cpu")
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="pt") as f:
-                metadata = dict(f.metadata() or {})
-        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise CheckpointError(
-                f"{source}: not a readable .safetensors file ({_first_line(e)}); it may be truncated: "
-                "download it again"
-            ) from e
-    elif suffix in PICKLE_SUFFIXES:
-        try:
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            raise CheckpointError(
-                f"{source}: refused: unpickling it would run code ({_first_line(e)}); only plain tensor "
-                "checkpoints are loaded. Use a .safetensors file instead"
-            ) from e
-        except (RuntimeError, EOFError, OSError, ValueError) as e:
-            raise CheckpointError(
-                f"{source}: not a readable PyTorch checkpoint ({_first_line(e)}); it may be truncated: "
-                "download it again"
-            ) from e
-    else:
+    if suffix != ".safetensors" and suffix not in PICKLE_SUFFIXES:
         raise CheckpointError(
             f"{source}: unknown file type '{suffix or '(none)'}'; expected .safetensors or .bin"
         )
-    ckpt = split_sections(state, source)
-    ckpt.metadata = metadata
-    return ckpt
+    try:
+        with open(path, "rb") as f:
+            return f.read(64)
+    except OSError as e:
+        raise CheckpointError(
+            f"{source}: cannot be read ({e.strerror or e}); check its permissions"
+        ) from None
+
+
+def _read_safetensors(path: Path, head: bytes) -> tuple[dict, dict[str, str]]:
+    try:
+        state = load_file(str(path), device="cpu")
+        with safe_open(str(path), framework="pt") as f:
+            return state, dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        what = _sniff(head)
+        if what.startswith("it looks like a .safetensors"):  # it is one, and damaged: not a naming problem
+            what = ""
+        if what or head.startswith((_ZIP, _TORCH_LEGACY)):
+            what = what or "it is a PyTorch checkpoint (a zip archive or a pickle): rename it to .bin"
+            raise CheckpointError(f"{path}: is not a .safetensors file ({what})") from e
+        raise CheckpointError(
+            f"{path}: not a readable .safetensors file ({_first_line(e)}); it may be truncated: download it again"
+        ) from e
+
+
+def _read_pickle(path: Path, head: bytes) -> dict:
+    if not (head.startswith(_ZIP) or head[:1] == _PICKLE):
+        what = "; " + _sniff(head) if _sniff(head) else ""
+        raise CheckpointError(
+            f"{path}: is not a PyTorch checkpoint (neither a zip archive nor a pickle: it starts with "
+            f"{_preview(head)}{what}); expected an IP-Adapter .bin or .safetensors file"
+        )
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{path}: refused: unpickling it would run code ({_first_line(e)}); only plain tensor "
+            "checkpoints are loaded. Use a .safetensors file instead"
+        ) from e
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise CheckpointError(
+            f"{path}: not a readable PyTorch checkpoint ({_first_line(e)}); it may be truncated: download it again"
+        ) from e
+    except Exception as e:  # noqa: BLE001 - a damaged pickle fails in many ways (KeyError, IndexError...)
+        raise CheckpointError(
+            f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {_first_line(e)}); it is "
+            "damaged or truncated: download it again"
+        ) from e
 
 
 def save_checkpoint(ckpt: Checkpoint, path: str | Path) -> Path:
@@ -148,15 +185,43 @@ def save_checkpoint(ckpt: Checkpoint, path: str | Path) -> Path:
     path = Path(path)
     if not path.parent.is_dir():
         raise CheckpointError(f"{path}: the folder {path.parent} does not exist; create it first")
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a folder; give a file name ending in .safetensors or .bin")
     suffix = path.suffix.lower()
-    if suffix == ".safetensors":
-        tensors = {k: v.detach().contiguous().cpu() for k, v in ckpt.flat().items()}
-        save_file(tensors, str(path), metadata={"format": "pt", **ckpt.metadata})
-    elif suffix in PICKLE_SUFFIXES:
-        torch.save(ckpt.nested(), str(path))
-    else:
+    if suffix != ".safetensors" and suffix not in PICKLE_SUFFIXES:
         raise CheckpointError(f"{path}: unknown output type '{suffix}'; use .safetensors or .bin")
+    with atomic_path(path) as temp:  # an existing file stays whole until the new one is
+        if suffix == ".safetensors":
+            tensors = {k: v.detach().contiguous().cpu() for k, v in ckpt.flat().items()}
+            save_file(tensors, str(temp), metadata={"format": "pt", **ckpt.metadata})
+        else:
+            torch.save(ckpt.nested(), str(temp))
     return path
+
+
+_ZIP = b"PK\x03\x04"  # torch.save's format since PyTorch 1.6
+_PICKLE = b"\x80"  # pickle protocol 2+ (torch.save's legacy format starts with one)
+_TORCH_LEGACY = b"\x80\x02\x8a\x0a"  # the legacy format's magic number, pickled
+
+
+def _preview(head: bytes, size: int = 8) -> str:
+    """The first bytes of a file, quoted: 'hello wo...'."""
+    shown = repr(head[:size])[1:]
+    return f"{shown[:-1]}...{shown[-1]}" if len(head) > size else shown
+
+
+def _sniff(head: bytes) -> str:
+    """What a file that is no checkpoint probably is, from its first bytes ("" when nothing is recognised)."""
+    start = head.lstrip().lower()
+    if start.startswith(b"version https://git-lfs"):
+        return "it is a Git LFS pointer, not the file itself: fetch the file with `git lfs pull`"
+    if start.startswith((b"<!doctype html", b"<html", b"<?xml", b"<head")):
+        return "it is a web page, not the file: download it again (a failed or redirected download?)"
+    if start.startswith((b"{", b"[")):
+        return "it is JSON text: a config or a recipe, not the adapter's weights"
+    if len(head) > 9 and head[8:10] in (b'{"', b"{'") and int.from_bytes(head[:8], "little") < 1 << 30:
+        return "it looks like a .safetensors file: rename it to .safetensors"
+    return ""
 
 
 def _first_line(error: BaseException) -> str:

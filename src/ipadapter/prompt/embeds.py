@@ -23,6 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import safe_open, save_file
 
 from ..errors import IncompatibleModelError, InputError
+from ..files import atomic_path
 from .encoder import ImageEncoder
 
 FORMAT = "ipadapter-embeds"
@@ -61,6 +62,8 @@ def save_embeds(
     path = Path(path)
     if path.suffix != ".safetensors":
         raise InputError(f"embeddings output '{path}' must end in .safetensors")
+    if path.is_dir():
+        raise InputError(f"embeddings output '{path}' is a folder; give a file name ending in .safetensors")
     tensors = {
         "features": features.detach().cpu().contiguous(),
         "negative": negative.detach().cpu().contiguous(),
@@ -78,7 +81,8 @@ def save_embeds(
         "image_sha1": image_sha1,
         "dtype": str(features.dtype).removeprefix("torch."),
     }
-    save_file(tensors, str(path), metadata=meta)
+    with atomic_path(path) as temp:  # an existing file stays whole until the new one is
+        save_file(tensors, str(temp), metadata=meta)
     return path
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from ..errors import InputError
 
@@ -25,12 +25,13 @@ def load_image(image: ImageInput, what: str = "reference image", convert=None) -
     """Open ``image`` safely and return it as RGB (or as ``convert(image)`` makes it).
 
     Refuses missing, empty, truncated or undecodable files and images over :data:`MAX_IMAGE_PIXELS`.
-    Converts other modes: transparency is composited onto white, palette/grey/CMYK become RGB, and 16-bit
-    or float images are scaled to 8 bits.
+    Turns the pixels as the EXIF orientation tag says (a phone photo comes out upright). Converts other modes:
+    transparency is composited onto white, palette/grey/CMYK become RGB, and 16-bit or float images are scaled
+    to 8 bits (floats in 0..1 as such).
     """
     convert = convert or to_rgb
     if isinstance(image, Image.Image):
-        return convert(image)
+        return convert(upright(image))
     if isinstance(image, bytes | bytearray | memoryview):  # encoded file contents (datasets, tar shards)
         data = bytes(image)
         if not data:
@@ -62,7 +63,7 @@ def _decode_locked(source: Any, label: str, kind: str, convert: Any) -> Image.Im
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(source) as img:
                 img.load()
-                return convert(img)
+                return convert(upright(img))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise InputError(
             f"{label} is too large to decode safely ({e}); the limit is {MAX_IMAGE_PIXELS:,} pixels: "
@@ -74,6 +75,20 @@ def _decode_locked(source: Any, label: str, kind: str, convert: Any) -> Image.Im
         raise InputError(f"{label}: could not be decoded ({e}); the {kind} may be truncated") from None
     finally:
         Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = old_limit, old_truncated
+
+
+_ORIENTATION = 0x0112  # EXIF tag: how a camera held sideways wants the pixels turned
+
+
+def upright(img: Image.Image) -> Image.Image:
+    """``img`` turned as its EXIF orientation tag says (as viewers and diffusers' ``load_image`` show it)."""
+    try:
+        orientation = img.getexif().get(_ORIENTATION, 1)
+    except Exception:  # noqa: BLE001 - broken EXIF: the pixels as stored (PIL raises many kinds)
+        return img
+    if orientation not in range(2, 9):
+        return img
+    return ImageOps.exif_transpose(img)
 
 
 def load_mask(mask: ImageInput, size: tuple[int, int] | None = None) -> tuple[Image.Image, str | None]:
@@ -129,8 +144,12 @@ def to_rgb(img: Image.Image) -> Image.Image:
     if img.mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        peak = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        arr = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0)
+        top = arr.max(initial=0)
+        if img.mode == "F" and 0 < top <= 1.0:  # float images in 0..1 (a float TIFF, a tensor saved as is)
+            peak = 1.0
+        else:
+            peak = 65535.0 if img.mode.startswith("I;16") or top > 255 else 255.0
         arr = np.clip(arr / peak * 255.0, 0, 255).round().astype(np.uint8)
         img = Image.fromarray(arr, mode="L")
     if img.mode in ("RGBA", "LA", "RGBa", "La", "PA"):
