@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from ..training.config import resumed_config
 from .common import finite, positive_float, positive_int, quiet_libraries, size
 
 
@@ -75,10 +76,6 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
 
 def cmd_train(args: argparse.Namespace) -> dict[str, Any] | None:
     """Train (or resume) an adapter; the result is an ordinary official-format adapter file."""
-    import torch
-
-    from ..training.config import resumed_config
-
     given = {
         k: v
         for k, v in vars(args).items()
@@ -88,6 +85,9 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any] | None:
     config = resumed_config(given, resume)
     if args.quiet:
         quiet_libraries()
+    # heavy: imported only once the options are checked (CLI start-up)
+    import torch
+
     from ..training.trainer import Trainer
 
     trainer = Trainer(config)

@@ -362,7 +362,7 @@ def _check_columns(spec: str, columns: list[str] | None, image_column: str, text
 
 def _undecoded(dataset: Any, image_column: str) -> Any:
     """Keep images encoded until the transform decodes them (so a corrupt one is skipped, not fatal)."""
-    from datasets import Image as ImageFeature
+    from datasets import Image as ImageFeature  # optional dependency (the train extra), and heavy
 
     features = getattr(dataset, "features", None)
     if features and isinstance(features.get(image_column), ImageFeature):
@@ -371,7 +371,7 @@ def _undecoded(dataset: Any, image_column: str) -> Any:
 
 
 def _open_disk_dataset(spec: str, path: Path, image_column: str, text_column: str, split: str) -> Source:
-    import datasets
+    import datasets  # optional dependency (the train extra), and heavy
 
     try:
         dataset = datasets.load_from_disk(str(path))
@@ -396,7 +396,7 @@ def _open_hub(spec: str, image_column: str, text_column: str, split: str) -> Sou
     name = spec[len("hf://") :].strip("/")
     if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name):
         raise InputError(f"dataset '{spec}': expected hf://owner/name (a Hugging Face hub dataset id)")
-    import datasets
+    import datasets  # optional dependency (the train extra), and heavy
 
     try:
         dataset = datasets.load_dataset(name, split=split, streaming=True)

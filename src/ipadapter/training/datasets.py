@@ -5,11 +5,13 @@ Map-style sources (folder, manifest, dataset saved with ``save_to_disk``) go thr
 :class:`EpochIndexed` read in the order of :class:`RankPositions`; streaming sources (``hf://`` hub datasets,
 tar shards) through :class:`StreamingDataset`. Random crops and flips are drawn from a generator seeded from
 (seed, epoch, index), so a resumed run reproduces them exactly. :func:`collate` drops the skipped examples
-from a batch and lists them.
+from a batch and lists them. Before a run, :func:`first_usable` makes sure the data holds at least one batch
+of readable examples (reading only as far as it must).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,7 +20,9 @@ import torch
 from ..errors import InputError
 from .data import Sample, Source
 from .seeds import epoch_order, example_generator, step_generator
-from .transform import Transform
+from .transform import Transform, decode_sample
+
+NAMED = 3  # unreadable examples named in the message of too little data
 
 
 class TrainingDataset(torch.utils.data.Dataset):
@@ -158,3 +162,44 @@ class RankPositions(torch.utils.data.Sampler):
 
     def __len__(self) -> int:  # endless; DataLoader only needs a number for its length hint
         return 2**31
+
+
+def _clause(reason: str) -> str:
+    """A skip reason shortened for a list: without its "training image '<path>': " label and its advice."""
+    reason = re.sub(r"^training image( '[^']*')?:? ", "", reason)
+    return reason.split("; ")[0][:160]
+
+
+def first_usable(source: Source, batch_size: int, processes: int) -> list[Sample]:
+    """The first ``batch_size`` x ``processes`` readable samples of ``source`` (one batch of every process),
+    read from its start: a healthy source costs one batch of decodes, a streamed one is read from its
+    beginning. A source with fewer (all of it read) is an :class:`InputError` saying what was found."""
+    needed = batch_size * processes
+    usable: list[Sample] = []
+    problems: list[tuple[str, str]] = []
+    read = unusable = 0
+    for sample in source:
+        read += 1
+        image, reason = decode_sample(sample)
+        if image is None:
+            unusable += 1
+            if len(problems) < NAMED:
+                problems.append((sample.key, reason))
+            continue
+        usable.append(sample)
+        if len(usable) >= needed:
+            return usable
+    if read == 0:
+        raise InputError(f"dataset '{source.spec}' is empty; expected image–caption pairs")
+    named = "; ".join(f"{key}: {_clause(reason)}" for key, reason in problems)
+    listed = f" (first problems: {named}{'; ...' if unusable > len(problems) else ''})" if problems else ""
+    fixes = ["replace or remove the unreadable files"] if problems else []
+    fixes.append("add images")
+    if len(usable) >= processes:
+        fixes.append(f"lower --batch-size to at most {len(usable) // processes}")
+    todo = ", ".join(fixes[:-1]) + (" or " if len(fixes) > 1 else "") + fixes[-1]
+    batch = f"one batch: --batch-size {batch_size} x {processes} process{'es' if processes > 1 else ''}"
+    raise InputError(
+        f"dataset '{source.spec}': {len(usable)} of {read} training images could be read{listed}; "
+        f"expected at least {needed} ({batch}); {todo}"
+    )

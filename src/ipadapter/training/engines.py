@@ -8,10 +8,12 @@ a checkpoint (DeepSpeed and FSDP write each process's part; plain keeps it in ``
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from accelerate.utils import DistributedType, load_fsdp_optimizer, save_fsdp_optimizer
 from torch import nn
 
 from ..errors import InputError
@@ -20,8 +22,6 @@ from .config import TrainConfig
 
 def engine_of(accelerator: Any) -> str:
     """How ``accelerator`` wraps the adapter: ``plain`` (one process or DDP), ``deepspeed`` or ``fsdp``."""
-    from accelerate.utils import DistributedType
-
     kind = accelerator.distributed_type
     return {DistributedType.DEEPSPEED: "deepspeed", DistributedType.FSDP: "fsdp"}.get(kind, "plain")
 
@@ -70,8 +70,7 @@ def _fit_deepspeed(c: TrainConfig, acc: Any) -> None:
 
 def _fit_fsdp(acc: Any) -> None:
     """A wrap policy that gathers the UNet's layers, and (FSDP1) the adapter's parameters kept apart."""
-    import functools
-
+    # FSDP runs only: some torch builds have no torch.distributed
     from torch.distributed.fsdp.wrap import size_based_auto_wrap_policy
 
     plugin = acc.state.fsdp_plugin
@@ -94,10 +93,11 @@ def whole_weights(engine: str, accelerator: Any, module: nn.Module) -> Any:
     if engine != "fsdp":
         return contextlib.nullcontext()
     if getattr(accelerator.state.fsdp_plugin, "fsdp_version", 1) == 1:
+        # FSDP runs only: some torch builds have no torch.distributed
         from torch.distributed.fsdp import FullyShardedDataParallel
 
         return FullyShardedDataParallel.summon_full_params(module, writeback=False)
-    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.fsdp import FSDPModule  # FSDP2 only: older torch has no FSDPModule
 
     @contextlib.contextmanager
     def unsharded() -> Iterator[None]:
@@ -124,8 +124,6 @@ def save_optimizer(
     if engine == "deepspeed":
         module.save_checkpoint(str(folder / "deepspeed"), tag="state", exclude_frozen_parameters=True)
     elif engine == "fsdp":
-        from accelerate.utils import save_fsdp_optimizer
-
         save_fsdp_optimizer(accelerator.state.fsdp_plugin, accelerator, optimizer, module, str(folder))
     else:
         return {"optimizer": optimizer.state_dict()}
@@ -144,8 +142,6 @@ def load_optimizer(
             load_lr_scheduler_states=False,
         )
     elif engine == "fsdp":
-        from accelerate.utils import load_fsdp_optimizer
-
         load_fsdp_optimizer(accelerator.state.fsdp_plugin, accelerator, optimizer, module, str(folder))
     else:
         optimizer.load_state_dict(state["optimizer"])

@@ -12,8 +12,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..adapters.variants import AdapterSpec, ResamplerConfig
+from ..adapters.checkpoint import Checkpoint, ip_key, load_checkpoint
+from ..adapters.projection import build_projection
+from ..adapters.variants import AdapterSpec, ResamplerConfig, detect
 from ..errors import IncompatibleModelError
+from ..hosts.unet import cross_attention_layers
+from ..prompt.conditioning import ImagePrompt
+from ..sources import resolve_adapter
 
 
 def default_training_encoder(pipe: Any, variant: str) -> str:
@@ -25,8 +30,6 @@ def default_training_encoder(pipe: Any, variant: str) -> str:
 
 def new_spec(variant: str, unet: nn.Module, encoder: nn.Module, num_tokens: int) -> AdapterSpec:
     """The adapter layout the recipe trains for this UNet and image encoder (official hyper-parameters)."""
-    from ..hosts.unet import cross_attention_layers
-
     layers = cross_attention_layers(unet)
     cross = layers[0].cross_attention_dim
     config = encoder.config
@@ -62,10 +65,6 @@ def new_spec(variant: str, unet: nn.Module, encoder: nn.Module, num_tokens: int)
 
 def initial_checkpoint(spec: AdapterSpec, unet: nn.Module, seed: int) -> Any:
     """A fresh projection and ``to_k_ip``/``to_v_ip`` copied from each layer's ``to_k``/``to_v``."""
-    from ..adapters.checkpoint import Checkpoint, ip_key
-    from ..adapters.projection import build_projection
-    from ..hosts.unet import cross_attention_layers
-
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         projection = build_projection(spec)
@@ -81,10 +80,6 @@ def initial_checkpoint(spec: AdapterSpec, unet: nn.Module, seed: int) -> Any:
 def start_checkpoint(spec: AdapterSpec, unet: nn.Module, seed: int, init_adapter: str | None) -> Any:
     """The weights training starts from: ``init_adapter`` (fine-tuning; it must have ``spec``'s layout, tokens
     and feature size) or, without it, :func:`initial_checkpoint`."""
-    from ..adapters.checkpoint import load_checkpoint
-    from ..adapters.variants import detect
-    from ..sources import resolve_adapter
-
     if not init_adapter:
         return initial_checkpoint(spec, unet, seed)
     init = load_checkpoint(resolve_adapter(init_adapter))
@@ -138,8 +133,6 @@ class AdapterTrainModule(nn.Module):
         features: torch.Tensor,
         added_cond_kwargs: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        from ..prompt.conditioning import ImagePrompt
-
         # DeepSpeed runs the whole module (adapter included) in fp16/bf16; elsewhere the adapter is float32
         tokens = self.projection(features.to(next(self.projection.parameters()).dtype))  # (B, N, D)
         prompt = ImagePrompt({self.name: tokens}, {self.name: tokens}, guidance=False)
@@ -159,8 +152,6 @@ def trainable_state(handle: Any, gathered: dict[str, torch.Tensor] | None = None
     without it the weights are read from the live modules, which hold them whole (single process, DDP,
     DeepSpeed ZeRO 1/2).
     """
-    from ..adapters.checkpoint import Checkpoint
-
     if gathered is None:
         live = handle.state_dict()
         image_proj, ip_adapter = live.image_proj, live.ip_adapter

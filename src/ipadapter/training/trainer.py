@@ -25,13 +25,23 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from accelerate.utils import ProjectConfiguration
+from diffusers import DDPMScheduler
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from tqdm.auto import tqdm
 
+from ..adapter import attach
+from ..adapters.checkpoint import save_checkpoint
 from ..errors import InputError
-from .checkpoints import check_output, latest_checkpoint, step_folder, write_checkpoint
+from ..prompt.images import load_image
+from ..sources import load_image_encoder
+from .cache import CachedExamples, FeatureCache, fill_shards
+from .checkpoints import check_output, latest_checkpoint, resume_point, step_folder, write_checkpoint
 from .config import CONFIG, TrainConfig
 from .data import open_source
-from .datasets import EpochIndexed, RankPositions, StreamingDataset, collate
+from .datasets import EpochIndexed, RankPositions, StreamingDataset, collate, first_usable
 from .engines import configure_engine, engine_of, load_optimizer, save_optimizer, whole_weights
 from .model import (
     AdapterTrainModule,
@@ -58,6 +68,8 @@ class Trainer:
         self.losses: list[float] = []  # per optimizer step, this process
         self.seconds = {"setup": 0.0, "cache": 0.0, "train": 0.0}
         self.samples = 0  # examples trained on in this session, all processes
+        self.usable: list[Any] = []  # the data's first readable samples, one batch of every process (setup)
+        self.resume_from: Any = None  # the checkpoint a resumed run starts from, read whole (setup)
         self._kernels_before: tuple[bool, bool, bool] | None = None  # torch's switches, while --deterministic
 
     # -- setup -------------------------------------------------------------------------------------------
@@ -78,17 +90,19 @@ class Trainer:
             self._kernels_before = None
 
     def _setup(self) -> None:
-        from ..prompt.images import load_image
-
         started = time.perf_counter()
         c = self.config
         check_output(c)
+        # a resumed run's newest checkpoint is read whole now: a damaged one is refused before any work
+        self.resume_from = resume_point(self.output) if c.resume else None
         self.report_to = self._report_to()
         self.source = open_source(c.data, image_column=c.image_column, text_column=c.text_column)
         if c.validation_image:
             self.validation_reference = load_image(c.validation_image, "validation image")
         self._start_accelerator()
         configure_engine(c, self.accelerator)
+        # at least one batch of every process must be readable (else a run "trains" on nothing)
+        self.usable = first_usable(self.source, c.batch_size, self.accelerator.num_processes)
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
             c.mixed_precision, torch.float32
         )
@@ -112,10 +126,6 @@ class Trainer:
 
     def _start_accelerator(self) -> None:
         """The run's :class:`accelerate.Accelerator` (its engine, precision and process group)."""
-        from accelerate import Accelerator
-        from accelerate.state import AcceleratorState
-        from accelerate.utils import ProjectConfiguration
-
         c = self.config
         # A second run in the same process (a notebook, tests) may use another precision: accelerate keeps
         # that in a process-wide singleton. Reset it; the distributed PartialState is kept.
@@ -142,11 +152,8 @@ class Trainer:
     def _load_models(self) -> str:
         """The base pipeline, image encoder and adapter (fresh or ``init_adapter``), all frozen but the adapter
         and placed on the device; returns the image encoder's name."""
-        from diffusers import DDPMScheduler
-
-        from ..adapter import attach
+        # heavy: diffusers pipelines load with the models, after the run inputs are checked
         from ..pipelines import load_pipeline
-        from ..sources import load_image_encoder
 
         c = self.config
         pipe = load_pipeline(c.base, dtype=torch.float32, device="cpu", base_config=c.base_config)
@@ -173,8 +180,6 @@ class Trainer:
 
     def _prepare(self) -> None:
         """The optimizer and lr schedule; the adapter wrapped for the engine; a resumed run's state restored."""
-        from ..adapters.checkpoint import load_checkpoint
-
         c, acc, handle = self.config, self.accelerator, self.handle
         module = AdapterTrainModule(self.pipe.unet, handle.projection, handle.name)
         optimizer = torch.optim.AdamW(self.params, lr=c.lr, weight_decay=c.weight_decay)
@@ -182,17 +187,19 @@ class Trainer:
             optimizer, lambda step: min(1.0, (step + 1) / c.warmup_steps) if c.warmup_steps else 1.0
         )
         self.step = 0
-        latest = latest_checkpoint(self.output, acc, self.engine) if c.resume else None
+        latest = latest_checkpoint(self.output, acc, self.engine, self.resume_from) if c.resume else None
         if latest is not None:  # weights go in before wrapping: FSDP shards and DDP broadcasts what it finds
-            handle.load_state_dict(load_checkpoint(latest[0] / "adapter.safetensors"))
+            handle.load_state_dict(latest.adapter)
         self.module, self.optimizer = acc.prepare(module, optimizer)
         self.lr_scheduler = lr_scheduler
         if latest is not None:
-            self._load_state(*latest)
+            self._load_state(latest.folder, latest.saved, latest.state)
+        self.resume_from = None  # its tensors are in the model and optimizer now
 
     def _report_to(self) -> str:
         """Where losses go: TensorBoard when asked for (its package must be there) or, by default, when
         installed; without it a default run trains unlogged (and says so once it knows its main process)."""
+        # looked up per call: tests patch accelerate.utils
         from accelerate.utils import is_tensorboard_available
 
         wanted = self.config.report_to
@@ -229,8 +236,6 @@ class Trainer:
             yield from loader
             return
         if self.cache is not None:
-            from .cache import CachedExamples
-
             dataset = CachedExamples(self.cache, self.source)
         else:
             dataset = EpochIndexed(self.source, self.transform, c.seed)
@@ -241,6 +246,19 @@ class Trainer:
             dataset, batch_size=per_rank, sampler=sampler, collate_fn=collate, num_workers=c.num_workers
         )
         yield from loader
+
+    def _first_batch(self) -> dict[str, Any]:
+        """A batch of the data's first readable examples (found by setup): what a micro-batch of unreadable
+        images trains on when no earlier batch can be repeated, so no step learns from nothing."""
+        c = self.config
+        first = self.usable[: c.batch_size]
+        batch = collate([self.transform(s, step_generator(c.seed, 8, i)) for i, s in enumerate(first)])
+        if not batch["texts"]:
+            raise InputError(
+                f"the training images of '{c.data}' that could be read at the start can't be read any more "
+                f"(e.g. {batch['skipped'][0][0]}: {batch['skipped'][0][1]}); check the data and resume the run"
+            )
+        return batch
 
     # -- one step ----------------------------------------------------------------------------------------
     def _encode_text(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -317,8 +335,6 @@ class Trainer:
 
     def _build_cache(self, encoder_spec: str) -> None:
         """Compute the missing cache shards (ranks share them), then read the negative features."""
-        from .cache import FeatureCache, fill_shards
-
         c, acc = self.config, self.accelerator
         if self.source.streaming:
             raise InputError(
@@ -381,8 +397,6 @@ class Trainer:
             self._restore_kernels()
 
     def _train(self) -> Path:
-        from tqdm.auto import tqdm
-
         c, acc = self.config, self.accelerator
         batches = self._batches()
         bar = tqdm(
@@ -396,9 +410,7 @@ class Trainer:
                 batch = next(batches)
                 self.skipped.extend(batch.get("skipped", []))
                 if not batch["texts"]:  # every image of this micro-batch was unreadable: repeat the last one
-                    if last_good is None:
-                        continue
-                    batch = last_good
+                    batch = last_good if last_good is not None else self._first_batch()
                 last_good = batch
                 gen = step_generator(c.seed, self.step, micro, acc.process_index)
                 # accumulate() tells DeepSpeed which micro-batch ends a step (it counts and scales itself);
@@ -471,9 +483,9 @@ class Trainer:
         gathered = self.accelerator.get_state_dict(self.module) if self.engine == "fsdp" else None
         return trainable_state(self.handle, gathered) if self.accelerator.is_main_process else None
 
-    def _load_state(self, folder: Path, saved: dict[str, Any]) -> None:
-        """Optimizer, lr schedule and position from a checkpoint (after the adapter is wrapped)."""
-        state = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
+    def _load_state(self, folder: Path, saved: dict[str, Any], state: dict[str, Any]) -> None:
+        """Optimizer, lr schedule and position from a checkpoint (``state``: its optimizer.pt), after the
+        adapter is wrapped."""
         load_optimizer(self.engine, self.accelerator, self.module, self.optimizer, folder, state)
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         self.step = int(saved["step"])
@@ -510,8 +522,6 @@ class Trainer:
 
     def export(self, path: Path) -> Path:
         """The adapter as an official-format ``.safetensors`` in the export dtype, with run metadata."""
-        from ..adapters.checkpoint import save_checkpoint
-
         acc = self.accelerator
         acc.wait_for_everyone()
         ckpt = self._adapter_checkpoint()

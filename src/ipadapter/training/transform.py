@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from transformers import CLIPImageProcessorPil
 
 from ..errors import InputError
 from ..prompt.images import MAX_IMAGE_PIXELS, load_image
@@ -44,6 +45,18 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
+def decode_sample(sample: Sample) -> tuple[Image.Image | None, str]:
+    """A sample's image as RGB and ``""``, or None and the one-line reason it can't be used (then skipped)."""
+    if sample.error:
+        return None, _one_line(sample.error)
+    try:
+        return _decode(sample.image), ""
+    except InputError as e:
+        return None, _one_line(str(e))
+    except Exception as e:  # a decoder bug must not end a long training run
+        return None, _one_line(f"{_WHAT}: could not be read ({type(e).__name__}: {e})")
+
+
 @dataclass
 class Transform:
     """Sample -> training tensors: VAE pixels (resize shortest side, crop, optional flip) and CLIP pixels.
@@ -69,7 +82,6 @@ class Transform:
             raise InputError(
                 f"clip_size {self.clip_size!r} is not a positive integer; expected the image encoder's image_size"
             )
-        from transformers import CLIPImageProcessorPil
 
         size = self.clip_size
         self._processor = CLIPImageProcessorPil(
@@ -78,17 +90,9 @@ class Transform:
 
     def __call__(self, sample: Sample, generator: torch.Generator | None = None) -> dict[str, Any]:
         """Decode and transform one sample, or return ``{"key", "skipped": reason}`` if it can't be used."""
-        if sample.error:
-            return {"key": sample.key, "skipped": _one_line(sample.error)}
-        try:
-            rgb = _decode(sample.image)
-        except InputError as e:
-            return {"key": sample.key, "skipped": _one_line(str(e))}
-        except Exception as e:  # a decoder bug must not end a long training run
-            return {
-                "key": sample.key,
-                "skipped": _one_line(f"{_WHAT}: could not be read ({type(e).__name__}: {e})"),
-            }
+        rgb, reason = decode_sample(sample)
+        if rgb is None:
+            return {"key": sample.key, "skipped": reason}
         width, height = rgb.size
         r = self.resolution
         scale = r / min(width, height)

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .config import TrainConfig
@@ -42,7 +43,5 @@ def save_validation(image: Any, output: Path, step: int, trackers: list[Any]) ->
     image.save(path)
     for tracker in trackers:
         if tracker.name == "tensorboard":
-            import numpy as np
-
             tracker.writer.add_image("validation", np.asarray(image), step, dataformats="HWC")
     return path
