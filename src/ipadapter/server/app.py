@@ -9,30 +9,40 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import errno
 import hmac
 import io
 import json
 import logging
+import socket
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.staticfiles import StaticFiles
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+from swagger_ui_bundle import swagger_ui_path
 
+from .. import __version__
 from ..errors import IPAdapterError
 from ..jobs.engine import Engine
 from ..jobs.job import Result
+from ..media import save_video
 from .bodies import (
     MAX_FRAMES,
     MAX_IMAGES,
@@ -45,7 +55,19 @@ from .bodies import (
     parse_json,
 )
 from .config import ServerConfig
-from .jobs import DONE, FAILED, FINISHED, QUEUED, RUNNING, JobQueue, QueueFull, ShuttingDown, Ticket, failure
+from .jobs import (
+    DONE,
+    FAILED,
+    FINISHED,
+    JobQueue,
+    QueueFull,
+    ShuttingDown,
+    Stopper,
+    Ticket,
+    failure,
+    job_view,
+)
+from .models import preload
 
 log = logging.getLogger("ipadapter.server")
 
@@ -62,6 +84,10 @@ class BodyTooLarge(ApiError):
     def __init__(self, limit: int) -> None:
         message = f"the request body is larger than this server's limit of {limit:,} bytes; send smaller (or fewer) images"
         super().__init__(413, "too_large", message, {"Connection": "close"})
+
+
+class ListenError(IPAdapterError):
+    """The server cannot listen on its host and port (busy, not this machine's address, no permission)."""
 
 
 def error_response(
@@ -117,8 +143,6 @@ def BodyTooLargeResponse(limit: int) -> JSONResponse:  # noqa: N802 - reads like
 
 def png_base64(image: Image.Image, params: dict[str, Any]) -> str:
     """The image as PNG carrying ``params`` in its ``parameters`` text chunk (as the CLI writes), base64."""
-    from PIL.PngImagePlugin import PngInfo
-
     info = PngInfo()
     info.add_text("parameters", json.dumps(params))
     buffer = io.BytesIO()
@@ -127,8 +151,6 @@ def png_base64(image: Image.Image, params: dict[str, Any]) -> str:
 
 
 def gif_base64(frames: list[Image.Image], fps: float, params: dict[str, Any]) -> str:
-    from ..media import save_video
-
     with tempfile.TemporaryDirectory() as folder:
         path = save_video(frames, Path(folder) / "video.gif", fps, params)
         return base64.b64encode(path.read_bytes()).decode("ascii")
@@ -152,41 +174,12 @@ def encode_result(result: Result, prepared: Prepared) -> dict[str, Any]:
     return out
 
 
-def job_view(ticket: Ticket, queue: JobQueue) -> dict[str, Any]:
-    """A job as GET /v1/jobs/{id} shows it."""
-    view: dict[str, Any] = {
-        "id": ticket.id,
-        "status": ticket.status,
-        "progress": {"step": ticket.step, "total": ticket.total},
-    }
-    if ticket.status == QUEUED:
-        view["position"] = queue.position(ticket)
-    if ticket.status == RUNNING and ticket.cancel_requested.is_set():
-        view["cancel_requested"] = True
-    if ticket.status == DONE and ticket.result is not None:
-        result = dict(ticket.result)
-        queued = (ticket.started or ticket.created) - ticket.created
-        result["seconds"] = {
-            **result["seconds"],
-            "queued": round(queued, 3),
-            "total": round((ticket.finished or time.time()) - ticket.created, 3),
-        }
-        view["result"] = result
-    if ticket.status == FAILED and ticket.error is not None:
-        view["error"] = {"type": ticket.error.type, "message": ticket.error.message}
-    return view
-
-
 # ---------------------------------------------------------------------------------------------------------
 # The app
 
 
 def _add_docs(app: FastAPI) -> None:
     """``/docs``: Swagger UI from the swagger-ui-bundle-v2 package's files, so it works offline."""
-    from fastapi.openapi.docs import get_swagger_ui_html
-    from fastapi.staticfiles import StaticFiles
-    from swagger_ui_bundle import swagger_ui_path
-
     app.mount("/docs-assets", StaticFiles(directory=swagger_ui_path), name="docs-assets")
 
     @app.get("/docs", include_in_schema=False)
@@ -219,45 +212,120 @@ _ERROR_DOC = {
     for code, what, kind in (
         (400, "the body is not a JSON object", "invalid_json"),
         (401, "missing or wrong bearer token", "unauthorized"),
+        (408, "the body did not arrive within the body deadline", "timeout"),
         (413, "the body is too large", "too_large"),
         (422, "an option or image is not usable", "invalid_input"),
         (429, "the queue is full (see Retry-After)", "queue_full"),
+        (503, "the server is shutting down", "unavailable"),
     )
 }
 
 
+class Intake:
+    """A ``/v1`` request's way in: its body read under a deadline, then a queue slot, then its job built."""
+
+    def __init__(self, config: ServerConfig, served: Served, queue: JobQueue, stopper: Stopper) -> None:
+        self.config, self.served, self.queue, self.stopper = config, served, queue, stopper
+
+    async def read(self, request: Request) -> bytes:
+        """The whole body within ``config.body_timeout`` s (else 408), or 503 as soon as the server stops.
+
+        No queue slot is held while a body arrives, so slow senders cannot lock other clients out; a full queue
+        still refuses before the body is read (it costs nothing).
+        """
+        self.queue.check()
+
+        async def body() -> bytes:
+            return b"".join([chunk async for chunk in request.stream()])
+
+        try:
+            return await self.stopper.first(body(), self.config.body_timeout)  # or 413, or the client left
+        except asyncio.TimeoutError:  # (not the builtin before Python 3.11)
+            seconds = self.config.body_timeout
+            message = f"the request body did not arrive within {seconds:g} s (this server's body deadline)"
+            raise ApiError(
+                408, "timeout", message + "; send it faster, or smaller", {"Connection": "close"}
+            ) from None
+
+    async def admit(self, request: Request, *, kept: bool) -> Ticket:
+        """Read the body, reserve a slot, decode the body (not cached on the request) into a job and queue it."""
+        raw = await self.read(request)
+        with self.queue.reserve() as slot:
+            body = parse_json(raw)
+            del raw
+            prepared = await run_in_threadpool(_build, body, self.served)
+            del body
+            job, prepared.job = prepared.job, None  # the ticket owns the job and drops it after the run
+            return slot.submit(job, lambda result: encode_result(result, prepared), kept=kept)
+
+    async def answer(self, ticket: Ticket, request: Request) -> Response:
+        """A synchronous request's answer: the result or the job's error; 499 (and the job cancelled) when the
+        client leaves; 503 at once when the server stops."""
+        loop = asyncio.get_running_loop()
+        with self.stopper.watch() as wake:
+            ticket.on_finish(lambda: loop.call_soon_threadsafe(wake.set))
+            try:
+                while not wake.is_set():
+                    try:
+                        await asyncio.wait_for(wake.wait(), 0.25)
+                    except asyncio.TimeoutError:  # (not the builtin before Python 3.11)
+                        if await request.is_disconnected():  # the client left: free its slot
+                            self.queue.cancel(ticket)
+                            return Response(status_code=499)
+            finally:
+                if not ticket.done:
+                    self.queue.cancel(ticket)
+        if ticket.status == DONE:
+            return JSONResponse(job_view(ticket, self.queue)["result"])
+        if ticket.status == FAILED and ticket.error is not None:
+            return error_response(ticket.error.status, ticket.error.type, ticket.error.message)
+        return error_response(503, "cancelled", "the job was cancelled (the server is shutting down)")
+
+
 def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
     """The FastAPI app serving ``config``'s models; loads them now (or uses ``engine``) and attaches every adapter."""
-    from .. import __version__
-    from .models import preload
-
     if engine is None:
         engine = Engine(config.device, config.dtype, compile=config.compile)
     served, models = preload(engine, config)
-    models["limits"].update(max_images=MAX_IMAGES, max_frames=MAX_FRAMES, max_steps=MAX_STEPS)
+    models["limits"].update(
+        max_images=MAX_IMAGES, max_frames=MAX_FRAMES, max_steps=MAX_STEPS, body_timeout=config.body_timeout
+    )
     queue = JobQueue(
         engine, config.max_queue, keep_finished=config.keep_finished, keep_seconds=config.keep_seconds
     )
-    page = _page()
+    stopper = Stopper(queue)
+    app = _new_app(queue, stopper)
+    app.state.queue, app.state.engine, app.state.served, app.state.stopper = queue, engine, served, stopper
+    app.add_middleware(BodyLimit, limit=config.max_body_bytes)
+    _add_error_handlers(app)
+    app.include_router(_v1_router(config, Intake(config, served, queue, stopper), models))
+    _add_open_routes(app, config, queue)
+    _add_docs(app)
+    return app
+
+
+def _new_app(queue: JobQueue, stopper: Stopper) -> FastAPI:
+    """The bare app: its description, and a lifespan that stops the jobs and closes the queue at the end."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):  # noqa: ANN202
         yield
+        stopper()
         await run_in_threadpool(queue.close)
 
-    app = FastAPI(
+    return FastAPI(
         title="ipadapter",
         version=__version__,
         description="IP-Adapter image prompts for Stable Diffusion: synchronous generation, a job queue and "
         'a web page. Images travel as base64; errors as {"error": {"type", "message"}}.',
         lifespan=lifespan,
-        docs_url=None,  # served below from local files: FastAPI's default page loads Swagger UI from a CDN
+        docs_url=None,  # served by _add_docs from local files: FastAPI's default page loads Swagger UI from a CDN
         redoc_url=None,
     )
-    app.state.queue, app.state.engine, app.state.served = queue, engine, served
-    app.add_middleware(BodyLimit, limit=config.max_body_bytes)
-    _add_error_handlers(app)
 
+
+def _authorization(config: ServerConfig) -> Any:
+    """The dependency every ``/v1`` route has: the bearer token, when the server has one (else 401)."""
     bearer = HTTPBearer(auto_error=False, description="the token the server was started with")
 
     def authorized(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
@@ -274,19 +342,13 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
                 {"WWW-Authenticate": "Bearer"},
             )
 
-    async def prepare(request: Request) -> Prepared:
-        """Read the body (not cached on the request: it is dropped once decoded) and build the job."""
-        chunks = [chunk async for chunk in request.stream()]
-        body = parse_json(b"".join(chunks))
-        del chunks
-        return await run_in_threadpool(_build, body, served)
+    return authorized
 
-    def submit(prepared: Prepared, slot: Any, kept: bool) -> Ticket:
-        job = prepared.job
-        prepared.job = None  # type: ignore[assignment] - the ticket owns the job and drops it after the run
-        return slot.submit(job, lambda result: encode_result(result, prepared), kept=kept)
 
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorized)])
+def _v1_router(config: ServerConfig, intake: Intake, models: dict[str, Any]) -> APIRouter:
+    """``/v1``: generate now, queue a job, what is served; the job routes (:func:`_add_job_routes`)."""
+    queue = intake.queue
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(_authorization(config))])
 
     @v1.post(
         "/generate",
@@ -295,27 +357,7 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
         summary="Generate now: the response holds the images (base64 PNGs) or the video (base64 GIF)",
     )
     async def generate(request: Request) -> Response:
-        with queue.reserve() as slot:
-            ticket = submit(await prepare(request), slot, kept=False)
-        loop, finished = asyncio.get_running_loop(), asyncio.Event()
-        ticket.on_finish(lambda: loop.call_soon_threadsafe(finished.set))
-        try:
-            while not finished.is_set():
-                try:
-                    await asyncio.wait_for(finished.wait(), 0.25)
-                except asyncio.TimeoutError:  # (not the builtin before Python 3.11)
-                    if await request.is_disconnected():  # the client left: free its slot
-                        queue.cancel(ticket)
-                        return Response(status_code=499)
-        finally:
-            if not ticket.done:
-                queue.cancel(ticket)
-        view = job_view(ticket, queue)
-        if ticket.status == DONE:
-            return JSONResponse(view["result"])
-        if ticket.status == FAILED and ticket.error is not None:
-            return error_response(ticket.error.status, ticket.error.type, ticket.error.message)
-        return error_response(503, "cancelled", "the job was cancelled (the server is shutting down)")
+        return await intake.answer(await intake.admit(request, kept=False), request)
 
     @v1.post(
         "/jobs",
@@ -325,11 +367,22 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
         summary="Queue a job: answers 202 with its id; poll GET /v1/jobs/{id}",
     )
     async def create_job(request: Request) -> JSONResponse:
-        with queue.reserve() as slot:
-            ticket = submit(await prepare(request), slot, kept=True)
+        ticket = await intake.admit(request, kept=True)
         return JSONResponse(
             job_view(ticket, queue), status_code=202, headers={"Location": f"/v1/jobs/{ticket.id}"}
         )
+
+    _add_job_routes(v1, config, queue)
+
+    @v1.get("/models", summary="What is served: base, adapters, ControlNets, motion adapter, modes, device")
+    def list_models() -> dict[str, Any]:
+        return models
+
+    return v1
+
+
+def _add_job_routes(v1: APIRouter, config: ServerConfig, queue: JobQueue) -> None:
+    """``GET`` and ``DELETE /v1/jobs/{id}``: a job's status, progress and result; cancel or forget it."""
 
     def find(job_id: str) -> Ticket:
         ticket = queue.get(job_id)
@@ -358,11 +411,10 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
         queue.cancel(ticket)
         return job_view(ticket, queue)
 
-    @v1.get("/models", summary="What is served: base, adapters, ControlNets, motion adapter, modes, device")
-    def list_models() -> dict[str, Any]:
-        return models
 
-    app.include_router(v1)
+def _add_open_routes(app: FastAPI, config: ServerConfig, queue: JobQueue) -> None:
+    """The routes that need no token: ``/healthz`` and the web page."""
+    page = _page()
 
     @app.get("/healthz", summary="Liveness: 200 while the worker runs (open, no token needed)")
     def healthz() -> JSONResponse:
@@ -374,10 +426,6 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def index() -> HTMLResponse:
         return HTMLResponse(page, headers=_PAGE_HEADERS)
-
-    _add_docs(app)
-
-    return app
 
 
 def _build(body: dict[str, Any], served: Served) -> Prepared:  # a module-level seam (tests replace it)
@@ -395,7 +443,11 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ShuttingDown)
     async def shutting_down(request: Request, e: ShuttingDown) -> JSONResponse:
-        return error_response(503, "unavailable", str(e))
+        return error_response(503, "unavailable", str(e), {"Connection": "close"})
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_left(request: Request, e: ClientDisconnect) -> Response:
+        return Response(status_code=499)  # nobody reads it: the client left while sending its body
 
     @app.exception_handler(IPAdapterError)
     async def library_error(request: Request, e: IPAdapterError) -> JSONResponse:
@@ -427,17 +479,40 @@ def _add_error_handlers(app: FastAPI) -> None:
         return error_response(500, "internal", f"internal error ({type(e).__name__}); see the server log")
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Running it
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server; on SIGINT or SIGTERM (or ``should_exit``) it runs the app's :class:`Stopper` before it
+    waits for open connections, so every request waiting on a body or a job answers 503 at once, jobs are
+    cancelled and the queue closes. ``on_listen`` is called once the server listens."""
+
+    on_listen: Callable[[], None] | None = None
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        if self.started and self.on_listen is not None:
+            self.on_listen()
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        stopper = getattr(getattr(self.config.app, "state", None), "stopper", None)
+        if stopper is not None:
+            stopper()
+        await super().shutdown(sockets=sockets)
+
+
 @contextmanager
 def serve_in_thread(
     app: FastAPI, host: str = "127.0.0.1", port: int = 0, timeout: float = 60.0
 ) -> Iterator[str]:
     """Run ``app`` with uvicorn in a background thread (tests, benchmarks); yields its base URL.
 
-    ``port`` 0 picks a free port. On exit the server stops (its lifespan closes the app's job queue).
+    ``port`` 0 picks a free port. ``app.state.server`` is the :class:`Server` (``handle_exit`` stops it as a
+    signal does). On exit the server stops (its lifespan closes the app's job queue).
     """
-    import uvicorn
-
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on"))
+    server = Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on"))
+    app.state.server = server
     thread = threading.Thread(target=server.run, name="ipadapter-uvicorn", daemon=True)
     thread.start()
     deadline = time.monotonic() + timeout
@@ -454,18 +529,60 @@ def serve_in_thread(
         thread.join(timeout)
 
 
-def serve(config: ServerConfig) -> None:
-    """Load the models, then serve until interrupted (blocking)."""
-    import uvicorn
+def listen_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host``:``port``, not listening yet; ListenError (one line) if it cannot be bound."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a port in TIME_WAIT is free
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise _listen_error(host, port, e) from None
+    return sock
 
-    app = create_app(config)
-    if config.token is None and config.host not in ("127.0.0.1", "localhost", "::1"):
-        log.warning(
-            "serving on %s without a token: anyone who can reach port %d can use it", config.host, config.port
+
+def _listen_error(host: str, port: int, error: OSError) -> ListenError:
+    if error.errno == errno.EADDRINUSE:
+        return ListenError(f"port {port} on {host} is in use; stop the other server or pick another --port")
+    if error.errno == errno.EACCES:
+        return ListenError(f"port {port} on {host}: permission denied (ports below 1024 need privileges); "
+                           "pick another --port")  # fmt: skip
+    why = error.strerror or str(error)
+    return ListenError(f"cannot listen on {host} port {port} ({why}); check --host and --port")
+
+
+def serve(config: ServerConfig) -> None:
+    """Bind the port, load the models, then serve until interrupted (blocking).
+
+    The port is bound before any model loads, so a busy port fails at once (ListenError: one line); "serving" is
+    printed once the server listens.
+    """
+    sock = listen_socket(config.host, config.port)
+    try:
+        app = create_app(config)
+        if config.token is None and config.host not in ("127.0.0.1", "localhost", "::1"):
+            log.warning(
+                "serving on %s without a token: anyone who can reach port %d can use it",
+                config.host,
+                config.port,
+            )
+        port = sock.getsockname()[1]
+        where = f"[{config.host}]" if ":" in config.host else config.host
+
+        def listening() -> None:
+            print(f"ipadapter: serving {config.base} with {', '.join(config.adapters)} on http://{where}:{port}/ "
+                  "(API docs: /docs)", flush=True)  # fmt: skip
+
+        settings = uvicorn.Config(
+            app, host=config.host, port=port, log_level="info", timeout_graceful_shutdown=10
         )
-    print(
-        f"ipadapter: serving {config.base} with {', '.join(config.adapters)} on http://{config.host}:"
-        f"{config.port}/ (API docs: /docs)",
-        flush=True,
-    )
-    uvicorn.run(app, host=config.host, port=config.port, log_level="info", timeout_graceful_shutdown=10)
+        server = Server(settings)
+        server.on_listen = listening
+        try:
+            server.run(sockets=[sock])
+        except OSError as e:  # listen() failed: another socket that allows reuse holds the port
+            if server.started:
+                raise
+            raise _listen_error(config.host, port, e) from None
+    finally:
+        sock.close()

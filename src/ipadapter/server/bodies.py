@@ -21,8 +21,9 @@ from PIL import Image
 from ..errors import InputError
 from ..fields import Option
 from ..jobs.job import Job
-from ..jobs.options import OPTIONS, SET_BY_SERVER, job_from_options
+from ..jobs.options import OPTIONS, SET_BY_SERVER, Limits, job_from_options
 from ..modes import MODES
+from ..prompt.images import load_image
 from .config import ServerConfig
 
 MAX_IMAGES = 16  # num_images per request
@@ -191,25 +192,6 @@ def _check_keys(body: dict[str, Any]) -> None:
         )
 
 
-def _number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def _check_limits(body: dict[str, Any], served: Served) -> None:
-    """Bounds on the work one request may ask for (types and the rest are checked by job_from_options)."""
-    for key, high in (("num_images", MAX_IMAGES), ("frames", MAX_FRAMES), ("steps", MAX_STEPS)):
-        value = body.get(key)
-        if _number(value) and value > high:
-            raise InputError(f"'{key}' is {value}; this server allows at most {high}")
-    max_pixels = served.config.max_pixels
-    width, height = (body.get(k) if _number(body.get(k)) else served.native_size for k in ("width", "height"))
-    if width * height > max_pixels:
-        raise InputError(
-            f"{width}x{height} = {width * height:,} pixels; this server makes images of at most {max_pixels:,} "
-            "pixels: ask for a smaller width/height"
-        )
-
-
 def _check_controlnets(body: dict[str, Any], config: ServerConfig) -> None:
     """Every ControlNet named is one this server serves (counts and scales: ``job_from_options``)."""
     nets = body.get("controlnet") or []
@@ -245,7 +227,6 @@ def options_from_body(body: dict[str, Any], served: Served) -> dict[str, Any]:
     """The body as ``job_from_options`` options: server keys filled in, served names and limits checked."""
     config = served.config
     _check_keys(body)
-    _check_limits(body, served)
     options = dict(body)
     mode = body.get("mode") or "t2i"
     if isinstance(mode, str) and mode in MODES and mode not in served.modes:
@@ -268,13 +249,19 @@ def options_from_body(body: dict[str, Any], served: Served) -> dict[str, Any]:
 
 def build_request(body: dict[str, Any], served: Served) -> Prepared:
     """Check ``body`` and decode its images: a Job ready for the queue (InputError otherwise)."""
-    from ..prompt.images import load_image
-
     max_pixels = served.config.max_pixels
 
     def locate(value: Any, what: str) -> Image.Image:
         """Base64 -> a decoded image in its own mode (the library converts it: RGB, or a grey mask)."""
         return load_image(decode_image_data(value, what, max_pixels), what, convert=lambda img: img.copy())
 
-    job = job_from_options(options_from_body(body, served), locate=locate, record_paths=False)
+    limits = Limits(
+        max_pixels=max_pixels,
+        max_images=MAX_IMAGES,
+        max_steps=MAX_STEPS,
+        max_frames=MAX_FRAMES,
+        raise_with=" on this server",
+        side=served.native_size,
+    )
+    job = job_from_options(options_from_body(body, served), locate=locate, record_paths=False, limits=limits)
     return Prepared(job, job.fps)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from ..errors import InputError
@@ -18,6 +19,8 @@ class ServerConfig:
       send (None: open). ``max_queue``: jobs waiting or running at most; more get 429.
     - ``max_body_bytes``: largest request body (413). ``max_pixels``: largest decoded input image, and largest
       output image (width x height), in pixels (422).
+    - ``body_timeout``: seconds a client has, once its headers are in, to send the whole body; slower get 408. No
+      queue slot is held while a body arrives, so slow senders cannot lock other clients out.
     - ``keep_finished`` / ``keep_seconds``: finished ``/v1/jobs`` results are kept for polling, at most this many,
       for at most this long.
     - ``compile``: compile each denoiser (``torch.compile``) and warm it up at start with one generation at the
@@ -35,6 +38,7 @@ class ServerConfig:
     max_queue: int = 32
     token: str | None = None
     max_body_bytes: int = 32 * 2**20
+    body_timeout: float = 30.0
     max_pixels: int = 4096 * 4096
     device: str = "auto"
     dtype: str | None = None
@@ -70,6 +74,9 @@ class ServerConfig:
                 raise InputError(f"server: {key} is {value!r}; expected a whole number >= {low}")
         if not 0 <= self.port <= 65535:
             raise InputError(f"server: port {self.port} is outside 0-65535")
+        timeout = self.body_timeout
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout < math.inf:
+            raise InputError(f"server: body_timeout is {timeout!r}; expected a number of seconds > 0")
         if not self.keep_seconds > 0:
             raise InputError(f"server: keep_seconds is {self.keep_seconds!r}; expected a number > 0")
         if self.token is not None and (not isinstance(self.token, str) or not self.token.strip()):

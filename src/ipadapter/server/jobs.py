@@ -1,23 +1,26 @@
 """The job queue: one worker thread runs jobs one at a time on the engine; the queue is bounded.
 
-``max_queue`` counts every admitted job: reserved (its body is being decoded), waiting and running. A full
-queue refuses at once (:class:`QueueFull`, with a retry estimate). Cancelling a waiting job frees its slot at
-once; a running job stops at its next denoising step (the progress callback raises ``Cancelled``). A job's
-decoded inputs are dropped when it finishes; finished jobs that clients poll are kept only up to a count and
-an age.
+``max_queue`` counts every admitted job: reserved (its body, read in full, is being decoded), waiting and
+running. A full queue refuses at once (:class:`QueueFull`, with a retry estimate); :meth:`JobQueue.check` refuses
+the same way before a body is read, reserving nothing: no slot is held while a body arrives. Cancelling a waiting
+job frees its slot at once; a running job stops at its next denoising step (the progress callback raises
+``Cancelled``). A job's decoded inputs are dropped when it finishes; finished jobs that clients poll are kept
+only up to a count and an age. :class:`Stopper` stops it all at once when the server stops.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import secrets
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from ..errors import IncompatibleModelError, InputError, IPAdapterError
 from ..jobs.engine import Engine
@@ -27,6 +30,8 @@ log = logging.getLogger("ipadapter.server")
 
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
 FINISHED = (DONE, FAILED, CANCELLED)
+CLOSED = "the server is shutting down; retry when it is back"
+T = TypeVar("T")
 
 
 class QueueFull(Exception):
@@ -146,15 +151,23 @@ class JobQueue:
         self._thread.start()
 
     # -- admission ------------------------------------------------------------------------------------------
-    def reserve(self) -> Slot:
-        """A slot for one job, or QueueFull. Reserve before decoding a body: a full queue costs nothing."""
+    def check(self) -> None:
+        """ShuttingDown or QueueFull now, as :meth:`reserve` would, reserving nothing (before reading a body)."""
         with self._lock:
-            if self._closed:
-                raise ShuttingDown("the server is shutting down; retry when it is back")
-            if self._active >= self.max_queue:
-                raise QueueFull(self.max_queue, self.retry_after())
+            self._admissible()
+
+    def reserve(self) -> Slot:
+        """A slot for one job, or QueueFull. Reserve once the body is in, before decoding it."""
+        with self._lock:
+            self._admissible()
             self._active += 1
         return Slot(self)
+
+    def _admissible(self) -> None:  # under the lock
+        if self._closed:
+            raise ShuttingDown(CLOSED)
+        if self._active >= self.max_queue:
+            raise QueueFull(self.max_queue, self.retry_after())
 
     def retry_after(self) -> int:
         """Seconds until a slot is likely free: the mean run time times the jobs ahead (at least 1)."""
@@ -170,7 +183,7 @@ class JobQueue:
         with self._lock:
             if self._closed:
                 self._active -= 1
-                raise ShuttingDown("the server is shutting down; retry when it is back")
+                raise ShuttingDown(CLOSED)
             self._prune()
             if kept:
                 self._jobs[ticket.id] = ticket
@@ -223,7 +236,14 @@ class JobQueue:
             }
 
     def close(self, timeout: float = 30.0) -> None:
-        """Cancel everything and stop the worker (the running job stops at its next step)."""
+        """Cancel everything and stop the worker: :meth:`shutdown`, then wait up to ``timeout`` s for the worker."""
+        self.shutdown()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    def shutdown(self) -> None:
+        """Close the queue without waiting: refuse new jobs, cancel the waiting ones now and ask the running one
+        to stop at its next step (the worker then ends). Safe to call again."""
         with self._lock:
             self._closed = True
             waiting, self._waiting = list(self._waiting), deque()
@@ -236,8 +256,6 @@ class JobQueue:
             self._lock.notify_all()
         for ticket in waiting:
             self._notify(ticket)
-        if self._thread is not threading.current_thread():
-            self._thread.join(timeout)
 
     # -- the worker -----------------------------------------------------------------------------------------
     def _work(self) -> None:
@@ -313,3 +331,85 @@ class JobQueue:
                 callback()
             except Exception:  # noqa: BLE001 - a waiter that went away must not stop the worker
                 log.debug("a finish callback failed", exc_info=True)
+
+
+def job_view(ticket: Ticket, queue: JobQueue) -> dict[str, Any]:
+    """A job as GET /v1/jobs/{id} shows it."""
+    view: dict[str, Any] = {
+        "id": ticket.id,
+        "status": ticket.status,
+        "progress": {"step": ticket.step, "total": ticket.total},
+    }
+    if ticket.status == QUEUED:
+        view["position"] = queue.position(ticket)
+    if ticket.status == RUNNING and ticket.cancel_requested.is_set():
+        view["cancel_requested"] = True
+    if ticket.status == DONE and ticket.result is not None:
+        result = dict(ticket.result)
+        queued = (ticket.started or ticket.created) - ticket.created
+        result["seconds"] = {
+            **result["seconds"],
+            "queued": round(queued, 3),
+            "total": round((ticket.finished or time.time()) - ticket.created, 3),
+        }
+        view["result"] = result
+    if ticket.status == FAILED and ticket.error is not None:
+        view["error"] = {"type": ticket.error.type, "message": ticket.error.message}
+    return view
+
+
+class Stopper:
+    """The server's stop: cancel every job, close the queue and wake every request that waits on a body or a job.
+
+    A woken request answers 503 at once instead of being cut off (a bare 500) when uvicorn's graceful-shutdown
+    time runs out. Thread-safe and idempotent; requests of any event loop register with :meth:`watch`.
+    """
+
+    def __init__(self, queue: JobQueue) -> None:
+        self.queue = queue
+        self._lock = threading.Lock()
+        self._watching: dict[asyncio.Event, asyncio.AbstractEventLoop] = {}
+        self.stopped = False
+
+    def __call__(self) -> None:
+        with self._lock:
+            first, self.stopped = not self.stopped, True
+            watching = list(self._watching.items())
+        if first:
+            log.info("stopping: cancelling every job")
+        self.queue.shutdown()
+        for event, loop in watching:
+            with suppress(RuntimeError):  # that request's loop is gone
+                loop.call_soon_threadsafe(event.set)
+
+    async def first(self, work: Awaitable[T], timeout: float) -> T:
+        """``work``'s result (or error) if it ends within ``timeout`` s; else TimeoutError, or ShuttingDown as soon
+        as the server stops."""
+        with self.watch() as stopping:
+            task, stop = asyncio.ensure_future(work), asyncio.ensure_future(stopping.wait())
+            try:
+                await asyncio.wait((task, stop), timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for each in (task, stop):
+                    each.cancel()
+                await asyncio.gather(task, stop, return_exceptions=True)
+        if not task.cancelled():
+            return task.result()
+        if stopping.is_set():
+            raise ShuttingDown(CLOSED)
+        raise asyncio.TimeoutError
+
+    @contextmanager
+    def watch(self) -> Iterator[asyncio.Event]:
+        """An event of the running loop that is set when the server stops (at once if it has)."""
+        event = asyncio.Event()
+        with self._lock:
+            if self.stopped:
+                event.set()
+            else:
+                self._watching[event] = asyncio.get_running_loop()
+        try:
+            yield event
+        finally:
+            with self._lock:
+                self._watching.pop(event, None)

@@ -10,6 +10,7 @@ from ..jobs.engine import Engine
 from ..jobs.job import Job
 from ..modes import IMAGE_MODES
 from ..prompt.recipe import AdapterRecipe, Recipe, Reference
+from ..schedulers import SCHEDULERS
 from .bodies import Served
 from .config import ServerConfig
 
@@ -60,7 +61,6 @@ def preload(engine: Engine, config: ServerConfig) -> tuple[Served, dict[str, Any
         for name in config.adapters:
             engine.adapter(video, name, config.image_encoder)
         modes.append("video")
-    from ..schedulers import SCHEDULERS
 
     info = {
         "base": config.base,
@@ -77,6 +77,7 @@ def preload(engine: Engine, config: ServerConfig) -> tuple[Served, dict[str, Any
             "max_pixels": config.max_pixels,
         },
     }
+    # heavy (torch): kept out of `import ipadapter.server`, which `ipadapter serve` does before its checks
     from ..pipelines import native_size
 
     size = native_size(base)
