@@ -131,14 +131,14 @@ def test_resume_redoes_only_what_is_missing(mixed: tuple[Path, dict], work: Path
     out = tmp_path / "out"
     shutil.copytree(first, out)
     (out / "i2i" / "river.png").unlink()
-    (out / ".recipe.partial-99.png").write_bytes(b"half a file")  # left by a killed run
+    (out / ".ipadapter-partial-99.recipe.png").write_bytes(b"half a file")  # left by a killed run
     again = run_batch(work / "jobs.jsonl", out)
     assert again["done"] == [str(out / "i2i" / "river.png")]
     assert sorted(again["skipped"]) == sorted(
         str(out / n) for n in ("00002.png", "recipe.png", "two-1.png", "two-2.png")
     )
     assert np.array_equal(png_pixels(out / "i2i" / "river.png"), png_pixels(first / "i2i" / "river.png"))
-    assert not (out / ".recipe.partial-99.png").exists()
+    assert not (out / ".ipadapter-partial-99.recipe.png").exists()
     printed = capsys.readouterr().out.splitlines()
     assert f"line 2: skipped, {out / '00002.png'} exists" in printed
     assert any(line.startswith(f"line 4: wrote {out / 'i2i' / 'river.png'}") for line in printed)

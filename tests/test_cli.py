@@ -85,9 +85,9 @@ def test_several_images_and_json_report(models: dict, ref_png: Path, tmp_path: P
 @pytest.mark.parametrize(
     "option,value,needle",
     [
-        ("--scale", "nan", "expected a finite number >= 0"),
-        ("--scale", "inf", "expected a finite number >= 0"),
-        ("--scale", "-1", "expected a finite number >= 0"),
+        ("--scale", "nan", "expected a finite number in [0, 5]"),
+        ("--scale", "inf", "expected a finite number in [0, 5]"),
+        ("--scale", "-1", "expected a finite number in [0, 5]"),
         ("--steps", "0", "expected a whole number >= 1"),
         ("--steps", "-3", "expected a whole number >= 1"),
         ("--width", "30", "a multiple of 8 (try 24)"),

@@ -210,7 +210,7 @@ def test_json_nan_refused(tmp_path: Path) -> None:
             ["adapter[0].scale", "got 'high' (a string)", "expected a number", "scale = 0.7"],
         ),
         (minimal(scale=True), ["adapter[0].scale", "a boolean", "expected a number"]),
-        (minimal(scale=-1), ["adapter[0].scale", "got -1", "expected a number >= 0"]),
+        (minimal(scale=-1), ["adapter[0].scale", "got -1", "expected a finite number in [0, 5]"]),
         (minimal(scale=float("inf")), ["adapter[0].scale", "expected a finite number"]),
         (minimal(combine="avg"), ["adapter[0].combine", "'avg'", ", ".join(COMBINE_MODES)]),
         (minimal(preset="styel"), ["adapter[0].preset", "'styel'", ", ".join(PRESET_NAMES)]),

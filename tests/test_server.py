@@ -228,6 +228,12 @@ def test_cli_flags_openapi_schema_and_batch_keys_are_one_set(client: TestClient,
     from ipadapter.modes import COMMAND_OF
 
     front_end = {"help", "dtype", "device", "compile", "output", "json", "run", "mode", "debug", "command"}
+    front_end |= {
+        "max_pixels",
+        "max_images",
+        "max_steps",
+        "max_frames",
+    }  # limits: each front end sets its own
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     flags = {
         action.dest

@@ -7,7 +7,6 @@ Everything is checked before any processor is replaced; a failure leaves the pip
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from PIL import Image
 from torch import nn
 
 from .adapters.checkpoint import KV_PARTS, Checkpoint, ip_key, load_checkpoint
+from .adapters.checks import problems
 from .adapters.projection import build_projection
 from .adapters.variants import AdapterSpec, detect, family
 from .calls import base_module, check_call, native_size, num_frames, output_size, vae_factor
@@ -25,6 +25,7 @@ from .hosts.attention import IPBranch
 from .hosts.unet import CrossLayer, attachment, block_map, cross_attention_layers, install, uninstall
 from .prompt.blocks import Block
 from .prompt.conditioning import BranchControl, ImagePrompt
+from .prompt.controls import CONTROLS
 from .prompt.encoder import ImageEncoder
 from .prompt.images import ImageInput, load_image
 from .prompt.recipe import Control, Recipe
@@ -33,18 +34,21 @@ from .sources import default_encoder, load_image_encoder, resolve_adapter, split
 
 
 def check_scale(scale: float) -> float:
-    """A usable adapter scale: a finite number >= 0."""
-    try:
-        value = float(scale)
-    except (TypeError, ValueError):
+    """A usable adapter scale: a number in the declared range (:data:`~ipadapter.prompt.controls.CONTROLS`);
+    strings and booleans are refused (``"0.5"`` or ``True`` is a mistake, not a scale)."""
+    return CONTROLS["scale"].check(scale, spell=lambda _: "scale")
+
+
+def _pipeline_unet(pipe: Any) -> Any:
+    """``pipe``'s UNet (from under torch.compile's wrapper), or a one-line error for anything else."""
+    unet = getattr(pipe, "unet", None)
+    if unet is None or not hasattr(base_module(unet), "attn_processors"):
+        what = "None" if pipe is None else type(pipe).__name__
         raise InputError(
-            f"scale {scale!r} is not a number; expected a finite number >= 0, e.g. 0.6"
-        ) from None
-    if not math.isfinite(value) or value < 0:
-        raise InputError(
-            f"scale {scale!r} is not usable; expected a finite number >= 0 (1.0 = full strength)"
+            f"expected a diffusers Stable Diffusion pipeline (with a .unet), got {what}; load one with "
+            "diffusers, e.g. StableDiffusionPipeline.from_pretrained(...)"
         )
-    return value
+    return base_module(unet)
 
 
 class IPAdapter:
@@ -146,10 +150,16 @@ class IPAdapter:
     @torch.no_grad()
     def tokens(self, images: ImageInput | Sequence[ImageInput]) -> tuple[torch.Tensor, torch.Tensor]:
         """Image tokens for reference image(s): ``(positive, negative)``, each ``(R, N, D)`` for R images."""
-        if isinstance(images, (str, Path, Image.Image)):
+        if not isinstance(images, list | tuple):
             images = [images]
         if not images:
             raise InputError("no reference image given; expected at least one image")
+        for i, img in enumerate(images):
+            if not isinstance(img, str | Path | Image.Image | bytes | bytearray):
+                raise InputError(
+                    f"reference {i} is a {type(img).__name__}; expected a file path, a PIL image or encoded "
+                    "bytes (convert a tensor first, e.g. torchvision.transforms.functional.to_pil_image)"
+                )
         rgb = [load_image(img) for img in images]
         feature = self.spec.feature
         param = next(self.projection.parameters())
@@ -420,7 +430,7 @@ def attach(
     Validates everything before touching the pipeline.
     """
     scale = check_scale(scale)
-    unet = base_module(pipe.unet)  # from under torch.compile's wrapper, if compiled first
+    unet = _pipeline_unet(pipe)  # from under torch.compile's wrapper, if compiled first
     state = attachment(unet)
     if state is not None and name in state.adapters:
         raise InputError(
@@ -429,6 +439,9 @@ def attach(
     ckpt, source = (adapter, adapter.source) if isinstance(adapter, Checkpoint) else open_adapter(adapter)
     spec = detect(ckpt)
     _check_supported(spec, source)
+    found = problems(ckpt, spec)
+    if found:
+        raise CheckpointError(f"{source}: {'; '.join(found)}; this adapter file cannot be used")
     layers = cross_attention_layers(unet)
     param = next(unet.parameters())
     device, dtype = param.device, param.dtype
@@ -495,15 +508,21 @@ def _encoder(
 
 
 def detach(pipe: Any, name: str | None = None) -> None:
-    """Detach adapter ``name`` (all adapters if None). With none left, the original processors return."""
-    unet = base_module(pipe.unet)
+    """Detach adapter ``name``, or every adapter (None). With none left, the original processors return.
+
+    One rule: naming an adapter that is not attached (twice detached, or never attached) is an error; detaching
+    all of none is nothing to do.
+    """
+    unet = _pipeline_unet(pipe)
     state = attachment(unet)
+    current = state.adapters if state is not None else {}
+    names = list(current) if name is None else [name]
+    if name is not None and name not in current:
+        raise InputError(
+            f"no adapter named '{name}' is attached (detached already?); attached: {sorted(current) or 'none'}"
+        )
     if state is None:
         return
-    names = list(state.adapters) if name is None else [name]
-    unknown = [n for n in names if n not in state.adapters]
-    if unknown:
-        raise InputError(f"no adapter named '{unknown[0]}' is attached; attached: {sorted(state.adapters)}")
     for n in names:
         for proc in state.processors.values():
             proc.remove_branch(n)
@@ -514,5 +533,5 @@ def detach(pipe: Any, name: str | None = None) -> None:
 
 def attached(pipe: Any) -> dict[str, IPAdapter]:
     """The adapters attached to ``pipe``, by name."""
-    state = attachment(base_module(pipe.unet))
+    state = attachment(_pipeline_unet(pipe))
     return dict(state.adapters) if state is not None else {}

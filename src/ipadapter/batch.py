@@ -26,17 +26,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import media
+from . import files, media
 from .errors import InputError, IPAdapterError
 from .jobs.engine import Engine
 from .jobs.job import Result
-from .jobs.options import check_options, job_from_options, local_files, near
+from .jobs.options import Limits, check_options, job_from_options, local_files, near
 
 BATCH_KEYS: dict[str, str] = {
     "output": "file name inside the output folder: .png (.gif or .mp4 for video); default LINE.png / LINE.gif",
 }
 _MODEL_KEYS = ("base", "base_config", "adapter", "image_encoder", "controlnet", "motion_adapter")
-_PARTIAL = ".partial-"  # temporary results: ".NAME.partial-PID.png", renamed when complete
 _FAILURES = re.compile(r"failures(-\d+)?\.jsonl")
 
 
@@ -56,7 +55,7 @@ class Line:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def read_manifest(manifest: Path, output_dir: Path) -> list[Line]:
+def read_manifest(manifest: Path, output_dir: Path, limits: Limits = Limits()) -> list[Line]:  # noqa: B008
     """Every job line of ``manifest`` with its output files in ``output_dir``, or the line's error.
 
     Raises InputError only for the manifest itself (missing, a folder, not UTF-8); a bad line is returned
@@ -80,7 +79,7 @@ def read_manifest(manifest: Path, output_dir: Path) -> list[Line]:
             continue
         entry = Line(number)
         try:
-            _parse_line(entry, raw, output_dir)
+            _parse_line(entry, raw, output_dir, limits)
             for path in entry.files:
                 if path in claimed:
                     raise InputError(
@@ -94,12 +93,16 @@ def read_manifest(manifest: Path, output_dir: Path) -> list[Line]:
     return lines
 
 
-def _parse_line(entry: Line, raw: str, output_dir: Path) -> None:
+def _parse_line(entry: Line, raw: str, output_dir: Path, limits: Limits) -> None:
     try:
         options = json.loads(raw)
     except json.JSONDecodeError as e:
         raise InputError(
             f"not valid JSON ({e.msg} at column {e.colno}); write one JSON object per line"
+        ) from None
+    except RecursionError:
+        raise InputError(
+            "the JSON is nested too deeply to read; write one flat JSON object per line"
         ) from None
     if not isinstance(options, dict):
         raise InputError(
@@ -108,7 +111,9 @@ def _parse_line(entry: Line, raw: str, output_dir: Path) -> None:
         )
     video = options.get("mode") == "video"
     name = _output_name(options.pop("output", None), entry.line, video, output_dir)
-    count = check_options(options).get("num_images") or 1  # every option's type and bounds, before any model
+    checked = check_options(options)  # every option's type and bounds, and the limits, before any model
+    limits.check(checked)
+    count = checked.get("num_images") or 1
     entry.options = options
     entry.output = output_dir / name
     entry.files = media.numbered(entry.output, 1 if video else count)
@@ -128,7 +133,7 @@ def _output_name(value: Any, line: int, video: bool, output_dir: Path) -> Path:
             "fine; absolute paths and '..' are not)"
         )
     media.check_output(path, video, "'output'")
-    if path.name.startswith(".") and _PARTIAL in path.name:
+    if files.temp_target(path.name) is not None:
         raise InputError(
             f"'output' '{value}' looks like a temporary file of this command; choose another name"
         )
@@ -156,12 +161,16 @@ def _models_near(options: dict[str, Any], base_dir: Path) -> dict[str, Any]:
     return out
 
 
-def run_line(entry: Line, engine: Engine, manifest: Path) -> list[Path]:
+def run_line(entry: Line, engine: Engine, manifest: Path, limits: Limits = Limits()) -> list[Path]:  # noqa: B008
     """Run one planned line with ``engine`` and write its result(s); returns the files written."""
     base_dir = Path(manifest).absolute().parent
     locate, resolve_file = local_files(base_dir)
     job = job_from_options(
-        _models_near(entry.options, base_dir), locate=locate, resolve_file=resolve_file, base_dir=base_dir
+        _models_near(entry.options, base_dir),
+        locate=locate,
+        resolve_file=resolve_file,
+        base_dir=base_dir,
+        limits=limits,
     )
     result = engine.run(job)  # its parameters name files as the manifest wrote them
     params = {**result.params, "manifest": Path(manifest).name, "line": entry.line}
@@ -169,24 +178,17 @@ def run_line(entry: Line, engine: Engine, manifest: Path) -> list[Path]:
 
 
 def _write(result: Result, entry: Line, fps: float, params: dict[str, Any]) -> list[Path]:
-    """Write under temporary names, then rename: a final name only ever holds a complete file."""
+    """Write under temporary names, then rename them all: a final name only ever holds a complete file."""
     assert entry.output is not None
     entry.output.parent.mkdir(parents=True, exist_ok=True)
-    temp = entry.output.with_name(f".{entry.output.stem}{_PARTIAL}{os.getpid()}{entry.output.suffix}")
-    temps = media.numbered(temp, 1 if result.video else len(result.images))
-    finals = media.numbered(entry.output, len(temps))
-    try:
+    finals = media.numbered(entry.output, 1 if result.video else len(result.images))
+    temp = files.temp_path(entry.output)  # numbered like the finals: media writes exactly the temps below
+    with files.atomic_paths(finals) as temps:
+        assert temps == media.numbered(temp, len(finals))
         if result.video:
             media.save_video(result.images, temp, fps, params)
         else:
             media.save_images(result.images, temp, params)
-        for path, final in zip(temps, finals, strict=True):
-            with open(path, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(path, final)
-    finally:
-        for path in temps:
-            path.unlink(missing_ok=True)
     return finals
 
 
@@ -203,10 +205,12 @@ def run_batch(
     dtype: str | None = None,
     quiet: bool = False,
     compile: bool = False,
+    limits: Limits = Limits(),  # noqa: B008 - frozen
 ) -> dict[str, Any] | None:
     """Run every job of ``manifest`` into the folder ``output``; returns the report (None on non-main processes).
 
     ``compile``: each denoiser is compiled once, on first use (see :class:`~ipadapter.jobs.engine.Engine`).
+    ``limits``: the most work one line may ask for (a line over them fails alone, before any model loads).
 
     Report: ``{"jobs": n, "done": [files], "skipped": [files], "failed": [{"line": k, "error": "..."}],
     "seconds": s, "failures": [files], "processes": [{"process", "device", "done", "failed", "seconds"}]}``.
@@ -223,7 +227,7 @@ def run_batch(
         raise InputError(
             f"--output '{output}' is a file; expected a folder for the results (made if missing)"
         )
-    lines = read_manifest(manifest, output)
+    lines = read_manifest(manifest, output, limits)
     engine = Engine(_device(state, device), dtype, compile=compile)  # loads nothing until a job runs
     pending, skipped = [], []
     for entry in lines:
@@ -231,7 +235,7 @@ def run_batch(
         (skipped if done else pending).append(entry)
     if main:
         output.mkdir(parents=True, exist_ok=True)
-        _clear_leftovers(output)
+        _clear_leftovers(output, lines)
         if not quiet:
             for entry in skipped:
                 print(f"line {entry.line}: skipped, {_names(entry.files)} exists", flush=True)
@@ -241,9 +245,10 @@ def run_batch(
         with state.split_between_processes(pending) as mine:
             share = list(mine)
     failures = output / (f"failures-{rank}.jsonl" if multi else "failures.jsonl")
-    part = _run_share(share, engine, manifest, failures, f"[{rank}] " if multi else "", quiet)
+    part = _run_share(share, engine, manifest, failures, f"[{rank}] " if multi else "", quiet, limits)
     part.update(process=rank, device=engine.device, seconds=round(time.perf_counter() - started, 3))
     if multi:
+        # heavy: only runs of several processes need accelerate (CLI start-up)
         from accelerate.utils import gather_object
 
         parts = gather_object([part])
@@ -265,6 +270,7 @@ def _process_group(device: str) -> Any:
     sizes = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
     if max(int(os.environ.get(name) or 1) for name in sizes) <= 1:
         return None
+    # heavy: only runs of several processes need torch / accelerate here (CLI start-up)
     import torch
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
@@ -283,17 +289,32 @@ def _device(state: Any, device: str) -> str:
     return kind if kind in ("cpu", "mps") else device
 
 
-def _clear_leftovers(output: Path) -> None:
-    """Failures of an earlier run (their lines are retried) and temporary files of a killed one."""
+def _clear_leftovers(output: Path, lines: list[Line]) -> None:
+    """Failures of an earlier run (their lines are retried) and temporary files a killed run left of the files
+    this manifest plans; nothing else (a user's own files in the folder stay, whatever their names)."""
     for path in output.iterdir():
         if _FAILURES.fullmatch(path.name):
             path.unlink()
-    for path in output.rglob(f".*{_PARTIAL}*"):
-        path.unlink(missing_ok=True)
+    planned: dict[Path, set[str]] = {}  # folder -> the names planned in it
+    for entry in lines:
+        for path in entry.files:
+            planned.setdefault(path.parent, set()).add(path.name)
+    for folder, names in planned.items():
+        if not folder.is_dir():
+            continue
+        for path in folder.glob(f"{files.TEMP_PREFIX}*"):
+            if files.temp_target(path.name) in names and path.is_file() and not path.is_symlink():
+                path.unlink(missing_ok=True)
 
 
 def _run_share(
-    share: list[Line], engine: Engine, manifest: Path, failures: Path, prefix: str, quiet: bool
+    share: list[Line],
+    engine: Engine,
+    manifest: Path,
+    failures: Path,
+    prefix: str,
+    quiet: bool,
+    limits: Limits,
 ) -> dict[str, Any]:
     done: list[tuple[int, list[str]]] = []
     failed: list[dict[str, Any]] = []
@@ -302,7 +323,7 @@ def _run_share(
         try:
             if entry.error is not None:
                 raise InputError(entry.error)
-            written = run_line(entry, engine, manifest)
+            written = run_line(entry, engine, manifest, limits)
         except Exception as e:  # noqa: BLE001 - one line's failure never stops the others
             failure = {"line": entry.line, "error": _message(e)}
             failed.append(failure)

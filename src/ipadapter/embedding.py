@@ -39,6 +39,8 @@ def check_embed_output(output: str | Path, *, force: bool = False) -> Path:
     output = Path(output)
     if output.suffix != ".safetensors":
         raise InputError(f"--output '{output}' must end in .safetensors")
+    if output.is_dir():
+        raise InputError(f"--output '{output}' is a folder; give a file name ending in .safetensors")
     if output.exists() and not force:
         raise InputError(f"output '{output}' exists; pass --force to overwrite it")
     if not output.parent.is_dir():

@@ -25,12 +25,15 @@ from diffusers import (
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
 )
+from diffusers.loaders.single_file_utils import SingleFileComponentError
 from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
+from safetensors import safe_open
 
 from .adapters.variants import family
 from .calls import native_size  # noqa: F401 - part of this module's API
 from .errors import IncompatibleModelError, InputError
 from .hosts.unet import original_processors
+from .mini.shipped import resolve_base
 from .modes import MODES
 from .schedulers import SCHEDULERS, set_scheduler  # noqa: F401 - part of this module's API
 from .sources import NETWORK_ERRORS, _unavailable, split_hub_path
@@ -73,8 +76,6 @@ def pick_dtype(dtype: str | None, device: str) -> torch.dtype:
 
 def _single_file_is_sdxl(path: Path) -> bool:
     if path.suffix.lower() == ".safetensors":
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as f:
             return SDXL_SINGLE_FILE_KEY in f.keys()
     state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
@@ -83,8 +84,6 @@ def _single_file_is_sdxl(path: Path) -> bool:
 
 
 def _from_single_file(cls: type, path: Path, dtype: torch.dtype, base_config: str | None) -> Any:
-    from diffusers.loaders.single_file_utils import SingleFileComponentError
-
     expected = "expected a full SD1.5/SDXL single-file checkpoint (UNet, VAE and text encoder weights)"
     try:
         pipe = cls.from_single_file(
@@ -131,8 +130,6 @@ def load_pipeline(
     ``base_config``: for single-file checkpoints, a diffusers folder or hub id of the same family whose
     configs describe the model (needed offline: otherwise diffusers fetches them from the hub).
     """
-    from .mini.shipped import resolve_base
-
     base = resolve_base(base)  # "mini": the shipped miniature base
     path = Path(base).expanduser()
     try:

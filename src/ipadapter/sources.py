@@ -18,6 +18,7 @@ from transformers import CLIPVisionModelWithProjection
 
 from .adapters.variants import AdapterSpec
 from .errors import IncompatibleModelError, InputError, ModelNotAvailableError
+from .mini.shipped import ADAPTER_FILES, adapter_file
 
 NETWORK_ERRORS = (OSError, HFValidationError, ValueError)  # hub errors subclass OSError
 
@@ -51,7 +52,6 @@ def resolve_adapter(spec: str | Path) -> Path:
     path = Path(spec).expanduser()
     if path.is_file():
         return path
-    from .mini.shipped import ADAPTER_FILES, adapter_file
 
     if str(spec) in ADAPTER_FILES:  # the shipped miniature adapters ("mini", "mini-plus")
         return adapter_file(str(spec))

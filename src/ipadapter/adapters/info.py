@@ -6,12 +6,14 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import load_checkpoint
+from .checks import problems
 from .variants import detect
 
 
 def adapter_info(path: str | Path) -> dict[str, Any]:
     """Facts about the adapter file ``path``: its format, the detected variant (:meth:`AdapterSpec.to_dict`),
-    and its tensors (count, parameters, dtypes). Raises CheckpointError for a file that is not an adapter."""
+    its tensors (count, parameters, dtypes) and ``problems``: why it cannot be used although its layout was
+    recognised (empty when it is fine). Raises CheckpointError for a file that is not an adapter."""
     path = Path(path)
     ckpt = load_checkpoint(path)
     spec = detect(ckpt)
@@ -23,6 +25,7 @@ def adapter_info(path: str | Path) -> dict[str, Any]:
         "tensors": len(tensors),
         "parameters": sum(t.numel() for t in tensors),
         "dtypes": sorted({str(t.dtype).removeprefix("torch.") for t in tensors}),
+        "problems": problems(ckpt, spec),
     }
 
 
@@ -48,4 +51,6 @@ def describe(info: dict[str, Any]) -> str:
             f"resampler:   dim {r['dim']}, depth {r['depth']}, heads {r['heads']} x {r['dim_head']}, "
             f"{r['num_queries']} queries, in {r['embedding_dim']}, out {r['output_dim']}, ff x{r['ff_mult']}"
         )
+    for problem in info.get("problems", []):
+        lines.append(f"PROBLEM:     {problem}")
     return "\n".join(lines)

@@ -12,6 +12,8 @@ import json
 import sys
 from collections.abc import Sequence
 
+from .. import __version__
+from ..errors import IPAdapterError
 from . import adapters, generate, mini, serving, train
 from .common import (
     EXIT_INTERNAL,
@@ -28,8 +30,6 @@ __all__ = ["build_parser", "main"]
 
 def build_parser() -> argparse.ArgumentParser:
     """The whole command line: every subcommand with its options."""
-    from .. import __version__
-
     parser = Parser(
         prog="ipadapter", description="Image prompts (IP-Adapter) for Stable Diffusion 1.5 / SDXL."
     )
@@ -46,8 +46,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     try:
-        from ..errors import IPAdapterError
-
         if not debug:
             quiet_environment()
         args = build_parser().parse_args(argv)

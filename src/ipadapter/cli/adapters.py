@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 from typing import Any
 
+from ..embedding import check_embed_output, embed_reference
+from ..errors import CheckpointError, InputError
+from ..prompt.images import load_image
+from ..prompt.recipe import CROP_MODES
 from .common import add_device, quiet_libraries
 
 
 def _add_embed_options(p: argparse.ArgumentParser) -> None:
-    from ..prompt.recipe import CROP_MODES
-
     p.add_argument(
         "--adapter", required=True, help="the adapter the embeddings are for (file, hub path or name)"
     )
@@ -26,9 +29,6 @@ def _add_embed_options(p: argparse.ArgumentParser) -> None:
 
 def cmd_embed(args: argparse.Namespace) -> dict[str, Any]:
     """Encode a reference once and store its features, for --embeds / `embeds =` in a recipe."""
-    from ..embedding import check_embed_output, embed_reference
-    from ..prompt.images import load_image
-
     # the inputs first, then the quiet heavy libraries: a bad --output or --image is reported at once
     output = check_embed_output(args.output, force=args.force)
     image = load_image(args.image)
@@ -49,21 +49,32 @@ def cmd_embed(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_inspect(args: argparse.Namespace) -> dict[str, Any]:
+    # heavy (torch, transformers): imported only when the command runs (CLI start-up)
     from ..adapters.info import adapter_info, describe
     from ..sources import resolve_adapter
 
     info = adapter_info(resolve_adapter(args.file))
     if not args.json:
         print(describe(info))
+    if info["problems"]:  # after the description: what the file is, then why it cannot be used (exit 2)
+        raise CheckpointError(f"{info['file']}: {'; '.join(info['problems'])}; this adapter cannot be used")
     return info
 
 
 def cmd_convert(args: argparse.Namespace) -> dict[str, Any]:
-    from ..adapters.checkpoint import load_checkpoint, save_checkpoint
+    # heavy (torch): imported only when the command runs (CLI start-up)
+    from ..adapters.checkpoint import PICKLE_SUFFIXES, load_checkpoint, save_checkpoint
     from ..adapters.variants import detect
-    from ..errors import InputError
 
     src, dst = Path(args.input), Path(args.output)
+    kinds = ".safetensors or .bin"
+    if dst.is_dir() or args.output.endswith(("/", os.sep)):  # before anything is read
+        what = "is a folder" if dst.is_dir() else "ends in a path separator"
+        raise InputError(f"output '{args.output}' {what}; give a file name ending in {kinds}")
+    if dst.suffix.lower() not in (".safetensors", *PICKLE_SUFFIXES):
+        raise InputError(f"output '{dst}' must end in {kinds} (its suffix picks the format)")
+    if not dst.parent.is_dir():
+        raise InputError(f"output folder '{dst.parent}' does not exist; create it or choose another output")
     if dst.exists() and not args.force:
         raise InputError(f"output '{dst}' exists; pass --force to overwrite it")
     if dst.exists() and src.exists() and dst.resolve() == src.resolve():

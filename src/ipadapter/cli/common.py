@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import warnings
 from pathlib import Path
 from typing import NoReturn
 
 from ..errors import InputError
+from ..jobs.options import Limits
 
 EXIT_USAGE = 2  # bad input of any kind: options, files, models that do not fit
 EXIT_INTERNAL = 1  # a bug or an environment problem we did not anticipate
@@ -74,9 +77,6 @@ def add_compile_option(p: argparse.ArgumentParser) -> None:
 
 def quiet_environment() -> None:
     """Before anything heavy is imported: library chatter would bury our one-line messages."""
-    import os
-    import warnings
-
     warnings.filterwarnings("ignore")
     for name in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY", "HF_HUB_VERBOSITY"):
         os.environ.setdefault(name, "error")
@@ -84,8 +84,7 @@ def quiet_environment() -> None:
 
 def quiet_libraries() -> None:
     """Once the heavy libraries are needed: silence their loggers and loading bars (the denoising bar stays)."""
-    import warnings
-
+    # heavy: imported only once a command loads models (CLI start-up)
     import huggingface_hub
     import transformers
 
@@ -111,7 +110,34 @@ def add_device(p: argparse.ArgumentParser, help_extra: str = "") -> None:
 
 
 def check_output_folder(output: str) -> None:
-    """Refuse (InputError) an ``--output`` whose folder does not exist."""
-    parent = Path(output).parent
+    """Refuse (InputError) an ``--output`` that is a folder, or whose folder is missing or not writable."""
+    path = Path(output)
+    if path.is_dir():
+        raise InputError(f"output '{path}' is a folder; give a file name, e.g. '{path / 'out.png'}'")
+    parent = path.parent
     if not parent.is_dir():
         raise InputError(f"output folder '{parent}' does not exist; create it or choose another --output")
+    if not os.access(parent, os.W_OK):
+        raise InputError(f"output folder '{parent}' is not writable; choose another --output")
+
+
+def add_limit_options(p: argparse.ArgumentParser) -> None:
+    """``--max-pixels`` / ``--max-images`` / ``--max-steps`` / ``--max-frames``: raise the limits on one job."""
+    defaults = Limits()
+    g = p.add_argument_group("limits (checked before any model loads; raise them for big jobs)")
+    for name, what in (("pixels", "width x height of an image"), ("images", "images per job (run in chunks)"),
+                       ("steps", "denoising steps"), ("frames", "video frames")):  # fmt: skip
+        default = getattr(defaults, f"max_{name}")
+        g.add_argument(
+            f"--max-{name}", type=positive_int, default=default, help=f"{what} (default {default:,})"
+        )
+
+
+def limits_from(args: argparse.Namespace) -> Limits:
+    """The limits the command's flags set."""
+    return Limits(
+        max_pixels=args.max_pixels,
+        max_images=args.max_images,
+        max_steps=args.max_steps,
+        max_frames=args.max_frames,
+    )

@@ -13,10 +13,20 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..errors import InputError
 from ..fields import Option
-from ..jobs.options import OPTIONS, PROMPT_KEYS
+from ..jobs.engine import Engine
+from ..jobs.options import OPTIONS, PROMPT_KEYS, job_from_options, local_files
+from ..media import check_output, save_images, save_video
 from ..modes import COMMAND_OF, MODES
-from .common import add_compile_option, add_device, check_output_folder, quiet_libraries
+from .common import (
+    add_compile_option,
+    add_device,
+    add_limit_options,
+    check_output_folder,
+    limits_from,
+    quiet_libraries,
+)
 
 HELP = {
     "t2i": "text-to-image with a reference image as image prompt",
@@ -49,6 +59,7 @@ def register(sub: Any) -> None:
         )
         add_device(p)
         add_compile_option(p)
+        add_limit_options(p)
         if mode == "video":
             p.add_argument("--output", default="output.gif", help=".gif or .mp4 path (default output.gif)")
         else:
@@ -116,8 +127,6 @@ def flag(key: str) -> str:
 
 def _images_of(value: str) -> str | list[str]:
     """A folder stands for its images, sorted by name (a list); anything else stays as given."""
-    from ..errors import InputError
-
     path = Path(value)
     if not path.is_dir():
         return value
@@ -151,14 +160,11 @@ def _listed(value: str | list[str]) -> list[str]:
 
 def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
     """generate / img2img / inpaint / video: one flow; the mode picks the pipeline and its inputs."""
-    from ..jobs.options import job_from_options, local_files
-    from ..media import check_output, save_images, save_video
-
     video = args.mode == "video"
     # Cheap checks first: nothing is loaded until every input is known to be usable.
     output = Path(args.output)
-    check_output(output, video)
     check_output_folder(args.output)
+    check_output(output, video)
     locate, resolve_file = local_files()
     job = job_from_options(
         options_from_args(args),
@@ -166,11 +172,11 @@ def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
         resolve_file=resolve_file,
         spell=flag,
         notice=lambda note: print(f"ipadapter: note: {note}", file=sys.stderr),
+        limits=limits_from(args),
     )
     # Every input is usable: now the heavy libraries.
     if args.quiet:
         quiet_libraries()
-    from ..jobs.engine import Engine
 
     result = Engine(args.device, args.dtype, compile=args.compile).run(job)
     params = result.params

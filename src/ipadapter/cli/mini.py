@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 from pathlib import Path
 from typing import Any
 
+from ..errors import InputError
+from ..files import atomic_path
+from ..mini.shapes import write_dataset
 from .common import add_device, check_output_folder, finite, positive_int, quiet_libraries, scale, size
 
 
@@ -54,6 +58,7 @@ def _attached(args: argparse.Namespace) -> tuple[Any, int]:
     """eval / demo: the base with the adapter attached, and the image side to generate at."""
     if args.quiet:
         quiet_libraries()
+    # heavy: imported only when models load, after quiet_libraries (CLI start-up)
     from ..adapter import attach
     from ..pipelines import load_pipeline, native_size, pick_device, pick_dtype
 
@@ -66,18 +71,17 @@ def _attached(args: argparse.Namespace) -> tuple[Any, int]:
 
 def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     """Text only vs image prompt vs image prompt + text on held-out shapes: CLIP-I, CLIP-T, attributes."""
-    import tempfile
-
-    from ..errors import InputError
-    from ..mini.shipped import eval_folders
+    from ..mini.shipped import eval_folders  # looked up per call: tests replace shipped.eval_folders
 
     scorer, refs_folder = eval_folders(args.base, args.scorer, args.references)
     output = Path(args.output) if args.output else None
     if output is not None and output.suffix.lower() not in (".md", ".json"):
         raise InputError(f"--output '{output}' must end in .md or .json")
+    if output is not None:
+        check_output_folder(args.output)  # before the models load, not after the run
     ip, size = _attached(args)
+    # heavy (torch): only once the inputs are checked
     from ..mini.evaluate import Scorer, evaluate, markdown, references
-    from ..mini.shapes import write_dataset
 
     with tempfile.TemporaryDirectory() as tmp:
         if refs_folder is None:
@@ -97,7 +101,11 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
         )
     table = markdown(results)
     if output is not None:
-        output.write_text(json.dumps(results, indent=2) if output.suffix.lower() == ".json" else table + "\n")
+        with atomic_path(output) as temp:
+            temp.write_text(
+                json.dumps(results, indent=2) if output.suffix.lower() == ".json" else table + "\n",
+                encoding="utf-8",
+            )
     if not args.json:
         print(table)
     return {"results": results, "references": refs_folder, "scorer": scorer}
@@ -112,17 +120,16 @@ def _add_demo_options(p: argparse.ArgumentParser) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
     """reference | text only | image prompt | image + text, for a few held-out shapes, as one picture."""
-    from ..errors import InputError
-
     output = Path(args.output)
     if output.suffix.lower() != ".png":
         raise InputError(f"--output '{output}' must be a .png file")
     check_output_folder(args.output)
     ip, size = _attached(args)
-    from ..mini.demo import contact_sheet, run_demo
+    from ..mini.demo import contact_sheet, run_demo  # heavy (torch): only once the inputs are checked
 
     rows = run_demo(ip, size=size, steps=args.steps, guidance=args.guidance, seed=args.seed)
-    contact_sheet(rows).save(output)
+    with atomic_path(output) as temp:
+        contact_sheet(rows).save(temp, format="PNG")
     if not args.json:
         print(f"wrote {output}: {len(rows)} references x (text only | image prompt | image + text)")
     return {"output": str(output), "rows": len(rows)}

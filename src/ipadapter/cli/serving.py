@@ -6,7 +6,17 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from .common import add_compile_option, add_device, positive_float, positive_int, quiet_libraries
+from ..batch import run_batch
+from ..errors import InputError
+from .common import (
+    add_compile_option,
+    add_device,
+    add_limit_options,
+    limits_from,
+    positive_float,
+    positive_int,
+    quiet_libraries,
+)
 
 
 def _add_batch_options(p: argparse.ArgumentParser) -> None:
@@ -15,6 +25,7 @@ def _add_batch_options(p: argparse.ArgumentParser) -> None:
     add_device(p, "; under accelerate launch: each process's own device")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="default: float16 on CUDA")
     add_compile_option(p)
+    add_limit_options(p)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
@@ -22,7 +33,6 @@ def cmd_batch(args: argparse.Namespace) -> dict[str, Any] | None:
     """Run every job of a manifest, models loaded once; resumable; failures reported per line."""
     if args.quiet:
         quiet_libraries()
-    from ..batch import run_batch
 
     return run_batch(
         Path(args.manifest),
@@ -31,6 +41,7 @@ def cmd_batch(args: argparse.Namespace) -> dict[str, Any] | None:
         dtype=args.dtype,
         quiet=args.json,
         compile=args.compile,
+        limits=limits_from(args),
     )
 
 
@@ -65,6 +76,12 @@ def _add_serve_options(p: argparse.ArgumentParser) -> None:
         "--max-body-mb", type=positive_float, default=32.0, help="largest request body (default 32)"
     )
     p.add_argument(
+        "--body-timeout",
+        type=positive_float,
+        default=30.0,
+        help="seconds a client has to send its whole request body; slower get 408 (default 30)",
+    )
+    p.add_argument(
         "--max-pixels",
         type=positive_int,
         default=4096 * 4096,
@@ -82,8 +99,6 @@ def _add_serve_options(p: argparse.ArgumentParser) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> None:
     """Load the models once and serve the REST API and the web page until interrupted."""
-    from ..errors import InputError
-
     token = None
     if args.token_file:
         path = Path(args.token_file)
@@ -94,6 +109,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
             raise InputError(f"--token-file '{path}' is empty; put the token on its first line")
     if args.quiet:
         quiet_libraries()
+    # heavy (fastapi): imported only when the server starts (CLI start-up)
     from ..server import ServerConfig, serve
 
     config = ServerConfig(
@@ -108,6 +124,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         max_queue=args.max_queue,
         token=token,
         max_body_bytes=int(args.max_body_mb * 2**20),
+        body_timeout=args.body_timeout,
         max_pixels=args.max_pixels,
         device=args.device,
         dtype=args.dtype,

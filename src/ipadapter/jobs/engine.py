@@ -9,6 +9,7 @@ options before paying seconds for them.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import secrets
 import sys
 import time
@@ -18,8 +19,10 @@ from typing import Any
 
 from PIL import Image
 
+from .. import __version__
 from ..errors import InputError
 from ..modes import STRENGTH
+from ..schedulers import set_scheduler
 from .job import Job, ProgressCallback, Result
 
 # torch.compile's options for ``Engine(compile=True)``: one graph per UNet (a graph break is an error, not a
@@ -35,11 +38,25 @@ def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def _chunks(total: int, size: int) -> list[tuple[int, int]]:
+    """(first image, count) of each pipeline call: ``total`` images, at most ``size`` per call."""
+    return [(first, min(size, total - first)) for first in range(0, total, size)]
+
+
+def _progress_of(progress: ProgressCallback | None, index: int, chunks: int) -> ProgressCallback | None:
+    """Chunk ``index``'s progress as part of the whole job's (steps count across every chunk)."""
+    if progress is None or chunks == 1:
+        return progress
+    return lambda done, total: progress(index * total + done, chunks * total)
+
+
 class Engine:
     """Loads models on first use and keeps them: one engine per device, one job at a time.
 
     At most ``max_bases`` base models stay in memory (with their mode pipelines and attached adapters); a job
     naming another one drops the least recently used, so a manifest naming many bases cannot exhaust memory.
+    ``batch_size``: the most images one pipeline call makes; a job asking for more runs in several calls (memory
+    stays bounded) and gives the same images, since image i always has its own generator seeded ``seed + i``.
     ``compile``: each denoiser is compiled (``torch.compile``, :data:`COMPILE_OPTIONS`) the first time a job
     uses it, and ``notice`` (default: standard error) is told once that this takes a while. Adapters,
     references and scales change without recompiling; a new image size, number of images or references does
@@ -52,6 +69,7 @@ class Engine:
         dtype: str | None = None,
         max_bases: int = 2,
         *,
+        batch_size: int = 4,
         compile: bool = False,
         notice: Callable[[str], None] | None = None,
     ) -> None:
@@ -61,6 +79,7 @@ class Engine:
         self.dtype = pick_dtype(dtype, self.device)
         self.max_bases = max(1, int(max_bases))
         self.compile = bool(compile)
+        self.batch_size = max(1, int(batch_size))
         self._notice = notice or _stderr
         self._noticed = False
         self._bases: OrderedDict[tuple, Any] = OrderedDict()
@@ -86,8 +105,6 @@ class Engine:
 
     def _forget(self, key: tuple) -> None:
         """Drop base ``key`` with its mode pipelines and the adapters attached to them, and free the memory."""
-        import gc
-
         import torch
 
         self._bases.pop(key)
@@ -166,7 +183,6 @@ class Engine:
 
         from ..adapter import run as run_adapters
         from ..calls import check_call
-        from ..schedulers import set_scheduler
 
         started = time.perf_counter()
         if job.cpu_offload and self.compile:
@@ -182,6 +198,12 @@ class Engine:
         pipe.scheduler = default_scheduler
         if job.scheduler:
             set_scheduler(pipe, job.scheduler)
+        most = pipe.scheduler.config.get("num_train_timesteps", 1000)
+        if job.steps is not None and job.steps > most:
+            raise InputError(
+                f"{job.steps} steps asked, but the scheduler has only {most} training timesteps; ask for at "
+                f"most {most} steps"
+            )
         entries = job.recipe.adapters if job.recipe is not None else []
         adapters = [self.adapter(pipe, e.path, e.image_encoder) for e in entries]
         if job.vae_slicing:
@@ -191,30 +213,50 @@ class Engine:
         loaded = time.perf_counter()
 
         seed = secrets.randbelow(2**31) if job.seed is None else job.seed
-        call = self._call(job, seed, progress)
-        if job.recipe is None:  # the plain base model (adapters attached by earlier jobs stay idle)
-            out = pipe(**check_call(pipe, call))
-        elif job.per_frame:
-            ip = adapters[0]
-            ip.scale = 1.0 if entries[0].scale is None else entries[0].scale
-            frames = [ref.path for ref in entries[0].images]
-            out = ip(frames, pipeline=pipe, **call)
-        else:
-            pairs = [
-                (ip, dataclasses.replace(e, scale=1.0 if e.scale is None else e.scale))
-                for ip, e in zip(adapters, entries, strict=True)
-            ]
-            out = run_adapters(pipe, pairs, **call)
+        images = []
+        chunks = _chunks(1 if job.mode == "video" else job.num_images, self.batch_size)
+        for index, (first, count) in enumerate(chunks):
+            call = self._call(job, seed, first, count, _progress_of(progress, index, len(chunks)))
+            out = self._generate(pipe, job, adapters, check_call, run_adapters, call)
+            images.extend(out.frames[0] if job.mode == "video" else out.images)
         done = time.perf_counter()
-        images = list(out.frames[0]) if job.mode == "video" else list(out.images)
         params = self._params(job, pipe, adapters, seed, images)
         seconds = {"load": round(loaded - started, 3), "generate": round(done - loaded, 3)}
         return Result(images, params, seed, seconds, video=job.mode == "video")
 
-    def _call(self, job: Job, seed: int, progress: ProgressCallback | None) -> dict[str, Any]:
+    @staticmethod
+    def _generate(
+        pipe: Any, job: Job, adapters: list[Any], check_call: Any, run_adapters: Any, call: dict
+    ) -> Any:
+        """One pipeline call: the plain base model, one reference per frame, or the recipe's adapters."""
+        entries = job.recipe.adapters if job.recipe is not None else []
+        if job.recipe is None:  # the plain base model (adapters attached by earlier jobs stay idle)
+            return pipe(**check_call(pipe, call))
+        if job.per_frame:
+            ip = adapters[0]
+            ip.scale = 1.0 if entries[0].scale is None else entries[0].scale
+            return ip([ref.path for ref in entries[0].images], pipeline=pipe, **call)
+        pairs = [
+            (ip, dataclasses.replace(e, scale=1.0 if e.scale is None else e.scale))
+            for ip, e in zip(adapters, entries, strict=True)
+        ]
+        return run_adapters(pipe, pairs, **call)
+
+    def _call(
+        self, job: Job, seed: int, first: int, count: int, progress: ProgressCallback | None
+    ) -> dict[str, Any]:
+        """The pipeline arguments for images ``first .. first + count - 1`` of the job.
+
+        One image: one CPU generator seeded ``seed`` (diffusers' examples). Several: image i has its own,
+        seeded ``seed + i``, so it is the image ``--seed seed+i`` makes alone, whichever chunk it runs in.
+        """
         import torch
 
-        call: dict[str, Any] = {"prompt": job.prompt, "generator": torch.Generator("cpu").manual_seed(seed)}
+        if job.num_images == 1:
+            generator: Any = torch.Generator("cpu").manual_seed(seed)
+        else:
+            generator = [torch.Generator("cpu").manual_seed((seed + first + i) % 2**64) for i in range(count)]
+        call: dict[str, Any] = {"prompt": job.prompt, "generator": generator}
         if job.mode in ("img2img", "inpaint"):
             strength = STRENGTH[job.mode] if job.strength is None else job.strength
             call.update(image=job.init, strength=strength)
@@ -236,7 +278,7 @@ class Engine:
         if job.mode == "video":
             call["num_frames"] = job.frames
         else:
-            call["num_images_per_prompt"] = job.num_images
+            call["num_images_per_prompt"] = count
         if progress is not None:
             total = job.steps or 50
 
@@ -248,8 +290,6 @@ class Engine:
         return call
 
     def _params(self, job: Job, pipe: Any, adapters: list[Any], seed: int, images: list[Image.Image]) -> dict:
-        from .. import __version__
-
         entries = job.recipe.adapters if job.recipe is not None else []
         scales = [1.0 if e.scale is None else e.scale for e in entries]
         paths = [e.path for e in entries]
@@ -269,6 +309,7 @@ class Engine:
             "steps": job.steps,
             "guidance": job.guidance,
             "seed": seed,
+            **({"seeds": [(seed + i) % 2**64 for i in range(job.num_images)]} if job.num_images > 1 else {}),
             "scheduler": job.scheduler or type(pipe.scheduler).__name__,
             "dtype": str(self.dtype).removeprefix("torch."),
             "device": self.device,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +21,10 @@ from PIL import Image
 from ..errors import InputError
 from ..fields import Option, quoted, table
 from ..modes import IMAGE_MODES, INIT_MODES, MODES, STRENGTH
+from ..prompt.blocks import parse_layer_weights
 from ..prompt.controls import CONTROLS, REFERENCES
-from ..prompt.recipe import Recipe
+from ..prompt.images import image_key, load_image, load_mask
+from ..prompt.recipe import AdapterRecipe, Recipe, Reference
 from ..schedulers import SCHEDULERS
 from .job import Job
 
@@ -148,6 +151,49 @@ def fit_init(init: Image.Image, width: int | None, height: int | None) -> Image.
     return init if (w, h) == init.size else init.crop((0, 0, w, h))
 
 
+@dataclass(frozen=True)
+class Limits:
+    """The most work one job may ask for, checked before any model loads (every front end has them).
+
+    ``max_pixels``: width x height of an output image (and of an init image); ``max_images``: images per job
+    (they run in chunks, so memory stays bounded; the limit bounds the time); ``max_steps``, ``max_frames``.
+    ``raise_with``: how the message says to raise a limit, ``{flag}`` standing for the limit's flag
+    (``--max-steps``); ``side``: the side assumed for an unset width or height (0: not checked).
+    """
+
+    max_pixels: int = 2048 * 2048
+    max_images: int = 64
+    max_steps: int = 500
+    max_frames: int = 128
+    raise_with: str = "; raise the limit with {flag} if the machine has the memory and the time"
+    side: int = 0
+
+    def check(self, o: dict[str, Any], where: str = "", spell: Spell = quoted) -> None:
+        """Refuse checked options ``o`` that ask for more than the limits allow."""
+        counts = (("steps", self.max_steps), ("num_images", self.max_images), ("frames", self.max_frames))
+        for key, high in counts:
+            value = o.get(key)
+            if value is not None and value > high:
+                raise InputError(
+                    f"{where}{spell(key)} is {value}; at most {high} are allowed{self._raise(key)}"
+                )
+        width, height = (o.get(k) or self.side for k in ("width", "height"))
+        if width and height:
+            self.check_size(width, height, where)
+
+    def check_size(self, width: int, height: int, where: str = "", what: str = "") -> None:
+        """Refuse an image of ``width`` x ``height`` over ``max_pixels``."""
+        if width * height > self.max_pixels:
+            raise InputError(
+                f"{where}{what}{width}x{height} = {width * height:,} pixels; at most {self.max_pixels:,} pixels "
+                f"are allowed: ask for a smaller width/height{self._raise('pixels')}"
+            )
+
+    def _raise(self, key: str) -> str:
+        name = {"num_images": "images"}.get(key, key)
+        return self.raise_with.format(flag=f"--max-{name}")
+
+
 def check_options(options: Any, where: str = "", spell: Spell = quoted) -> dict[str, Any]:
     """Every key known, every value of its declared type and bounds, only options of the job's mode.
 
@@ -191,6 +237,7 @@ def job_from_options(
     spell: Spell = quoted,
     record_paths: bool = True,
     notice: Callable[[str], None] | None = None,
+    limits: Limits = Limits(),  # noqa: B008 - frozen, never mutated
 ) -> Job:
     """A :class:`Job` from options as a JSON object (keys and values: :data:`OPTIONS`). The only validator.
 
@@ -199,10 +246,11 @@ def job_from_options(
     (None: such files are refused). ``base_dir``: where relative paths inside a ``recipe`` table point.
     ``spell``: how messages name an option (``--num-images`` on the command line). ``record_paths``: the result
     records image values as given (paths); otherwise only their content hashes (the server's base64 data).
-    ``notice``: told about adjustments (e.g. a mask read as greyscale). Every image is decoded here, so a bad
-    one fails before any model loads.
+    ``notice``: told about adjustments (e.g. a mask read as greyscale). ``limits``: the most work the job may
+    ask for. Every image is decoded here, so a bad one fails before any model loads.
     """
     o = check_options(options, where, spell)
+    limits.check(o, where, spell)
     mode = o["mode"]
     given, recipe, per_frame = _image_prompt(o, resolve_file, base_dir, where, spell)
     loaded = None if recipe is None else load_recipe_inputs(recipe, locate, resolve_file, where)
@@ -233,7 +281,7 @@ def job_from_options(
         "vae_slicing": bool(o.get("vae_slicing")),
         "cpu_offload": bool(o.get("cpu_offload")),
     }
-    job.update(_start_images(o, locate, where, spell, notice))
+    job.update(_start_images(o, locate, where, spell, notice, limits))
     job.update(_controlnets(o, frames, locate, where, spell))
     job["record"] = _record(options, o, given, loaded, per_frame, record_paths, job)
     return Job(**job)
@@ -278,9 +326,6 @@ def recipe_from_options(options: dict[str, Any], where: str = "", spell: Spell =
 
     Reference values stay as given (paths, or whatever the caller's ``locate`` understands later).
     """
-    from ..prompt.blocks import parse_layer_weights
-    from ..prompt.recipe import AdapterRecipe, Reference
-
     if not options.get("adapter"):
         raise InputError(
             f"{where}no adapter: give {spell('adapter')} (a file, hub path or name) or {spell('recipe')}"
@@ -322,19 +367,27 @@ def _listed(value: Any) -> list[Any]:
 
 
 def _start_images(
-    o: dict[str, Any], locate: Locate, where: str, spell: Spell, notice: Callable[[str], None] | None
+    o: dict[str, Any],
+    locate: Locate,
+    where: str,
+    spell: Spell,
+    notice: Callable[[str], None] | None,
+    limits: Limits,
 ) -> dict[str, Any]:
     """img2img / inpaint: the init image (at the asked size), the strength and the mask, decoded now."""
-    from ..prompt.images import load_image, load_mask
-
     mode = o["mode"]
     if mode not in INIT_MODES:
         return {}
     if not o.get("init"):
         raise InputError(f"{where}{mode} needs {spell('init')} (the image to start from)")
-    init = fit_init(
-        load_image(locate(o["init"], "init image"), f"{where}init image"), o.get("width"), o.get("height")
-    )
+    init = load_image(locate(o["init"], "init image"), f"{where}init image")
+    if min(o.get("width") or init.width, o.get("height") or init.height) < 8:
+        raise InputError(
+            f"{where}init image is {init.width}x{init.height}; expected at least 8x8 pixels (the VAE works on "
+            "8-pixel blocks); give a larger image or ask for a larger width/height"
+        )
+    init = fit_init(init, o.get("width"), o.get("height"))
+    limits.check_size(init.width, init.height, where, "the init image is ")
     strength = o.get("strength")
     out = {"init": init, "strength": OPTIONS["strength"].default_for(mode) if strength is None else strength}
     if mode == "inpaint":
@@ -348,8 +401,6 @@ def _start_images(
 
 def _controlnets(o: dict[str, Any], frames: int, locate: Locate, where: str, spell: Spell) -> dict[str, Any]:
     """ControlNets, one control image each (a video: a frame list each) and their scale(s), counts checked."""
-    from ..prompt.images import load_image
-
     nets, images, scales = o.get("controlnet") or [], o.get("control_image") or [], o.get("control_scale")
     if len(images) != len(nets):
         raise InputError(
@@ -400,8 +451,6 @@ def _record(
 ) -> dict[str, Any]:
     """What the result records of the inputs: references (content hashes, and the recipe), and the files as
     the user named them (or, for data sent inline, their content hashes)."""
-    from ..prompt.images import image_key
-
     record: dict[str, Any] = {}
     if loaded is not None:
         keys = [
@@ -425,7 +474,6 @@ def _record(
 
 def recorded_recipe(recipe: Recipe) -> dict[str, Any]:
     """The recipe as a file would hold it, each image replaced by ``sha1:<content hash>`` (no pixel data)."""
-    from ..prompt.images import image_key
 
     def named(value: Any) -> Any:
         return f"sha1:{image_key(value)}" if isinstance(value, Image.Image) else value
@@ -452,8 +500,6 @@ def load_recipe_inputs(
     Messages name a reference by its index only where its adapter has several (``image[1] reference image``),
     and the adapter only where the recipe has several.
     """
-    from ..prompt.images import load_image, load_mask
-
     entries = []
     for a, entry in enumerate(recipe.adapters):
         at = f"{where}adapter[{a}]." if len(recipe.adapters) > 1 else where

@@ -18,8 +18,11 @@ of :class:`BuildConfig` (78.5 minutes on 2 CPU cores).
 
 from __future__ import annotations
 
+import argparse
+import ast
 import json
 import math
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -30,6 +33,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+
+from ..training.config import TrainConfig
+from .shapes import write_dataset
+from .shipped import MODEL_DIR
 
 STAGES = ("data", "clip", "vae", "unet", "pipeline", "adapters")
 RECORD = "build_record.json"
@@ -95,8 +102,6 @@ def _losses(history: list[float], points: int = 20) -> list[float]:
 
 # -- data ----------------------------------------------------------------------------------------------------
 def stage_data(c: BuildConfig, out: Path) -> dict[str, Any]:
-    from .shapes import write_dataset
-
     write_dataset(
         out / "data" / "train", c.train_images, seed=c.seed, size=c.size, split="train", overwrite=True
     )
@@ -120,6 +125,7 @@ def _load_pairs(folder: Path) -> tuple[torch.Tensor, list[str]]:
 
 # -- mini CLIP -----------------------------------------------------------------------------------------------
 def _tokenizer(out: Path) -> Any:
+    # heavy: only the stage that uses it pays for it (importing this module stays torch-only)
     from .tokenizer import build_tokenizer
 
     return build_tokenizer(out / "tokenizer")
@@ -127,6 +133,7 @@ def _tokenizer(out: Path) -> Any:
 
 def stage_clip(c: BuildConfig, out: Path) -> dict[str, Any]:
     """A small CLIP trained contrastively on the captions; towers saved for the pipeline and the adapter."""
+    # heavy: only the stage that uses it pays for it (importing this module stays torch-only)
     from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
 
     tok = _tokenizer(out)
@@ -236,6 +243,7 @@ def _train_loop(
 # -- VAE -----------------------------------------------------------------------------------------------------
 def stage_vae(c: BuildConfig, out: Path) -> dict[str, Any]:
     """A small KL autoencoder (4x down, 4 latent channels); its scaling factor makes latents unit-variance."""
+    # heavy: only the stage that uses it pays for it (importing this module stays torch-only)
     from diffusers import AutoencoderKL
 
     pixels, _ = _load_pairs(out / "data" / "train")
@@ -282,6 +290,7 @@ def stage_unet(c: BuildConfig, out: Path) -> dict[str, Any]:
     (10 %, for classifier-free guidance). Partial texts make a prompt like "on a green background" mean
     something to the base model, which the image prompt then completes with the object.
     """
+    # heavy: only the stage that uses it pays for it (importing this module stays torch-only)
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel
 
@@ -347,6 +356,7 @@ def stage_unet(c: BuildConfig, out: Path) -> dict[str, Any]:
 # -- assembly and adapters -----------------------------------------------------------------------------------
 def stage_pipeline(c: BuildConfig, out: Path) -> dict[str, Any]:
     """The standard pipeline folder, plus the vision tower where the h94 layout puts the image encoder."""
+    # heavy: only the stage that uses it pays for it (importing this module stays torch-only)
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPModel, CLIPTextModel, CLIPVisionModelWithProjection
 
@@ -398,7 +408,7 @@ def _adapter_manifest(c: BuildConfig, folder: Path) -> Path:
 
 def stage_adapters(c: BuildConfig, out: Path) -> dict[str, Any]:
     """Basic and plus adapters, trained by ``ipadapter.training`` on the same data."""
-    from ..training.config import TrainConfig
+    # heavy: only the stage that uses it pays for it (importing this module stays torch-only)
     from ..training.trainer import Trainer
 
     manifest = _adapter_manifest(c, out / "data" / "train")
@@ -475,9 +485,6 @@ def install(out: str | Path, dest: str | Path | None = None) -> Path:
 
     The new folder is assembled beside ``dest`` and swapped in, so a failed copy leaves the old model whole.
     """
-    import shutil
-
-    from .shipped import MODEL_DIR
 
     out, dest = Path(out), Path(dest or MODEL_DIR)
     done = _record(out)["stages"]
@@ -506,9 +513,6 @@ def install(out: str | Path, dest: str | Path | None = None) -> Path:
 
 def main(argv: list[str] | None = None) -> Path:
     """``python -m ipadapter.mini.build --out DIR [--set name=value ...]``: build (or finish) a family."""
-    import argparse
-    import ast
-
     parser = argparse.ArgumentParser(
         prog="python -m ipadapter.mini.build", description=__doc__.splitlines()[0]
     )

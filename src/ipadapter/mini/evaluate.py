@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .shapes import BACKGROUNDS, classify
+
 MODES = ("text", "image", "image+text")
 
 
@@ -51,6 +53,7 @@ class Scorer:
     """CLIP embeddings for CLIP-I / CLIP-T (any CLIPModel folder: the mini CLIP or a real one)."""
 
     def __init__(self, folder: str | Path) -> None:
+        # heavy (transformers): loaded when a Scorer is made; importing this module stays torch-only
         from transformers import CLIPImageProcessorPil, CLIPModel, CLIPTokenizer
 
         self.model = CLIPModel.from_pretrained(folder).eval()
@@ -79,8 +82,6 @@ def _unit(x: Any) -> torch.Tensor:
 
 def other_background(ref: Reference) -> str:
     """A background for the image+text mode: not the reference's, not the object's colour."""
-    from .shapes import BACKGROUNDS
-
     choices = [b for b in BACKGROUNDS if b not in (ref.background, ref.color)]
     return choices[sum(map(ord, ref.caption)) % len(choices)]  # deterministic per reference
 
@@ -98,8 +99,6 @@ def evaluate(
     size: int | None = None,
 ) -> dict[str, dict[str, float]]:
     """Scores per mode (means over ``refs``); ``ip`` is an attached adapter handle."""
-    from .shapes import classify
-
     ip.scale = scale
     rows: dict[str, list[dict[str, float]]] = {m: [] for m in MODES}
     ref_embeds = scorer.images([r.image for r in refs])

@@ -11,6 +11,9 @@ from ..fields import Option, table
 from .blocks import CURVE_NAMES, PRESET_NAMES
 from .images import CROP_MODES
 
+MAX_SCALE = (
+    5.0  # beyond this an image prompt only burns the picture (all black at 1e30): refused as a mistake
+)
 COMBINE_MODES = ("concat", "average", "norm-average", "add", "subtract")
 
 # The references of the single-adapter form (flags, batch keys, JSON); a recipe lists them as image tables.
@@ -27,8 +30,8 @@ REFERENCES = table(
 
 # How one adapter uses its references; in recipe files' order (a recipe's [[adapter]] keys).
 CONTROLS = table(
-    Option("scale", "number", "image prompt strength, >= 0 (1.0 = full strength)", default=1.0, low=0,
-           example="0.7"),
+    Option("scale", "number", "image prompt strength, 0 to 5 (0 = off, 1.0 = full strength)", default=1.0,
+           low=0, high=MAX_SCALE, example="0.7"),
     Option("combine", "choice", "how several references combine", default="concat", choices=COMBINE_MODES),
     Option("start", "number", "denoising progress at which the image prompt starts (0-1)", default=0.0, low=0,
            high=1, expect="a fraction of the denoising run in [0, 1]", example="0.0"),

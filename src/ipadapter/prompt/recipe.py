@@ -307,13 +307,16 @@ class Recipe:
             what = "is a folder" if path.is_dir() else "does not exist"
             fail(f"recipe file '{path}'", f"{what}; expected a .toml or .json recipe file; check the path")
         try:
-            text = path.read_text(encoding="utf-8")
+            text = path.read_text(encoding="utf-8-sig")  # a byte order mark (Windows editors) is fine
         except UnicodeDecodeError:
             fail(f"recipe file '{path}'", "is not UTF-8 text; save it as UTF-8")
         except OSError as e:
             fail(f"recipe file '{path}'", f"cannot be read ({e.strerror or e}); check its permissions")
+        deep = "nests lists or tables too deeply to read; a recipe is a few levels deep: fix the file"
         try:
             data = tomllib.loads(text) if kind == ".toml" else json.loads(text)
+        except RecursionError:
+            fail(f"recipe file '{path}'", deep)
         except tomllib.TOMLDecodeError as e:
             fail(str(path), f"not valid TOML ({e}); fix the syntax there")
         except json.JSONDecodeError as e:
@@ -321,7 +324,10 @@ class Recipe:
                 str(path),
                 f"not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); fix the syntax there",
             )
-        return cls.from_dict(data, base_dir=path.absolute().parent, source=str(path))
+        try:
+            return cls.from_dict(data, base_dir=path.absolute().parent, source=str(path))
+        except RecursionError:
+            fail(f"recipe file '{path}'", deep)
 
     # -- writing and checking -----------------------------------------------------------------------------
 

@@ -140,7 +140,7 @@ def control_field(value: Any, option: Option, here: Where) -> Any:
         return None
     number = as_number(value, here, key, option.example)
     if (option.low is not None and number < option.low) or (option.high is not None and number > option.high):
-        expected = option.expect or f"a number >= {option.low:g}"
+        expected = option.expected()
         fail(
             key_path(here.where, key),
             f"got {value!r}; expected {expected}; write e.g. {example_of(here, key, option.example)}",
