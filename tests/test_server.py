@@ -331,6 +331,17 @@ def _bad_bodies(ref: str, served: ServerConfig) -> list[tuple[Any, int, tuple[st
         ({"image": ref, "frames": 4}, 422, ("'frames' is for mode video", "leave it out")),
         ({"image": ref, "scheduler": ["ddim"]}, 422, ("'scheduler' is ['ddim']", "one of")),
         ({"image": ref, "seed": 2**64}, 422, ("'seed' is 18446744073709551616",)),
+        (
+            {
+                "image": ref,
+                "mode": "img2img",
+                "init": b64_png(Image.new("RGB", (1, 1))),
+                "width": None,
+                "height": None,
+            },
+            422,
+            ("init image is 1x1", "at least 8x8"),
+        ),
         ({"image": ref, "mode": "img2img"}, 422, ("img2img needs 'init'",)),
         ({"image": ref, "mode": "dream"}, 422, ("'mode' is 'dream'",)),
         ({"prompt": "no reference"}, 422, ("no reference",)),

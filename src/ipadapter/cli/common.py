@@ -121,12 +121,19 @@ def check_output_folder(output: str) -> None:
         raise InputError(f"output folder '{parent}' is not writable; choose another --output")
 
 
+LIMIT_HELP = {
+    "pixels": "width x height of an image",
+    "images": "images per job (run in chunks)",
+    "steps": "denoising steps",
+    "frames": "video frames",
+}
+
+
 def add_limit_options(p: argparse.ArgumentParser) -> None:
     """``--max-pixels`` / ``--max-images`` / ``--max-steps`` / ``--max-frames``: raise the limits on one job."""
     defaults = Limits()
     g = p.add_argument_group("limits (checked before any model loads; raise them for big jobs)")
-    for name, what in (("pixels", "width x height of an image"), ("images", "images per job (run in chunks)"),
-                       ("steps", "denoising steps"), ("frames", "video frames")):  # fmt: skip
+    for name, what in LIMIT_HELP.items():
         default = getattr(defaults, f"max_{name}")
         g.add_argument(
             f"--max-{name}", type=positive_int, default=default, help=f"{what} (default {default:,})"

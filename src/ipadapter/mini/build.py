@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ..files import atomic_path
 from ..training.config import TrainConfig
 from .shapes import write_dataset
 from .shipped import MODEL_DIR
@@ -86,10 +87,15 @@ def _record(out: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {"stages": {}}
 
 
+def _write_record(out: Path, record: dict[str, Any]) -> None:
+    with atomic_path(out / RECORD) as temp:  # a killed build never leaves half a record
+        temp.write_text(json.dumps(record, indent=2))
+
+
 def _finish(out: Path, stage: str, info: dict[str, Any]) -> None:
     record = _record(out)
     record["stages"][stage] = info
-    (out / RECORD).write_text(json.dumps(record, indent=2))
+    _write_record(out, record)
 
 
 def _losses(history: list[float], points: int = 20) -> list[float]:
@@ -464,7 +470,7 @@ def _run_stages(config: BuildConfig, out: Path, stages: tuple[str, ...]) -> None
     record = _record(out)
     # the latest run's settings: the stages it runs use them (a resumed build keeps its earlier stages)
     record["config"] = {k: v for k, v in asdict(config).items() if k != "log"}
-    (out / RECORD).write_text(json.dumps(record, indent=2))
+    _write_record(out, record)
     for stage in stages:
         if stage in _record(out)["stages"]:
             _say(config, f"mini build: {stage} already done")

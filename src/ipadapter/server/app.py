@@ -545,8 +545,10 @@ def _listen_error(host: str, port: int, error: OSError) -> ListenError:
     if error.errno == errno.EADDRINUSE:
         return ListenError(f"port {port} on {host} is in use; stop the other server or pick another --port")
     if error.errno == errno.EACCES:
-        return ListenError(f"port {port} on {host}: permission denied (ports below 1024 need privileges); "
-                           "pick another --port")  # fmt: skip
+        return ListenError(
+            f"port {port} on {host}: permission denied (ports below 1024 need privileges); "
+            "pick another --port"
+        )
     why = error.strerror or str(error)
     return ListenError(f"cannot listen on {host} port {port} ({why}); check --host and --port")
 
@@ -570,8 +572,11 @@ def serve(config: ServerConfig) -> None:
         where = f"[{config.host}]" if ":" in config.host else config.host
 
         def listening() -> None:
-            print(f"ipadapter: serving {config.base} with {', '.join(config.adapters)} on http://{where}:{port}/ "
-                  "(API docs: /docs)", flush=True)  # fmt: skip
+            print(
+                f"ipadapter: serving {config.base} with {', '.join(config.adapters)} on http://{where}:{port}/ "
+                "(API docs: /docs)",
+                flush=True,
+            )
 
         settings = uvicorn.Config(
             app, host=config.host, port=port, log_level="info", timeout_graceful_shutdown=10

@@ -10,7 +10,6 @@ features), ``shard-NNNNN.safetensors`` (256 examples each, written whole or not 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..errors import InputError
+from ..files import atomic_path
 from .datasets import collate
 
 SHARD = 256
@@ -55,15 +55,16 @@ class FeatureCache:
     def write_shard(self, shard: int, tensors: dict[str, torch.Tensor], skipped: dict[int, str]) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.shard_path(shard)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         meta = {"skipped": json.dumps({str(k): v for k, v in skipped.items()})}
-        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=meta)
-        os.replace(tmp, path)
+        with atomic_path(path) as temp:
+            save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(temp), metadata=meta)
 
     def write_index(self, negative: torch.Tensor) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        save_file({"negative": negative.contiguous().cpu()}, str(self.folder / "negative.safetensors"))
-        (self.folder / "index.json").write_text(json.dumps(self.fingerprint, indent=2))
+        with atomic_path(self.folder / "negative.safetensors") as temp:
+            save_file({"negative": negative.contiguous().cpu()}, str(temp))
+        with atomic_path(self.folder / "index.json") as temp:  # last: the index says the cache is complete
+            temp.write_text(json.dumps(self.fingerprint, indent=2))
 
     def negative(self) -> torch.Tensor:
         with safe_open(str(self.folder / "negative.safetensors"), "pt") as f:

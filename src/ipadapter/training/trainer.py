@@ -15,7 +15,6 @@ DeepSpeed and FSDP specifics live in :mod:`.engines`.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 import time
@@ -35,6 +34,7 @@ from tqdm.auto import tqdm
 from ..adapter import attach
 from ..adapters.checkpoint import save_checkpoint
 from ..errors import InputError
+from ..files import atomic_path
 from ..prompt.images import load_image
 from ..sources import load_image_encoder
 from .cache import CachedExamples, FeatureCache, fill_shards
@@ -119,7 +119,8 @@ class Trainer:
         acc.wait_for_everyone()
         if acc.is_main_process:
             self.output.mkdir(parents=True, exist_ok=True)
-            (self.output / CONFIG).write_text(json.dumps(c.to_dict(), indent=2))
+            with atomic_path(self.output / CONFIG) as temp:
+                temp.write_text(json.dumps(c.to_dict(), indent=2))
         self.seconds["setup"] = time.perf_counter() - started
         if self.report_to != "none":
             acc.init_trackers("ipadapter", config={k: v for k, v in c.to_dict().items() if v is not None})
@@ -532,9 +533,7 @@ class Trainer:
             ckpt.image_proj = {k: v.to(dtype) for k, v in ckpt.image_proj.items()}
             ckpt.ip_adapter = {k: v.to(dtype) for k, v in ckpt.ip_adapter.items()}
             ckpt.metadata = self._metadata()
-            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-            save_checkpoint(ckpt, tmp.with_suffix(".safetensors"))
-            os.replace(tmp.with_suffix(".safetensors"), path)
+            save_checkpoint(ckpt, path)  # written whole or not at all (files.atomic_path)
             if self.skipped:
                 print(
                     f"ipadapter: note: skipped {len(self.skipped)} unreadable image(s), e.g. "

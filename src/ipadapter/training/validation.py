@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..files import atomic_path
 from .config import TrainConfig
 
 
@@ -40,7 +41,8 @@ def save_validation(image: Any, output: Path, step: int, trackers: list[Any]) ->
     folder = output / "validation"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"step-{step:07d}.png"
-    image.save(path)
+    with atomic_path(path) as temp:
+        image.save(temp)
     for tracker in trackers:
         if tracker.name == "tensorboard":
             tracker.writer.add_image("validation", np.asarray(image), step, dataformats="HWC")
