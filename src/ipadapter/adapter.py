@@ -19,10 +19,11 @@ from .adapters.checkpoint import KV_PARTS, Checkpoint, ip_key, load_checkpoint
 from .adapters.checks import problems
 from .adapters.projection import build_projection
 from .adapters.variants import AdapterSpec, detect, family
-from .calls import base_module, check_call, native_size, num_frames, output_size, vae_factor
+from .calls import check_call, native_size, num_frames, output_size, vae_factor
 from .errors import CheckpointError, IncompatibleModelError, InputError
+from .hosts import host_of
 from .hosts.attention import IPBranch
-from .hosts.unet import CrossLayer, attachment, block_map, cross_attention_layers, install, uninstall
+from .hosts.base import Host, HostLayer
 from .prompt.blocks import Block
 from .prompt.conditioning import BranchControl, ImagePrompt
 from .prompt.controls import CONTROLS
@@ -39,16 +40,16 @@ def check_scale(scale: float) -> float:
     return CONTROLS["scale"].check(scale, spell=lambda _: "scale")
 
 
-def _pipeline_unet(pipe: Any) -> Any:
-    """``pipe``'s UNet (from under torch.compile's wrapper), or a one-line error for anything else."""
-    unet = getattr(pipe, "unet", None)
-    if unet is None or not hasattr(base_module(unet), "attn_processors"):
+def _denoiser(pipe: Any) -> tuple[Host, Any]:
+    """``pipe``'s host and denoiser (from under torch.compile's wrapper), or a one-line error for anything else."""
+    found = host_of(pipe)
+    if found is None:
         what = "None" if pipe is None else type(pipe).__name__
         raise InputError(
             f"expected a diffusers Stable Diffusion pipeline (with a .unet), got {what}; load one with "
             "diffusers, e.g. StableDiffusionPipeline.from_pretrained(...)"
         )
-    return base_module(unet)
+    return found
 
 
 class IPAdapter:
@@ -65,6 +66,7 @@ class IPAdapter:
         source: str,
     ) -> None:
         self.pipe = pipe
+        self.host, self.denoiser = _denoiser(pipe)
         self.name = name
         self.spec = spec
         self.projection = projection
@@ -96,8 +98,8 @@ class IPAdapter:
 
     @property
     def blocks(self) -> dict[str, Block]:
-        """The transformer block of each cross-attention layer of the UNet (its host's block map)."""
-        return block_map(base_module(self.pipe.unet))
+        """The transformer block of each layer of the denoiser (its host's block map)."""
+        return self.host.block_map(self.denoiser)
 
     def parameters(self) -> list[nn.Parameter]:
         """What training changes: the projection's and every layer's image key/value weights."""
@@ -136,15 +138,14 @@ class IPAdapter:
     def unet_names(self) -> dict[str, str]:
         """Official ``ip_adapter`` key -> that weight's name in ``unet.state_dict()`` (e.g. to read it from
         a state dict FSDP gathered)."""
-        unet = base_module(self.pipe.unet)
         return {
-            key: f"{proc}.{unet.get_submodule(proc).slot(self.name)}.{weight}"
+            key: f"{proc}.{self.denoiser.get_submodule(proc).slot(self.name)}.{weight}"
             for key, (proc, _, weight) in self._layer_keys().items()
         }
 
     @property
     def attached(self) -> bool:
-        state = attachment(base_module(self.pipe.unet))
+        state = self.host.attachment(self.denoiser)
         return state is not None and state.adapters.get(self.name) is self
 
     @torch.no_grad()
@@ -279,9 +280,9 @@ def _call(pipe: Any, adapters: Sequence[IPAdapter], build: Any, pipe_kwargs: dic
     for ip in adapters:
         if not ip.attached:
             raise InputError(f"adapter '{ip.name}' is detached; attach it again before generating")
-        if base_module(getattr(pipe, "unet", None)) is not base_module(ip.pipe.unet):
+        if ip.host.denoiser(pipe) is not ip.denoiser:
             raise InputError(
-                f"{type(pipe).__name__} does not share the UNet adapter '{ip.name}' is attached to (a video "
+                f"{type(pipe).__name__} does not share the {ip.host.noun} adapter '{ip.name}' is attached to (a video "
                 "pipeline builds its own); attach the adapter to the pipeline you call"
             )
     frames = num_frames(pipe, pipe_kwargs)
@@ -293,9 +294,10 @@ def _call(pipe: Any, adapters: Sequence[IPAdapter], build: Any, pipe_kwargs: dic
     image_prompt = _with_facts(
         build(num_prompts, frames), pipe, copies, frames, output_size(pipe, pipe_kwargs)
     )
-    kwargs = dict(pipe_kwargs.pop("cross_attention_kwargs", None) or {})
+    key = adapters[0].host.attention_kwargs if adapters else "cross_attention_kwargs"
+    kwargs = dict(pipe_kwargs.pop(key, None) or {})
     kwargs["image_prompt"] = image_prompt
-    return pipe(cross_attention_kwargs=kwargs, **pipe_kwargs)
+    return pipe(**{key: kwargs}, **pipe_kwargs)
 
 
 def _with_facts(
@@ -356,7 +358,7 @@ def apply(pipe: Any, recipe: Recipe) -> RecipeRun:
     return RecipeRun(pipe, recipe, adapters, prepared)
 
 
-def _check_fit(spec: AdapterSpec, layers: list[CrossLayer], encoder: ImageEncoder, source: str) -> None:
+def _check_fit(spec: AdapterSpec, layers: list[HostLayer], encoder: ImageEncoder, source: str) -> None:
     """Refuse an adapter that does not fit the UNet or the encoder, with both numbers in the message."""
     if not layers:
         raise IncompatibleModelError(
@@ -430,8 +432,8 @@ def attach(
     Validates everything before touching the pipeline.
     """
     scale = check_scale(scale)
-    unet = _pipeline_unet(pipe)  # from under torch.compile's wrapper, if compiled first
-    state = attachment(unet)
+    host, model = _denoiser(pipe)  # from under torch.compile's wrapper, if compiled first
+    state = host.attachment(model)
     if state is not None and name in state.adapters:
         raise InputError(
             f"an adapter named '{name}' is already attached; detach it first or choose another name"
@@ -442,8 +444,8 @@ def attach(
     found = problems(ckpt, spec)
     if found:
         raise CheckpointError(f"{source}: {'; '.join(found)}; this adapter file cannot be used")
-    layers = cross_attention_layers(unet)
-    param = next(unet.parameters())
+    layers = host.layers(model)
+    param = next(model.parameters())
     device, dtype = param.device, param.dtype
     shared = {ip.encoder_key: ip.encoder for ip in state.adapters.values()} if state is not None else {}
     encoder, encoder_key = _encoder(image_encoder, spec, source, device, dtype, shared)
@@ -459,9 +461,9 @@ def attach(
         _load_weights(branch, {f"{p}.weight": w for p, w in weights.items()}, f"layer {layer_id}", source)
         branches[layer.name] = branch.to(device=device, dtype=dtype)
 
-    # Everything is checked; from here on only the UNet changes.
+    # Everything is checked; from here on only the denoiser changes.
     if state is None:
-        state = install(unet, layers)
+        state = host.install(model, layers)
     handle = IPAdapter(pipe, name, spec, projection, encoder, branches, source)
     handle.encoder_key = encoder_key
     handle._scale = scale
@@ -513,8 +515,8 @@ def detach(pipe: Any, name: str | None = None) -> None:
     One rule: naming an adapter that is not attached (twice detached, or never attached) is an error; detaching
     all of none is nothing to do.
     """
-    unet = _pipeline_unet(pipe)
-    state = attachment(unet)
+    host, model = _denoiser(pipe)
+    state = host.attachment(model)
     current = state.adapters if state is not None else {}
     names = list(current) if name is None else [name]
     if name is not None and name not in current:
@@ -528,10 +530,11 @@ def detach(pipe: Any, name: str | None = None) -> None:
             proc.remove_branch(n)
         del state.adapters[n]
     if not state.adapters:
-        uninstall(unet)
+        host.uninstall(model)
 
 
 def attached(pipe: Any) -> dict[str, IPAdapter]:
     """The adapters attached to ``pipe``, by name."""
-    state = attachment(_pipeline_unet(pipe))
+    host, model = _denoiser(pipe)
+    state = host.attachment(model)
     return dict(state.adapters) if state is not None else {}

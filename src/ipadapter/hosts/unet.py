@@ -12,7 +12,6 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -21,6 +20,7 @@ from ..errors import IncompatibleModelError
 from ..prompt.blocks import Block
 from ..prompt.conditioning import ImagePrompt, Step, compiling
 from .attention import IPAttnProcessor, PassThroughProcessor
+from .base import Attachment, Host, HostLayer
 
 STATE_ATTR = "_ipadapter_attachment"  # the UNet attribute holding what attaching changed
 
@@ -42,14 +42,7 @@ def is_cross_attention(name: str) -> bool:
     return name.endswith("attn2.processor") and "motion_modules" not in name
 
 
-@dataclass
-class CrossLayer:
-    """One cross-attention layer of a UNet, as IP-Adapter counts them."""
-
-    name: str  # processor name in unet.attn_processors
-    index: int  # position among cross-attention layers
-    hidden_size: int
-    cross_attention_dim: int
+CrossLayer = HostLayer  # the UNet's name for its host layers
 
 
 def cross_attention_layers(unet: Any) -> list[CrossLayer]:
@@ -101,16 +94,6 @@ def block_map(unet: UNetLike) -> dict[str, Block]:
 # ---------------------------------------------------------------------------------------------------------
 # Installing our processors and the pre-hook
 # ---------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Attachment:
-    """What attaching changed on one UNet, so that detaching can put it back exactly."""
-
-    originals: dict[str, Any]
-    processors: dict[str, IPAttnProcessor]
-    hook: Any
-    adapters: dict[str, Any] = field(default_factory=dict)  # name -> the adapter's handle
 
 
 def attachment(unet: Any) -> Attachment | None:
@@ -176,3 +159,34 @@ def _before_unet(module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] |
     step = Step(progress, (sample.shape[-2], sample.shape[-1]))
     kwargs = {**kwargs, "cross_attention_kwargs": {**attention_kwargs, "image_prompt_step": step}}
     return args, kwargs
+
+
+class UNetHost(Host):
+    """SD1.5 / SDXL UNets (``UNet2DConditionModel``, AnimateDiff's ``UNetMotionModel``)."""
+
+    kind = "unet"
+    noun = "UNet"
+    attention_kwargs = "cross_attention_kwargs"
+
+    def denoiser(self, pipe: Any) -> Any | None:
+        unet = getattr(pipe, "unet", None)
+        unet = getattr(unet, "_orig_mod", unet)  # from under torch.compile's wrapper
+        return unet if hasattr(unet, "attn_processors") else None
+
+    def layers(self, denoiser: Any) -> list[HostLayer]:
+        return cross_attention_layers(denoiser)
+
+    def block_map(self, denoiser: Any) -> dict[str, Block]:
+        return block_map(denoiser)
+
+    def attachment(self, denoiser: Any) -> Attachment | None:
+        return attachment(denoiser)
+
+    def install(self, denoiser: Any, layers: list[HostLayer]) -> Attachment:
+        return install(denoiser, layers)
+
+    def uninstall(self, denoiser: Any) -> None:
+        uninstall(denoiser)
+
+
+UNET = UNetHost()
