@@ -58,6 +58,8 @@ class IPAdapter:
     def __init__(
         self,
         pipe: Any,
+        host: Host,
+        denoiser: Any,
         name: str,
         spec: AdapterSpec,
         projection: nn.Module,
@@ -66,7 +68,7 @@ class IPAdapter:
         source: str,
     ) -> None:
         self.pipe = pipe
-        self.host, self.denoiser = _denoiser(pipe)
+        self.host, self.denoiser = host, denoiser  # where it is attached: the pipeline's denoiser
         self.name = name
         self.spec = spec
         self.projection = projection
@@ -464,7 +466,7 @@ def attach(
     # Everything is checked; from here on only the denoiser changes.
     if state is None:
         state = host.install(model, layers)
-    handle = IPAdapter(pipe, name, spec, projection, encoder, branches, source)
+    handle = IPAdapter(pipe, host, model, name, spec, projection, encoder, branches, source)
     handle.encoder_key = encoder_key
     handle._scale = scale
     for proc_name, branch in branches.items():

@@ -33,6 +33,7 @@ class Option:
     """One option. ``many``: a list (a repeated flag; in JSON one value or a list). ``modes``: the modes that
     take it (None: all). ``default``: what an unset option means (None: the pipeline's own default), or a
     mapping mode -> default. ``server``: why the server refuses the option (None: it accepts it).
+    ``per_frame``: each value may itself be a list, one per video frame (one list item per ``many`` entry).
     ``expect``: how messages describe a valid value (default: from the kind and bounds); ``example``: a
     valid value, for messages."""
 
@@ -46,6 +47,7 @@ class Option:
     low_open: bool = False
     multiple: int | None = None
     many: bool = False
+    per_frame: bool = False
     modes: tuple[str, ...] | None = None
     server: str | None = None
     expect: str = ""
@@ -121,8 +123,8 @@ class Option:
             if not isinstance(value, str | dict):
                 raise InputError(f"{where}{name} is {type(value).__name__}; expected {self.expected()}")
             return value
-        if self.kind == "image" and isinstance(value, list) and self.name == "control_image":
-            return [self._text(v, where, name) for v in value]  # a video's frames for one ControlNet
+        if self.per_frame and isinstance(value, list):
+            return [self._text(v, where, name) for v in value]
         return self._text(value, where, name)
 
     def _text(self, value: Any, where: str, name: str) -> str:

@@ -6,10 +6,12 @@ import argparse
 import math
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from ..errors import InputError
+from ..fields import Option
 from ..jobs.options import Limits
 
 EXIT_USAGE = 2  # bad input of any kind: options, files, models that do not fit
@@ -45,11 +47,31 @@ def finite(text: str) -> float:
     return value
 
 
-def scale(text: str) -> float:
-    value = finite(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} is negative; expected a number >= 0 (1.0 = full strength)")
-    return value
+def number_text(integer: bool) -> Callable[[str], int | float]:
+    """An argparse type: the text as an int or a float (bounds are the option's own check's business)."""
+
+    def convert(text: str) -> int | float:
+        try:
+            return int(text) if integer else float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"'{text}' is not {'a whole number' if integer else 'a number'}"
+            ) from None
+
+    return convert
+
+
+def checked(option: Option) -> Callable[[str], Any]:
+    """An argparse type for a declared number option: parsed, then checked against its declaration."""
+    parse = number_text(option.kind == "int")
+
+    def convert(text: str) -> Any:
+        try:
+            return option.check(parse(text), spell=lambda _: "the value")
+        except InputError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    return convert
 
 
 def size(text: str) -> int:

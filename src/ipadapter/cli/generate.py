@@ -16,7 +16,7 @@ from typing import Any
 from ..errors import InputError
 from ..fields import Option
 from ..jobs.engine import Engine
-from ..jobs.options import OPTIONS, PROMPT_KEYS, job_from_options, local_files
+from ..jobs.options import OPTIONS, PROMPT_KEYS, as_list, job_from_options, local_files
 from ..media import check_output, save_images, save_video
 from ..modes import COMMAND_OF, MODES
 from .common import (
@@ -25,6 +25,7 @@ from .common import (
     add_limit_options,
     check_output_folder,
     limits_from,
+    number_text,
     quiet_libraries,
 )
 
@@ -90,24 +91,10 @@ def _argparse(option: Option, mode: str) -> dict[str, Any]:
     if option.kind == "choice":
         kwargs["choices"] = option.choices
     elif option.kind in ("int", "number"):
-        kwargs["type"] = _number_text(option.kind == "int")
+        kwargs["type"] = number_text(option.kind == "int")  # bounds: job_from_options, with the rest
     if option.kind == "recipe":
         kwargs["metavar"] = "FILE"
     return kwargs
-
-
-def _number_text(integer: bool) -> Any:
-    """Text -> int or float; the bounds are checked with every other rule by ``job_from_options``."""
-
-    def convert(text: str) -> int | float:
-        try:
-            return int(text) if integer else float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"'{text}' is not {'a whole number' if integer else 'a number'}"
-            ) from None
-
-    return convert
 
 
 def _help(option: Option, mode: str) -> str:
@@ -145,17 +132,13 @@ def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
         if name != "mode" and value is not None and value is not False and value != []:
             options[name] = value
     if video and options.get("image"):
-        options["image"] = [i for v in options["image"] for i in _listed(_images_of(v))]
+        options["image"] = [i for v in options["image"] for i in as_list(_images_of(v))]
     if video and options.get("control_image"):
         options["control_image"] = [_images_of(v) for v in options["control_image"]]
     for name, value in options.items():  # one value of a repeatable flag, as a manifest would write it
         if isinstance(value, list) and len(value) == 1 and not (video and name == "image"):
             options[name] = value[0]
     return options
-
-
-def _listed(value: str | list[str]) -> list[str]:
-    return value if isinstance(value, list) else [value]
 
 
 def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:

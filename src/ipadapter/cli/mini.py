@@ -11,7 +11,8 @@ from typing import Any
 from ..errors import InputError
 from ..files import atomic_path
 from ..mini.shapes import write_dataset
-from .common import add_device, check_output_folder, finite, positive_int, quiet_libraries, scale, size
+from ..prompt.controls import CONTROLS
+from .common import add_device, check_output_folder, checked, finite, positive_int, quiet_libraries, size
 
 
 def _add_model_run_options(p: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:
@@ -30,7 +31,7 @@ def _add_model_run_options(p: argparse.ArgumentParser, defaults: dict[str, Any])
     p.add_argument("--guidance", type=finite, default=5.0, help="classifier-free guidance (default 5)")
     p.add_argument(
         "--scale",
-        type=scale,
+        type=checked(CONTROLS["scale"]),
         default=defaults.get("scale", 0.6),
         help=f"image prompt scale (default {defaults.get('scale', 0.6)})",
     )

@@ -180,10 +180,6 @@ class Engine:
     # -- running ----------------------------------------------------------------------------------------
     def run(self, job: Job, progress: ProgressCallback | None = None) -> Result:
         """Run ``job``; ``progress(done, total)`` is called after every denoising step (raise Cancelled to stop)."""
-
-        from ..adapter import run as run_adapters
-        from ..calls import check_call
-
         started = time.perf_counter()
         if job.cpu_offload and self.compile:
             raise InputError(
@@ -217,7 +213,7 @@ class Engine:
         chunks = _chunks(1 if job.mode == "video" else job.num_images, self.batch_size)
         for index, (first, count) in enumerate(chunks):
             call = self._call(job, seed, first, count, _progress_of(progress, index, len(chunks)))
-            out = self._generate(pipe, job, adapters, check_call, run_adapters, call)
+            out = self._generate(pipe, job, adapters, call)
             images.extend(out.frames[0] if job.mode == "video" else out.images)
         done = time.perf_counter()
         params = self._params(job, pipe, adapters, seed, images)
@@ -225,10 +221,11 @@ class Engine:
         return Result(images, params, seed, seconds, video=job.mode == "video")
 
     @staticmethod
-    def _generate(
-        pipe: Any, job: Job, adapters: list[Any], check_call: Any, run_adapters: Any, call: dict
-    ) -> Any:
+    def _generate(pipe: Any, job: Job, adapters: list[Any], call: dict) -> Any:
         """One pipeline call: the plain base model, one reference per frame, or the recipe's adapters."""
+        from ..adapter import run as run_adapters
+        from ..calls import check_call
+
         entries = job.recipe.adapters if job.recipe is not None else []
         if job.recipe is None:  # the plain base model (adapters attached by earlier jobs stay idle)
             return pipe(**check_call(pipe, call))

@@ -68,7 +68,7 @@ OPTIONS: dict[str, Option] = table(
     Option("controlnet", "model", "ControlNet folder or hub id; several, each with its control_image",
            many=True),
     Option("control_image", "image", "conditioning image per ControlNet, in the same order (a video: one "
-           "for all frames, or one per frame)", many=True),
+           "for all frames, or one per frame)", many=True, per_frame=True),
     Option("control_scale", "number", "ControlNet strength: one for all or one per ControlNet (default 1.0)",
            many=True),
     # video
@@ -252,7 +252,7 @@ def job_from_options(
     o = check_options(options, where, spell)
     limits.check(o, where, spell)
     mode = o["mode"]
-    given, recipe, per_frame = _image_prompt(o, resolve_file, base_dir, where, spell)
+    recipe, per_frame = _image_prompt(o, resolve_file, base_dir, where, spell)
     loaded = None if recipe is None else load_recipe_inputs(recipe, locate, resolve_file, where)
     frames = o.get("frames") or 16
     if per_frame and loaded is not None and len(loaded.adapters[0].images) not in (1, frames):
@@ -283,16 +283,16 @@ def job_from_options(
     }
     job.update(_start_images(o, locate, where, spell, notice, limits))
     job.update(_controlnets(o, frames, locate, where, spell))
-    job["record"] = _record(options, o, given, loaded, per_frame, record_paths, job)
+    job["record"] = _record(options, o, recipe, loaded, per_frame, record_paths, job)
     return Job(**job)
 
 
 def _image_prompt(
     o: dict[str, Any], resolve_file: Locate | None, base_dir: str | Path | None, where: str, spell: Spell
-) -> tuple[Recipe | None, Recipe | None, bool]:
-    """(the recipe as given, the recipe to run, one reference per frame?): None for the plain base model."""
+) -> tuple[Recipe | None, bool]:
+    """(the recipe as given, its files not read yet; one reference per frame?): None for the plain base model."""
     if plain_options(o):
-        return None, None, False
+        return None, False
     value = o.get("recipe")
     if value is not None:
         clash = [spell(k) for k in PROMPT_KEYS if o.get(k) not in (None, [])]
@@ -303,12 +303,12 @@ def _image_prompt(
             )
         if isinstance(value, dict):
             recipe = Recipe.from_dict(value, base_dir=base_dir, source=f"{where}recipe")
-            return recipe, recipe, False
+            return recipe, False
         if resolve_file is None:
             raise InputError(f"{where}recipe files are not accepted here; send the recipe as a JSON object")
         recipe = Recipe.load(resolve_file(value, "recipe file"))
         recipe.check_files()
-        return recipe, recipe, False
+        return recipe, False
     start, end = o.get("start", 0.0), o.get("end", 1.0)
     start, end = 0.0 if start is None else start, 1.0 if end is None else end
     if not start < end:  # said in the options' words (the recipe would name its own fields)
@@ -318,7 +318,7 @@ def _image_prompt(
         )
     recipe = recipe_from_options(o, where, spell)
     per_frame = per_frame_video(o)
-    return recipe, recipe, per_frame
+    return recipe, per_frame
 
 
 def recipe_from_options(options: dict[str, Any], where: str = "", spell: Spell = quoted) -> Recipe:
@@ -330,11 +330,11 @@ def recipe_from_options(options: dict[str, Any], where: str = "", spell: Spell =
         raise InputError(
             f"{where}no adapter: give {spell('adapter')} (a file, hub path or name) or {spell('recipe')}"
         )
-    images, embeds = _listed(options.get("image")), _listed(options.get("embeds"))
+    images, embeds = as_list(options.get("image")), as_list(options.get("embeds"))
     if not images and not embeds:
         raise InputError(f"{where}no reference: give {spell('image')} (or {spell('embeds')}, or a recipe)")
     refs = [(*split_weight(v), "path") for v in images] + [(*split_weight(v), "embeds") for v in embeds]
-    masks = _listed(options.get("image_mask"))
+    masks = as_list(options.get("image_mask"))
     if masks and len(masks) != len(refs):
         raise InputError(
             f"{where}{len(masks)} image masks for {len(refs)} references; give one mask per reference (images "
@@ -362,7 +362,8 @@ def recipe_from_options(options: dict[str, Any], where: str = "", spell: Spell =
     return Recipe([entry])
 
 
-def _listed(value: Any) -> list[Any]:
+def as_list(value: Any) -> list[Any]:
+    """An option's value as a list: None is empty, one value is a list of one."""
     return [] if value is None else value if isinstance(value, list) else [value]
 
 

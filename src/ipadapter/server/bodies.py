@@ -61,9 +61,7 @@ def _schema(option: Option) -> dict[str, Any]:
     elif option.kind == "recipe":
         one = {"type": "object"}
     elif option.kind == "image":
-        one = dict(_IMAGE)
-        if option.name == "control_image":  # a video's frames for one ControlNet
-            one = {"oneOf": [_IMAGE, {"type": "array", "items": _IMAGE}]}
+        one = {"oneOf": [_IMAGE, {"type": "array", "items": _IMAGE}]} if option.per_frame else dict(_IMAGE)
     else:
         one = {"type": "string"}
     schema = {"oneOf": [one, {"type": "array", "items": one}]} if option.many else one
