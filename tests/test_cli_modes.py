@@ -136,6 +136,10 @@ def test_video_with_a_controlnet(models: dict, files: dict, tmp_path: Path) -> N
                  "--width", "32", "--height", "32", "--controlnet", str(models["controlnet"]["sd15"]),
                  "--control-image", str(files["init"]))  # fmt: skip
     assert main(argv) == 0 and len(read_video(out)) == 2
+    # a folder holds one control image per frame (3 frames here): one ControlNet, one entry
+    argv[argv.index("--frames") + 1] = "3"
+    argv[argv.index(str(files["init"]))] = str(files["frames"])
+    assert main(argv) == 0 and len(read_video(out)) == 3
 
 
 def test_bad_mode_inputs_are_one_line_errors(models: dict, files: dict, tmp_path: Path, capsys) -> None:

@@ -136,7 +136,8 @@ def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
     if video and options.get("control_image"):
         options["control_image"] = [_images_of(v) for v in options["control_image"]]
     for name, value in options.items():  # one value of a repeatable flag, as a manifest would write it
-        if isinstance(value, list) and len(value) == 1 and not (video and name == "image"):
+        single = isinstance(value, list) and len(value) == 1 and not isinstance(value[0], list)
+        if single and not (video and name == "image"):  # a folder's frame list stays one entry
             options[name] = value[0]
     return options
 
