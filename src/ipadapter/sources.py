@@ -14,11 +14,12 @@ from pathlib import Path
 import torch
 from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import HFValidationError
-from transformers import CLIPVisionModelWithProjection
+from transformers import CLIPVisionModelWithProjection, PreTrainedConfig, SiglipVisionModel
 
 from .adapters.variants import AdapterSpec
 from .errors import IncompatibleModelError, InputError, ModelNotAvailableError
 from .mini.shipped import ADAPTER_FILES, adapter_file
+from .prompt.encoder import PREPROCESSOR_FOLDER
 
 NETWORK_ERRORS = (OSError, HFValidationError, ValueError)  # hub errors subclass OSError
 
@@ -70,14 +71,43 @@ def resolve_adapter(spec: str | Path) -> Path:
         ) from None
 
 
+ENCODER_CLASSES = {"clip": CLIPVisionModelWithProjection, "siglip": SiglipVisionModel}
+
+
+def encoder_config_kind(config: object) -> str | None:
+    """Which vision tower a config.json describes: ``"clip"``, ``"siglip"``, or None for neither.
+
+    SigLIP: ``siglip_vision_model``, or a full ``siglip`` model with a ``vision_config`` (e.g.
+    google/siglip-so400m-patch14-384, whose vision tower SiglipVisionModel loads). CLIP: ``clip_vision_model``,
+    ``clip``, or no model_type at all (old CLIP exports).
+    """
+    if not isinstance(config, dict):
+        return None
+    model_type = config.get("model_type")
+    if model_type == "siglip_vision_model" or (
+        model_type == "siglip" and isinstance(config.get("vision_config"), dict)
+    ):
+        return "siglip"
+    if model_type in (None, "clip_vision_model", "clip"):
+        return "clip"
+    return None
+
+
 def _encoder_dim(folder: Path, feature: str) -> int | None:
-    """The feature dim a CLIP vision model folder would give, read from its config.json."""
+    """The feature dim a CLIP or SigLIP vision model folder would give, read from its config.json."""
     try:
         config = json.loads((folder / "config.json").read_text())
     except (OSError, ValueError):
         return None
-    config = config.get("vision_config", config)
-    return config.get("projection_dim" if feature == "pooled" else "hidden_size")
+    kind = encoder_config_kind(config)
+    if kind is None:
+        return None
+    vision = config.get("vision_config", config)
+    if not isinstance(vision, dict):
+        return None
+    if kind == "siglip":  # pooled = the pooling head's output, as wide as the tower
+        return vision.get("hidden_size")
+    return vision.get("projection_dim" if feature == "pooled" else "hidden_size")
 
 
 def default_encoder(adapter_source: str | Path, spec: AdapterSpec) -> str:
@@ -123,25 +153,38 @@ def default_encoder(adapter_source: str | Path, spec: AdapterSpec) -> str:
 
 def load_image_encoder(
     spec: str | Path, dtype: torch.dtype | None = None, device: str | torch.device | None = None
-) -> CLIPVisionModelWithProjection:
-    """A CLIP vision model from a local folder, a hub repo, or ``owner/repo/sub/folder`` on the hub."""
+) -> CLIPVisionModelWithProjection | SiglipVisionModel:
+    """A CLIP or SigLIP vision model from a local folder, a hub repo, or ``owner/repo/sub/folder`` on the hub.
+
+    The kind comes from config.json (:func:`encoder_config_kind`): SigLIP loads a ``SiglipVisionModel``, CLIP a
+    ``CLIPVisionModelWithProjection``; any other model is refused before its weights load. A SigLIP model from the
+    hub remembers the local folder of its ``preprocessor_config.json`` (if the repo has one) for ImageEncoder.
+    """
     folder = Path(spec).expanduser()
     kwargs = {"dtype": dtype} if dtype is not None else {}
+    if folder.is_dir():
+        where, sub = str(folder), None
+    else:
+        hub = split_hub_path(str(spec))
+        where, sub = hub if hub else (str(spec), None)
+    place = {"subfolder": sub} if sub else {}
     try:
-        if folder.is_dir():
-            model = CLIPVisionModelWithProjection.from_pretrained(str(folder), **kwargs)
-        else:
-            hub = split_hub_path(str(spec))
-            repo, sub = hub if hub else (str(spec), None)
-            if sub is None:
-                model = CLIPVisionModelWithProjection.from_pretrained(repo, **kwargs)
-            else:
-                model = CLIPVisionModelWithProjection.from_pretrained(repo, subfolder=sub, **kwargs)
+        config, _ = PreTrainedConfig.get_config_dict(where, **place)
+        kind = encoder_config_kind(config)
+        if kind is None:
+            model_type = config.get("model_type") if isinstance(config, dict) else type(config).__name__
+            raise IncompatibleModelError(
+                f"image encoder '{spec}': config.json describes a '{model_type}' model, not a "
+                "vision tower this library reads; expected a CLIP (clip_vision_model / clip) or SigLIP "
+                "(siglip_vision_model / siglip) vision model; pass one with --image-encoder"
+            )
+        model = ENCODER_CLASSES[kind].from_pretrained(where, **place, **kwargs)
     except NETWORK_ERRORS as e:
         if folder.is_dir():
             raise IncompatibleModelError(
-                f"image encoder '{spec}': not a CLIP vision model folder ({str(e).splitlines()[0][:160]}); "
-                "expected config.json and weights of a CLIPVisionModelWithProjection"
+                f"image encoder '{spec}': not a CLIP or SigLIP vision model folder "
+                f"({str(e).splitlines()[0][:160]}); expected config.json and weights of a "
+                "CLIPVisionModelWithProjection or SiglipVisionModel"
             ) from None
         raise _unavailable(
             "image encoder",
@@ -150,4 +193,14 @@ def load_image_encoder(
             "--include 'models/image_encoder/*'`) or pass a local folder with --image-encoder",
             e,
         ) from None
+    if kind == "siglip" and not folder.is_dir():
+        setattr(model, PREPROCESSOR_FOLDER, _hub_preprocessor_folder(where, sub))
     return model.to(device) if device is not None else model
+
+
+def _hub_preprocessor_folder(repo: str, sub: str | None) -> str | None:
+    """The local folder holding a hub encoder's ``preprocessor_config.json``; None when the repo has none."""
+    try:
+        return str(Path(hf_hub_download(repo, "preprocessor_config.json", subfolder=sub)).parent)
+    except NETWORK_ERRORS:
+        return None
