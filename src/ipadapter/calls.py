@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers import FluxTransformer2DModel
 from PIL import Image
 
 from .errors import InputError
@@ -27,24 +28,39 @@ def base_module(module: Any) -> Any:
 
 
 def vae_factor(pipe: Any) -> int:
-    """Pixels per latent of ``pipe``'s VAE (8 for the Stable Diffusion families)."""
+    """Pixels per latent of ``pipe``'s VAE (8 for the real SD, Flux and SD3 models; Flux packs 2x2 latents
+    into one token on top of it)."""
     return int(getattr(pipe, "vae_scale_factor", 8) or 8)
 
 
+def _is_flux(pipe: Any) -> bool:
+    return isinstance(base_module(getattr(pipe, "transformer", None)), FluxTransformer2DModel)
+
+
 def native_size(pipe: Any) -> int:
-    """The image side a pipeline's UNet was built for (its default height and width)."""
-    return int(base_module(pipe.unet).config.sample_size) * vae_factor(pipe)
+    """The image side a pipeline makes when no size is given, as its own ``__call__`` decides it.
+
+    UNet pipelines: the UNet's sample size x the VAE factor. Flux / SD3 pipelines: ``default_sample_size`` x
+    the VAE factor (Flux: a constant 128 latents; SD3: the transformer's sample size).
+    """
+    unet = getattr(pipe, "unet", None)
+    if unet is not None:
+        return int(base_module(unet).config.sample_size) * vae_factor(pipe)
+    size = getattr(pipe, "default_sample_size", None) or base_module(pipe.transformer).config.sample_size
+    return int(size) * vae_factor(pipe)
 
 
 def output_size(pipe: Any, kwargs: dict[str, Any]) -> tuple[int, int]:
     """The ``(height, width)`` a diffusers pipeline call will make, as its own defaults decide it.
 
-    ``height`` / ``width`` if given; else the init or control ``image``'s size rounded down to a multiple of
-    the VAE factor (img2img, inpainting, ControlNet); else the UNet's native size. Regional masks are
-    prepared for it; should a pipeline decide otherwise, eager mode adapts and a compiled UNet says so.
+    ``height`` / ``width`` if given; else, for UNet pipelines, the init or control ``image``'s size rounded
+    down to a multiple of the VAE factor (img2img, inpainting, ControlNet); else the native size (Flux and
+    SD3 pipelines resize their images to it in every mode). Flux rounds sizes down to a multiple of twice
+    the VAE factor (its 2x2 latent packing). Regional masks are prepared for it; should a pipeline decide
+    otherwise, eager mode adapts and a compiled denoiser says so.
     """
     factor = vae_factor(pipe)
-    image = kwargs.get("image")
+    image = kwargs.get("image") if getattr(pipe, "unet", None) is not None else None
     if isinstance(image, (list, tuple)) and image:
         image = image[0]
     if isinstance(image, Image.Image):
@@ -53,7 +69,10 @@ def output_size(pipe: Any, kwargs: dict[str, Any]) -> tuple[int, int]:
         found = (int(image.shape[-2]), int(image.shape[-1]))
     else:
         found = (native_size(pipe),) * 2
-    return int(kwargs.get("height") or found[0]), int(kwargs.get("width") or found[1])
+    height, width = int(kwargs.get("height") or found[0]), int(kwargs.get("width") or found[1])
+    if _is_flux(pipe):
+        height, width = height - height % (2 * factor), width - width % (2 * factor)
+    return height, width
 
 
 def num_frames(pipe: Any, kwargs: dict[str, Any]) -> int | None:
@@ -89,7 +108,8 @@ def check_call(pipe: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
         isinstance(frames, numbers.Integral) and not isinstance(frames, bool) and frames > 0
     ):
         raise InputError(f"num_frames {frames!r} is not usable; expected a whole number of frames >= 1")
-    limit = getattr(getattr(pipe.unet, "config", None), "motion_max_seq_length", None)
+    unet = getattr(pipe, "unet", None)  # Flux / SD3 pipelines have a transformer, and no motion limit
+    limit = getattr(getattr(unet, "config", None), "motion_max_seq_length", None)
     if isinstance(limit, int) and isinstance(frames, int) and frames > limit:
         raise InputError(
             f"{frames} frames asked but the motion adapter handles at most {limit} per clip; ask for fewer frames"
