@@ -189,7 +189,7 @@ def test_a_scale_that_is_not_a_number_in_range_is_refused(models: dict, value: o
 
 
 def test_a_tensor_reference_or_no_pipeline_is_one_clear_error(models: dict) -> None:
-    with pytest.raises(InputError, match="expected a diffusers Stable Diffusion pipeline.*got None"):
+    with pytest.raises(InputError, match="expected a diffusers Stable Diffusion.*Flux pipeline, got None"):
         attach(None, ckpt(models))
     ip = attach(load_pipe(models, "sd15"), ckpt(models))
     with pytest.raises(InputError, match="reference 0 is a Tensor.*to_pil_image"):

@@ -15,14 +15,13 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .adapters.checkpoint import KV_PARTS, Checkpoint, ip_key, load_checkpoint
+from .adapters.checkpoint import Checkpoint, load_checkpoint
 from .adapters.checks import problems
 from .adapters.projection import build_projection
 from .adapters.variants import AdapterSpec, detect, family
 from .calls import check_call, native_size, num_frames, output_size, vae_factor
 from .errors import CheckpointError, IncompatibleModelError, InputError
 from .hosts import host_of
-from .hosts.attention import IPBranch
 from .hosts.base import Host, HostLayer
 from .prompt.blocks import Block
 from .prompt.conditioning import BranchControl, ImagePrompt
@@ -46,8 +45,8 @@ def _denoiser(pipe: Any) -> tuple[Host, Any]:
     if found is None:
         what = "None" if pipe is None else type(pipe).__name__
         raise InputError(
-            f"expected a diffusers Stable Diffusion pipeline (with a .unet), got {what}; load one with "
-            "diffusers, e.g. StableDiffusionPipeline.from_pretrained(...)"
+            f"expected a diffusers Stable Diffusion (1.5 / XL) or Flux pipeline, got {what}; load one with "
+            "diffusers, e.g. StableDiffusionPipeline.from_pretrained(...) or FluxPipeline.from_pretrained(...)"
         )
     return found
 
@@ -64,7 +63,7 @@ class IPAdapter:
         spec: AdapterSpec,
         projection: nn.Module,
         encoder: ImageEncoder,
-        branches: dict[str, IPBranch],
+        branches: dict[str, nn.Module],
         source: str,
     ) -> None:
         self.pipe = pipe
@@ -107,19 +106,19 @@ class IPAdapter:
         """What training changes: the projection's and every layer's image key/value weights."""
         return [*self.projection.parameters(), *(p for b in self._branches.values() for p in b.parameters())]
 
-    def _layer_keys(self) -> dict[str, tuple[str, str, str]]:
-        """Official ``ip_adapter`` key -> (processor name, layer part, weight name inside the branch)."""
+    def _layer_keys(self) -> dict[str, tuple[str, str]]:
+        """Official ``ip_adapter`` key -> (processor name, tensor name inside the branch)."""
         return {
-            ip_key(layer_id, part): (proc_name, part, f"{part}.weight")
+            f"{layer_id}.{name}": (proc_name, name)
             for proc_name, layer_id in zip(self._branches, self.spec.layer_ids, strict=True)
-            for part in KV_PARTS
+            for name in self._branches[proc_name].state_dict()
         }
 
     def state_dict(self) -> Checkpoint:
         """The adapter's current weights in the official layout (the live tensors, detached)."""
         ip_adapter = {
-            key: getattr(self._branches[proc], part).weight.detach()
-            for key, (proc, part, _) in self._layer_keys().items()
+            key: self._branches[proc].get_parameter(name).detach()
+            for key, (proc, name) in self._layer_keys().items()
         }
         image_proj = {k: v.detach() for k, v in self.projection.state_dict().items()}
         return Checkpoint(image_proj, ip_adapter, source=self.source)
@@ -134,21 +133,26 @@ class IPAdapter:
             )
         _load_weights(self.projection, ckpt.image_proj, "image_proj", ckpt.source)
         with torch.no_grad():
-            for key, (proc, part, _) in keys.items():
-                getattr(self._branches[proc], part).weight.copy_(ckpt.ip_adapter[key])
+            for key, (proc, name) in keys.items():
+                self._branches[proc].get_parameter(name).copy_(ckpt.ip_adapter[key])
 
     def unet_names(self) -> dict[str, str]:
         """Official ``ip_adapter`` key -> that weight's name in ``unet.state_dict()`` (e.g. to read it from
         a state dict FSDP gathered)."""
         return {
-            key: f"{proc}.{self.denoiser.get_submodule(proc).slot(self.name)}.{weight}"
-            for key, (proc, _, weight) in self._layer_keys().items()
+            key: f"{proc}.{self.denoiser.get_submodule(proc).slot(self.name)}.{name}"
+            for key, (proc, name) in self._layer_keys().items()
         }
 
     @property
     def attached(self) -> bool:
         state = self.host.attachment(self.denoiser)
         return state is not None and state.adapters.get(self.name) is self
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """Image tokens for encoder features. A time-conditioned projection (SD3.5) runs inside the denoiser at
+        every step instead: its call-time "tokens" are the features themselves."""
+        return features if self.spec.time_resampler is not None else self.projection(features)
 
     @torch.no_grad()
     def tokens(self, images: ImageInput | Sequence[ImageInput]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -167,9 +171,10 @@ class IPAdapter:
         feature = self.spec.feature
         param = next(self.projection.parameters())
         pos = self.encoder.features(rgb, feature).to(device=param.device, dtype=param.dtype)
-        neg = self.encoder.negative_features(feature).to(device=param.device, dtype=param.dtype)
-        pos_tokens = self.projection(pos)
-        neg_tokens = self.projection(neg.unsqueeze(0)).expand_as(pos_tokens)
+        neg = self.encoder.negative_features(feature, how=self.spec.negative)
+        neg = neg.to(device=param.device, dtype=param.dtype)
+        pos_tokens = self.project(pos)
+        neg_tokens = self.project(neg.unsqueeze(0)).expand_as(pos_tokens)
         return pos_tokens, neg_tokens
 
     def image_prompt(
@@ -360,33 +365,43 @@ def apply(pipe: Any, recipe: Recipe) -> RecipeRun:
     return RecipeRun(pipe, recipe, adapters, prepared)
 
 
-def _check_fit(spec: AdapterSpec, layers: list[HostLayer], encoder: ImageEncoder, source: str) -> None:
-    """Refuse an adapter that does not fit the UNet or the encoder, with both numbers in the message."""
-    if not layers:
+def _host_layers(spec: AdapterSpec, host: Host, model: Any, source: str) -> list[HostLayer]:
+    """The denoiser layers ``spec`` serves, or a one-line refusal naming both sides' numbers."""
+    if spec.host != host.kind:
+        made = {"unet": f"an SD UNet ({spec.base or 'unknown'} family)", "flux": "Flux", "sd3": "SD3.5"}
         raise IncompatibleModelError(
-            "the pipeline's UNet has no cross-attention layers; IP-Adapter needs them"
+            f"adapter '{source}' is a {spec.layout} adapter made for {made.get(spec.host, spec.host)}, but the "
+            f"pipeline's denoiser is a {host.noun}; use a base of the adapter's family (or an adapter made for "
+            "this base)"
         )
-    unet_cross = layers[0].cross_attention_dim
-    if spec.cross_attention_dim != unet_cross:
+    everything = host.layers(model)
+    if not everything:
+        raise IncompatibleModelError(
+            f"the pipeline's {host.noun} has no {host.layer_noun}; IP-Adapter needs them"
+        )
+    cross = everything[0].cross_attention_dim
+    if spec.cross_attention_dim != cross and spec.host != "sd3":  # SD3's tokens are as wide as each layer
         raise IncompatibleModelError(
             f"adapter '{source}' makes {spec.cross_attention_dim}-dim tokens ({spec.base or 'unknown'} family) "
-            f"but the base UNet's cross-attention dim is {unet_cross} ({family(unet_cross)}); use an adapter "
-            "made for this base"
+            f"but the base {host.noun}'s cross-attention dim is {cross}"
+            + (f" ({family(cross)})" if host.kind == "unet" else "")
+            + "; use an adapter made for this base"
         )
-    expected_ids = tuple(2 * k + 1 for k in range(len(layers)))
-    if spec.layer_ids != expected_ids:
+    layers = host.layers_for(model, spec.num_layers)
+    if layers is None or spec.layer_ids != host.layer_ids(layers):
+        want = host.layer_ids(everything)
         raise IncompatibleModelError(
             f"adapter '{source}' has weights for {spec.num_layers} attention layers (ids "
-            f"{spec.layer_ids[0]}..{spec.layer_ids[-1]}) but the base UNet has {len(layers)} cross-attention "
-            f"layers (ids 1..{2 * len(layers) - 1}); use an adapter made for this base"
+            f"{spec.layer_ids[0]}..{spec.layer_ids[-1]}) but the base {host.noun} has {len(everything)} "
+            f"{host.layer_noun} (ids {want[0]}..{want[-1]}); use an adapter made for this base"
         )
-    for layer, hidden in zip(layers, spec.hidden_sizes, strict=True):
+    for layer, layer_id, hidden in zip(layers, spec.layer_ids, spec.hidden_sizes, strict=True):
         if layer.hidden_size != hidden:
             raise IncompatibleModelError(
-                f"adapter '{source}' layer {2 * layer.index + 1} has hidden size {hidden} but the UNet's "
+                f"adapter '{source}' layer {layer_id} has hidden size {hidden} but the {host.noun}'s "
                 f"{layer.name.removesuffix('.processor')} has {layer.hidden_size}; use an adapter made for this base"
             )
-    check_encoder(spec, encoder, source)
+    return layers
 
 
 def check_encoder(spec: AdapterSpec, encoder: ImageEncoder, source: str) -> None:
@@ -446,21 +461,22 @@ def attach(
     found = problems(ckpt, spec)
     if found:
         raise CheckpointError(f"{source}: {'; '.join(found)}; this adapter file cannot be used")
-    layers = host.layers(model)
+    layers = _host_layers(spec, host, model, source)
     param = next(model.parameters())
     device, dtype = param.device, param.dtype
     shared = {ip.encoder_key: ip.encoder for ip in state.adapters.values()} if state is not None else {}
     encoder, encoder_key = _encoder(image_encoder, spec, source, device, dtype, shared)
-    _check_fit(spec, layers, encoder, source)
+    check_encoder(spec, encoder, source)
 
     projection = build_projection(spec)
     _load_weights(projection, ckpt.image_proj, "image_proj", source)
     projection.to(device=device, dtype=dtype).eval()  # fp16 checkpoint weights become the model's dtype
-    branches: dict[str, IPBranch] = {}
+    branches: dict[str, nn.Module] = {}
     for layer, layer_id in zip(layers, spec.layer_ids, strict=True):
-        branch = IPBranch(layer.cross_attention_dim, layer.hidden_size)
-        weights = {p: ckpt.ip_adapter[ip_key(layer_id, p)] for p in KV_PARTS}
-        _load_weights(branch, {f"{p}.weight": w for p, w in weights.items()}, f"layer {layer_id}", source)
+        branch = host.branch(spec, layer, model)
+        prefix = f"{layer_id}."
+        weights = {k.removeprefix(prefix): w for k, w in ckpt.ip_adapter.items() if k.startswith(prefix)}
+        _load_weights(branch, weights, f"layer {layer_id}", source)
         branches[layer.name] = branch.to(device=device, dtype=dtype)
 
     # Everything is checked; from here on only the denoiser changes.

@@ -89,7 +89,7 @@ def embed_reference(
     save_embeds(
         output,
         features,
-        encoder.negative_features(spec.feature),
+        encoder.negative_features(spec.feature, how=spec.negative),
         feature=spec.feature,
         encoder=encoder,
         encoder_name=str(where),

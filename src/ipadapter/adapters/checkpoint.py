@@ -4,6 +4,9 @@ Formats (DESIGN.md §3.1):
 - ``.bin`` / ``.pt`` / ``.pth``: a pickled ``{"image_proj": {...}, "ip_adapter": {...}}``. Read with
   ``torch.load(weights_only=True)`` only: a file that needs code to unpickle is refused.
 - ``.safetensors``: the same tensors, flat, with the prefixes ``image_proj.`` and ``ip_adapter.``.
+- XLabs' Flux ``.safetensors`` (DESIGN.md §3.5): ``ip_adapter_proj_model.*`` is the image projection and
+  ``double_blocks.{i}.processor.ip_adapter_double_stream_{k,v}_proj.*`` the layers; read as
+  ``image_proj.*`` and ``ip_adapter.{i}.to_{k,v}_ip.*``, as diffusers' Flux loader does.
 """
 
 from __future__ import annotations
@@ -64,6 +67,8 @@ def split_sections(state: dict, source: str) -> Checkpoint:
         raise CheckpointError(f"{source}: holds a {type(state).__name__}, not a dict of tensors; {expected}")
     if all(isinstance(state.get(s), dict) for s in SECTIONS):
         sections = {s: dict(state[s]) for s in SECTIONS}
+    elif any(str(k).startswith(XLABS_PREFIXES) for k in state):
+        sections = _xlabs_sections(state)
     else:
         sections = {s: {} for s in SECTIONS}
         for key, value in state.items():
@@ -83,6 +88,24 @@ def split_sections(state: dict, source: str) -> Checkpoint:
                     f"{source}: '{name}.{key}' is a {type(value).__name__}, not a tensor; {expected}"
                 )
     return Checkpoint(sections["image_proj"], sections["ip_adapter"], source=source)
+
+
+XLABS_PREFIXES = ("ip_adapter_proj_model.", "double_blocks.")
+_XLABS_PARTS = {"ip_adapter_double_stream_k_proj": "to_k_ip", "ip_adapter_double_stream_v_proj": "to_v_ip"}
+
+
+def _xlabs_sections(state: dict) -> dict[str, dict]:
+    """XLabs' flat Flux layout as our two sections (keys the pattern does not cover stay unplaced)."""
+    sections: dict[str, dict] = {s: {} for s in SECTIONS}
+    for key, value in state.items():
+        key = str(key)
+        if key.startswith("ip_adapter_proj_model."):
+            sections["image_proj"][key.removeprefix("ip_adapter_proj_model.")] = value
+            continue
+        parts = key.split(".")  # double_blocks.{i}.processor.{part}.{weight|bias}
+        if len(parts) == 5 and parts[0] == "double_blocks" and parts[3] in _XLABS_PARTS:
+            sections["ip_adapter"][f"{parts[1]}.{_XLABS_PARTS[parts[3]]}.{parts[4]}"] = value
+    return sections
 
 
 def _guess_kind(keys: list[str]) -> str:

@@ -11,6 +11,7 @@ import math
 import torch
 from torch import nn
 
+from .time_projection import TimeResampler
 from .variants import AdapterSpec, ResamplerConfig
 
 
@@ -43,6 +44,25 @@ class MLPProjModel(nn.Module):
 
     def forward(self, image_embeds: torch.Tensor) -> torch.Tensor:
         return self.proj(image_embeds)
+
+
+class MLPTokensModel(nn.Module):
+    """instantx-flux: pooled embedding (B, F) -> (B, N, D) via Linear(F, 2F), GELU, Linear(2F, N*D), LayerNorm."""
+
+    def __init__(self, feature_dim: int, cross_attention_dim: int, num_tokens: int) -> None:
+        super().__init__()
+        self.num_tokens = num_tokens
+        self.cross_attention_dim = cross_attention_dim
+        self.proj = nn.Sequential(
+            nn.Linear(feature_dim, feature_dim * 2),
+            nn.GELU(),
+            nn.Linear(feature_dim * 2, cross_attention_dim * num_tokens),
+        )
+        self.norm = nn.LayerNorm(cross_attention_dim)
+
+    def forward(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        tokens = self.proj(image_embeds).reshape(-1, self.num_tokens, self.cross_attention_dim)
+        return self.norm(tokens)  # (B, N, D)
 
 
 class PerceiverAttention(nn.Module):
@@ -112,8 +132,12 @@ class Resampler(nn.Module):
 
 def build_projection(spec: AdapterSpec) -> nn.Module:
     """An untrained projection model with the structure ``spec`` describes."""
-    if spec.layout == "basic":
+    if spec.layout in ("basic", "xlabs-flux"):
         return ImageProjModel(spec.feature_dim, spec.cross_attention_dim, spec.num_tokens or 0)
+    if spec.layout == "instantx-flux":
+        return MLPTokensModel(spec.feature_dim, spec.cross_attention_dim, spec.num_tokens or 0)
+    if spec.layout == "instantx-sd3" and spec.time_resampler is not None:
+        return TimeResampler(spec.time_resampler)
     if spec.layout == "full-face":
         return MLPProjModel(spec.feature_dim, spec.cross_attention_dim)
     if spec.layout == "plus" and spec.resampler is not None:

@@ -27,6 +27,13 @@ ENCODERS = {
     ("hidden", 1664): ("ViT-bigG/14", "sdxl_models/image_encoder"),
 }
 BASES = {768: "SD1.5", 2048: "SDXL"}
+# The DiT adapters' encoders (DESIGN.md §3.5), by (encoder kind, feature, dim): name and hub id.
+DIT_ENCODERS = {
+    ("clip", "pooled", 768): ("CLIP ViT-L/14", "openai/clip-vit-large-patch14"),
+    ("siglip", "pooled", 1152): ("SigLIP so400m/14-384", "google/siglip-so400m-patch14-384"),
+    ("siglip", "hidden", 1152): ("SigLIP so400m/14-384", "google/siglip-so400m-patch14-384"),
+}
+HOST_BASES = {"flux": "FLUX.1", "sd3": "SD3.5"}  # what a DiT adapter's base is called
 
 # Official names by (layout, cross-attention dim, feature dim).
 OFFICIAL_NAMES = {
@@ -36,6 +43,9 @@ OFFICIAL_NAMES = {
     ("plus", 768, 1280): ("ip-adapter-plus_sd15", "ip-adapter-plus-face_sd15"),
     ("plus", 2048, 1280): ("ip-adapter-plus_sdxl_vit-h", "ip-adapter-plus-face_sdxl_vit-h"),
     ("full-face", 768, 1280): ("ip-adapter-full-face_sd15",),
+    ("xlabs-flux", 4096, 768): ("XLabs-AI/flux-ip-adapter", "XLabs-AI/flux-ip-adapter-v2"),
+    ("instantx-flux", 4096, 1152): ("InstantX/FLUX.1-dev-IP-Adapter",),
+    ("instantx-sd3", 2432, 1152): ("InstantX/SD3.5-Large-IP-Adapter",),
 }
 
 
@@ -67,6 +77,10 @@ class AdapterSpec:
     hidden_sizes: tuple[int, ...]  # per layer, the rows of to_k_ip
     resampler: ResamplerConfig | None = None
     supported: bool = True
+    host: str = "unet"  # the denoiser it attaches to: "unet" (SD1.5/SDXL), "flux" or "sd3"
+    encoder_kind: str = "clip"  # "clip" or "siglip"
+    negative: str = "default"  # the missing negative image's features (ImageEncoder.negative_features' how)
+    time_resampler: Any = None  # instantx-sd3: its TimeResamplerConfig (tokens recomputed every step)
 
     @property
     def num_layers(self) -> int:
@@ -75,22 +89,35 @@ class AdapterSpec:
     @property
     def encoder(self) -> str | None:
         """The image encoder family this adapter was trained with, if the dims are an official one's."""
+        if self.host != "unet":
+            dit = DIT_ENCODERS.get((self.encoder_kind, self.feature, self.feature_dim))
+            return dit[0] if dit else None
         hit = ENCODERS.get((self.feature, self.feature_dim))
         return hit[0] if hit else None
 
     @property
     def encoder_subfolder(self) -> str | None:
-        """Where that encoder lives in the h94/IP-Adapter repository."""
-        hit = ENCODERS.get((self.feature, self.feature_dim))
+        """Where that encoder lives in the h94/IP-Adapter repository (None for the DiT adapters)."""
+        hit = ENCODERS.get((self.feature, self.feature_dim)) if self.host == "unet" else None
         return hit[1] if hit else None
 
     @property
+    def encoder_repo(self) -> str | None:
+        """The hub id of a DiT adapter's encoder (its authors' choice), if the dims are the official ones."""
+        dit = DIT_ENCODERS.get((self.encoder_kind, self.feature, self.feature_dim))
+        return dit[1] if dit and self.host != "unet" else None
+
+    @property
     def base(self) -> str | None:
+        if self.host != "unet":
+            return HOST_BASES[self.host]
         return BASES.get(self.cross_attention_dim)
 
     def to_dict(self) -> dict:
         out = asdict(self)
         out.update(num_layers=self.num_layers, encoder=self.encoder, base=self.base)
+        if self.time_resampler is not None:
+            out["time_resampler"] = asdict(self.time_resampler)
         return out
 
 
@@ -102,6 +129,10 @@ class Layout:
     signature: tuple[str, ...]  # image_proj keys that must all be present
     derive: Callable[[dict[str, torch.Tensor]], dict]
     supported: bool = True
+    ip_signature: tuple[str, ...] = ()  # ip_adapter keys that must all be present (the DiT layouts)
+    host: str = "unet"
+    encoder_kind: str = "clip"
+    negative: str = "default"
 
 
 def _shape(state: dict[str, torch.Tensor], key: str, ndim: int) -> tuple[int, ...]:
@@ -180,8 +211,63 @@ def _faceid(s: dict) -> dict:
     return dict(num_tokens=rows // cross, feature="face", feature_dim=id_dim, cross_attention_dim=cross)
 
 
-# Order matters: the first layout whose signature is present wins (FaceID-Plus before FaceID before basic).
+def _mlp_tokens(s: dict) -> dict:
+    """instantx-flux: pooled (B, F) -> Linear(F, 2F), GELU, Linear(2F, N*D), LayerNorm(D)."""
+    wide, feature_dim = _shape(s, "proj.0.weight", 2)
+    rows, wide2 = _shape(s, "proj.2.weight", 2)
+    (cross,) = _shape(s, "norm.weight", 1)
+    if wide2 != wide or rows % cross:
+        raise CheckpointError(
+            f"MLP projection shapes do not chain: proj.0 {[wide, feature_dim]}, proj.2 {[rows, wide2]}, "
+            f"norm {[cross]} (proj.2's rows must be a multiple of the norm width)"
+        )
+    return dict(
+        num_tokens=rows // cross, feature="pooled", feature_dim=feature_dim, cross_attention_dim=cross
+    )
+
+
+def _time_resampler(s: dict) -> dict:
+    from .time_projection import time_resampler_config  # the SD3 projection's own shape rules
+
+    cfg = time_resampler_config(s)
+    return dict(
+        num_tokens=cfg.num_queries,
+        feature="hidden",
+        feature_dim=cfg.embed_dim,
+        cross_attention_dim=cfg.output_dim,
+        time_resampler=cfg,
+    )
+
+
+# Order matters: the first layout whose signatures are present wins (the DiT layouts, told apart by their
+# ip_adapter keys, first; FaceID-Plus before FaceID before basic).
 LAYOUTS: tuple[Layout, ...] = (
+    Layout(
+        "xlabs-flux",
+        ("proj.weight", "proj.bias", "norm.weight"),
+        _basic,
+        ip_signature=("0.to_k_ip.bias",),
+        host="flux",
+        negative="black",
+    ),
+    Layout(
+        "instantx-flux",
+        ("proj.0.weight", "proj.2.weight", "norm.weight"),
+        _mlp_tokens,
+        ip_signature=("0.to_k_ip.weight",),
+        host="flux",
+        encoder_kind="siglip",
+        negative="black",
+    ),
+    Layout(
+        "instantx-sd3",
+        ("latents", "proj_in.weight", "time_embedding.linear_1.weight"),
+        _time_resampler,
+        ip_signature=("0.norm_ip.linear.weight",),
+        host="sd3",
+        encoder_kind="siglip",
+        negative="zeros",
+    ),
     Layout("faceid-plus", ("perceiver_resampler.proj_in.weight", "proj.0.weight"), _faceid, supported=False),
     Layout("faceid", ("proj.0.weight", "proj.2.weight", "norm.weight"), _faceid, supported=False),
     Layout("plus", ("latents", "proj_in.weight", "proj_out.weight", "norm_out.weight"), _plus),
@@ -224,13 +310,21 @@ def _sample(d: dict) -> str:
 
 def detect(ckpt: Checkpoint) -> AdapterSpec:
     """Recognise the variant of ``ckpt`` and derive everything needed to build and attach it."""
-    keys = set(ckpt.image_proj)
-    layout = next((lay for lay in LAYOUTS if all(k in keys for k in lay.signature)), None)
+    keys, ip_keys = set(ckpt.image_proj), set(ckpt.ip_adapter)
+    layout = next(
+        (
+            lay
+            for lay in LAYOUTS
+            if all(k in keys for k in lay.signature) and all(k in ip_keys for k in lay.ip_signature)
+        ),
+        None,
+    )
     if layout is None:
         raise CheckpointError(
             f"{ckpt.source}: unknown image projection (keys {_sample(ckpt.image_proj)}); expected one of "
             "the official layouts: basic (proj, norm), plus (Resampler: latents, proj_in, layers, proj_out, "
-            "norm_out), full-face (MLP proj.0/2/3), FaceID"
+            "norm_out), full-face (MLP proj.0/2/3), FaceID; for Flux / SD3.5: XLabs (proj, norm), InstantX "
+            "(MLP proj.0/2 + norm; time-conditioned resampler)"
         )
     try:
         numbers = layout.derive(ckpt.image_proj)
@@ -246,6 +340,9 @@ def detect(ckpt: Checkpoint) -> AdapterSpec:
         layer_ids=layer_ids,
         hidden_sizes=hidden,
         supported=layout.supported,
+        host=layout.host,
+        encoder_kind=layout.encoder_kind,
+        negative=layout.negative,
         **numbers,
     )
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 from .base import Host
+from .flux import FLUX
+from .sd3 import SD3
 from .unet import UNET
 
-HOSTS: tuple[Host, ...] = (UNET,)
+HOSTS: tuple[Host, ...] = (UNET, FLUX, SD3)
 
 
 def host_of(pipe: Any) -> tuple[Host, Any] | None:

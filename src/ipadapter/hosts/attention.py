@@ -19,12 +19,28 @@ from ..prompt.conditioning import ImagePrompt, Step, compiling
 
 
 class IPBranch(nn.Module):
-    """One adapter's image key/value projections for one attention layer."""
+    """One adapter's image key/value projections for one attention layer.
 
-    def __init__(self, cross_attention_dim: int, hidden_size: int) -> None:
+    ``bias``: the projections have biases (XLabs' Flux adapter). ``head_norm``: the image keys and values are
+    RMS-normalised per head without affine weights (InstantX's Flux adapter, eps 1e-5). ``after_out``: the
+    branch's output is not added to the attention output before ``to_out`` but handed to the block, which adds
+    it to its residual stream (XLabs' Flux adapter, as diffusers' ``FluxTransformerBlock`` does).
+    """
+
+    def __init__(
+        self,
+        cross_attention_dim: int,
+        hidden_size: int,
+        *,
+        bias: bool = False,
+        head_norm: bool = False,
+        after_out: bool = False,
+    ) -> None:
         super().__init__()
-        self.to_k_ip = nn.Linear(cross_attention_dim, hidden_size, bias=False)
-        self.to_v_ip = nn.Linear(cross_attention_dim, hidden_size, bias=False)
+        self.to_k_ip = nn.Linear(cross_attention_dim, hidden_size, bias=bias)
+        self.to_v_ip = nn.Linear(cross_attention_dim, hidden_size, bias=bias)
+        self.head_norm = head_norm
+        self.after_out = after_out
 
     def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Image keys and values for image tokens (B, N, D) -> ((B, N, hidden), (B, N, hidden)).
@@ -37,6 +53,12 @@ class IPBranch(nn.Module):
 
 def _split_heads(t: torch.Tensor, batch: int, heads: int) -> torch.Tensor:
     return t.view(batch, -1, heads, t.shape[-1] // heads).transpose(1, 2)  # (B, heads, L, d)
+
+
+def rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMS normalisation over the last dim without weights, computed in float32 (diffusers' ``RMSNorm``)."""
+    variance = x.float().pow(2).mean(-1, keepdim=True)
+    return (x.float() * torch.rsqrt(variance + eps)).to(x.dtype)
 
 
 class IPAttnProcessor(nn.Module):
@@ -127,8 +149,8 @@ class IPAttnProcessor(nn.Module):
         out = out.transpose(1, 2).reshape(batch, -1, inner).to(query.dtype)  # (B, L, inner)
 
         if image_prompt is not None and image_prompt_step is not None:
-            out = self._add_image_branches(
-                out, query, image_prompt, image_prompt_step, attn.heads, batch, inner
+            out = add_image_branches(
+                out, query, image_prompt, image_prompt_step, self.layer, self.named_branches(), batch
             )
 
         out = attn.to_out[0](out)
@@ -139,54 +161,63 @@ class IPAttnProcessor(nn.Module):
             out = out + residual
         return out / attn.rescale_output_factor
 
-    def _add_image_branches(
-        self,
-        out: torch.Tensor,
-        query: torch.Tensor,
-        prompt: ImagePrompt,
-        step: Step,
-        heads: int,
-        batch: int,
-        inner: int,
-    ) -> torch.Tensor:
-        for name, branch in self.named_branches():
-            control = prompt.control(name)
-            values = prompt.values(name) if name in prompt.tokens else None
-            weight = None if values is None else control.weight(self.layer, step.progress, values)
-            if weight is None:
-                continue  # exactly the model without this adapter (at this layer / step)
 
-            def project(name: str = name, branch: IPBranch = branch) -> tuple[torch.Tensor, torch.Tensor]:
-                tokens = prompt.rows(name, batch)  # (B, N, D)
-                tokens = tokens.to(device=query.device, dtype=branch.to_k_ip.weight.dtype)
-                k_ip, v_ip = branch(tokens)
-                k_ip = _split_heads(k_ip, batch, heads)  # (B, heads, N, d)
-                v_ip = _split_heads(v_ip, batch, heads)
-                weights = prompt.values(name).value_weights
-                if weights is not None:  # weighted references attended together: scale their values
-                    v_ip = v_ip * weights.to(dtype=v_ip.dtype)[:, None]
-                return k_ip.to(query.dtype), v_ip.to(query.dtype)
+def add_image_branches(
+    out: torch.Tensor,
+    query: torch.Tensor,
+    prompt: ImagePrompt,
+    step: Step,
+    layer: int,
+    branches: list[tuple[str, IPBranch]],
+    batch: int,
+) -> torch.Tensor:
+    """``out + sum_a weight_a * Attn(query, K_ip_a, V_ip_a)`` over ``branches`` (adapter name, branch).
 
-            k_ip, v_ip = prompt.cached((self.layer, name, batch), project)
-            if control.groups is None:
-                out = out + _times(weight, _attend(query, k_ip, v_ip, batch, inner))
-                continue
-            # One attention per reference, each on its own region (diffusers' ip_adapter_masks semantics)
-            start = 0
-            for group, count in enumerate(control.groups):
-                k_g, v_g = k_ip[:, :, start : start + count], v_ip[:, :, start : start + count]
-                start += count
-                part = _attend(query, k_g, v_g, batch, inner)  # (B, L, inner)
-                mask = prompt.mask_rows(name, group, part.shape[1], step, part)
-                if mask is not None:
-                    part = part * mask
-                group_weight = weight
-                if control.group_weights is not None:  # the reference's own weight
-                    group_weight = weight * (
-                        values.group_weights[group] if compiling() else control.group_weights[group]
-                    )
-                out = out + _times(group_weight, part)
-        return out
+    ``out``: (B, L, inner), the attention output before ``to_out``; ``query``: (B, heads, L, d), the query the
+    image keys meet. ``layer``: the host layer's index (per-layer weights). A branch whose weight is 0 or whose
+    step window is closed is skipped (eager), so the output is exactly the model without it.
+    """
+    heads, inner = query.shape[1], out.shape[-1]
+    for name, branch in branches:
+        control = prompt.control(name)
+        values = prompt.values(name) if name in prompt.tokens else None
+        weight = None if values is None else control.weight(layer, step.progress, values)
+        if weight is None:
+            continue  # exactly the model without this adapter (at this layer / step)
+
+        def project(name: str = name, branch: IPBranch = branch) -> tuple[torch.Tensor, torch.Tensor]:
+            tokens = prompt.rows(name, batch, step)  # (B, N, D)
+            tokens = tokens.to(device=query.device, dtype=branch.to_k_ip.weight.dtype)
+            k_ip, v_ip = branch(tokens)
+            k_ip = _split_heads(k_ip, batch, heads)  # (B, heads, N, d)
+            v_ip = _split_heads(v_ip, batch, heads)
+            if branch.head_norm:
+                k_ip, v_ip = rms_norm(k_ip, 1e-5), rms_norm(v_ip, 1e-5)
+            weights = prompt.values(name).value_weights
+            if weights is not None:  # weighted references attended together: scale their values
+                v_ip = v_ip * weights.to(dtype=v_ip.dtype)[:, None]
+            return k_ip.to(query.dtype), v_ip.to(query.dtype)
+
+        k_ip, v_ip = prompt.cached((layer, name, batch, step.negative is True), project)
+        if control.groups is None:
+            out = out + _times(weight, _attend(query, k_ip, v_ip, batch, inner))
+            continue
+        # One attention per reference, each on its own region (diffusers' ip_adapter_masks semantics)
+        start = 0
+        for group, count in enumerate(control.groups):
+            k_g, v_g = k_ip[:, :, start : start + count], v_ip[:, :, start : start + count]
+            start += count
+            part = _attend(query, k_g, v_g, batch, inner)  # (B, L, inner)
+            mask = prompt.mask_rows(name, group, part.shape[1], step, part)
+            if mask is not None:
+                part = part * mask
+            group_weight = weight
+            if control.group_weights is not None:  # the reference's own weight
+                group_weight = weight * (
+                    values.group_weights[group] if compiling() else control.group_weights[group]
+                )
+            out = out + _times(group_weight, part)
+    return out
 
 
 def _times(weight: float | torch.Tensor, x: torch.Tensor) -> torch.Tensor:

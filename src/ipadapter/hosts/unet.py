@@ -10,8 +10,7 @@ mid block, then every up block (DESIGN.md §3.2).
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from typing import Any, Protocol
 
 import torch
@@ -20,9 +19,16 @@ from ..errors import IncompatibleModelError
 from ..prompt.blocks import Block
 from ..prompt.conditioning import ImagePrompt, Step, compiling
 from .attention import IPAttnProcessor, PassThroughProcessor
-from .base import Attachment, Host, HostLayer
+from .base import Attachment, Host, HostLayer, install_processors, original_processors
 
-STATE_ATTR = "_ipadapter_attachment"  # the UNet attribute holding what attaching changed
+__all__ = [
+    "UNET",
+    "UNetHost",
+    "block_map",
+    "cross_attention_layers",
+    "is_cross_attention",
+    "original_processors",
+]
 
 # "down_blocks.2.attentions.1" -> ("down_blocks", "2", None, "1"); the mid block has no block number
 _BLOCK_RE = re.compile(r"^(?:(down_blocks|up_blocks)\.(\d+)|(mid_block))\.attentions\.(\d+)$")
@@ -96,47 +102,12 @@ def block_map(unet: UNetLike) -> dict[str, Block]:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def attachment(unet: Any) -> Attachment | None:
-    """What is installed on ``unet`` (None: nothing)."""
-    return getattr(unet, STATE_ATTR, None)
-
-
 def install(unet: Any, layers: list[CrossLayer]) -> Attachment:
     """Replace every processor: ours on cross-attention, pass-through on the rest; hook the UNet."""
-    originals = dict(unet.attn_processors)
     cross = {layer.name: IPAttnProcessor(layer.index) for layer in layers}
-    new = {n: cross.get(n) or PassThroughProcessor(p) for n, p in originals.items()}
-    unet.set_attn_processor(dict(new))  # diffusers empties the dict it is given
-    hook = unet.register_forward_pre_hook(_before_unet, with_kwargs=True)
-    state = Attachment(originals, cross, hook)
-    setattr(unet, STATE_ATTR, state)
-    return state
-
-
-def uninstall(unet: Any) -> None:
-    """Put back the processors ``install`` replaced and remove the hook (exactly the originals)."""
-    state = attachment(unet)
-    if state is None:
-        return
-    unet.set_attn_processor(dict(state.originals))
-    state.hook.remove()
-    delattr(unet, STATE_ATTR)
-
-
-@contextmanager
-def original_processors(unet: Any) -> Iterator[None]:
-    """Inside the block the UNet runs its original processors (e.g. while another pipeline copies its
-    weights); ours come back afterwards."""
-    state = attachment(unet)
-    if state is None:
-        yield
-        return
-    installed = dict(unet.attn_processors)
-    unet.set_attn_processor(dict(state.originals))
-    try:
-        yield
-    finally:
-        unet.set_attn_processor(installed)
+    return install_processors(
+        unet, lambda name, proc: cross.get(name) or PassThroughProcessor(proc), cross, _before_unet
+    )
 
 
 def _before_unet(module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
@@ -166,6 +137,7 @@ class UNetHost(Host):
 
     kind = "unet"
     noun = "UNet"
+    layer_noun = "cross-attention layers"
     attention_kwargs = "cross_attention_kwargs"
 
     def denoiser(self, pipe: Any) -> Any | None:
@@ -179,14 +151,11 @@ class UNetHost(Host):
     def block_map(self, denoiser: Any) -> dict[str, Block]:
         return block_map(denoiser)
 
-    def attachment(self, denoiser: Any) -> Attachment | None:
-        return attachment(denoiser)
+    def layer_ids(self, layers: list[HostLayer]) -> tuple[int, ...]:
+        return tuple(2 * layer.index + 1 for layer in layers)  # odd: attn2 of each transformer block
 
     def install(self, denoiser: Any, layers: list[HostLayer]) -> Attachment:
         return install(denoiser, layers)
-
-    def uninstall(self, denoiser: Any) -> None:
-        uninstall(denoiser)
 
 
 UNET = UNetHost()

@@ -40,10 +40,16 @@ class Step(NamedTuple):
     ``progress``: ``1 - t / num_train_timesteps`` of the running step, clamped to [0, 1]; a Python float in
     eager mode (one read per UNet call), a 0-d tensor under ``torch.compile`` (no ``.item()`` in the graph).
     ``latent_size``: ``(h, w)`` of the UNet's input (static under compile: it comes from a shape).
+    ``negative``: for denoisers that run the negative half of guidance as a call of its own (Flux's true CFG),
+    whether this call is that half (eager: a bool; compiled: a 0-d bool tensor); None when the batch holds
+    both halves (see :class:`ImagePrompt`). ``tokens``: per adapter, image tokens made for this step (a
+    time-conditioned projection), with the projection's own time embedding: ``(tokens, temb)`` in batch rows.
     """
 
     progress: float | torch.Tensor
     latent_size: tuple[int, int]
+    negative: bool | torch.Tensor | None = None
+    tokens: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 def compiling() -> bool:
@@ -149,6 +155,8 @@ class ImagePrompt:
     _values: dict[str, _Tensors] = field(default_factory=dict, repr=False)
     _masks: dict[tuple[str, int, int, int], torch.Tensor] = field(default_factory=dict, repr=False)
     _cache: dict = field(default_factory=dict, repr=False)
+    _last_t: float | None = field(default=None, repr=False)
+    _seen_t: torch.Tensor | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         for name, pos in list(self.tokens.items()):
@@ -179,16 +187,56 @@ class ImagePrompt:
                         full = self._full_mask(mask, self.output_size).to(pos.device)
                         self._masks[(name, group, *self.output_size)] = full
         self._cache = {}
+        device = next(iter(self.tokens.values())).device if self.tokens else None
+        self._last_t, self._seen_t = None, torch.full((), -1.0, device=device)
         return self
+
+    def negative_call(self, timestep: torch.Tensor) -> bool | torch.Tensor:
+        """Whether a denoiser call at ``timestep`` is the negative half of a split guidance.
+
+        Flux pipelines run true classifier-free guidance as two transformer calls per step, the positive prompt
+        first, then the negative one, at the same timestep: so the second call at an unchanged timestep is the
+        negative one. Eager: a bool; compiled: a 0-d bool tensor (the last timestep is kept in a tensor).
+        """
+        t = timestep.detach().flatten()[0].float()
+        if compiling():
+            same = t == self._seen_t
+            self._seen_t.copy_(t)
+            return same
+        value = float(t)
+        same = self._last_t is not None and value == self._last_t
+        self._last_t = value
+        return same
 
     def values(self, name: str) -> _Tensors:
         return self._values[name]
 
-    def rows(self, name: str, batch: int) -> torch.Tensor | None:
-        """Tokens of adapter ``name`` laid out for a query batch of ``batch`` rows, or None if it has none."""
+    def rows(self, name: str, batch: int, step: Step | None = None) -> torch.Tensor | None:
+        """Tokens of adapter ``name`` laid out for a query batch of ``batch`` rows, or None if it has none.
+
+        ``step``: the running call's :class:`Step`; tokens it made for this step win, and when it is the negative
+        call of a split guidance, the rows are the negative tokens.
+        """
+        if step is not None and step.tokens is not None and name in step.tokens:
+            return step.tokens[name][0]
+        if step is not None and step.negative is not None:
+            neg = self._laid(name, batch, self.negative[name])
+            if isinstance(step.negative, torch.Tensor):  # compiled: no branching on the value
+                return torch.where(step.negative, neg, self._laid(name, batch, self.tokens[name]))
+            if step.negative:
+                return neg
+        return self._laid(name, batch)
+
+    def _laid(self, name: str, batch: int, only: torch.Tensor | None = None) -> torch.Tensor | None:
+        """``rows`` from the stored tokens; ``only``: lay out this one half (a split guidance's call)."""
         pos = self.tokens.get(name)
         if pos is None:
             return None
+        if only is not None:
+            prompts, refs, n, d = only.shape
+            self._halves(name, batch, prompts, refs)  # refuses a batch these tokens cannot fill
+            copies = batch // (prompts * refs)
+            return only[:, None].expand(prompts, copies, refs, n, d).reshape(-1, n, d)
         prompts, refs, n, d = pos.shape
         halves = self._halves(name, batch, prompts, refs)
         laid_halves = [self.negative[name], pos] if halves == 2 else [pos]

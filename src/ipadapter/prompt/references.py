@@ -110,14 +110,14 @@ def control_tokens(ip: IPAdapter, prepared: Prepared) -> tuple[torch.Tensor, tor
     elif stored_negative is not None:  # an embeddings file's own: no encoder run, and for this call only
         neg = stored_negative.unsqueeze(0)
     else:
-        neg = ip.encoder.negative_features(ip.spec.feature).unsqueeze(0)
-    neg_tokens = ip.projection(neg.to(device=param.device, dtype=param.dtype))  # (1, N, D)
+        neg = ip.encoder.negative_features(ip.spec.feature, how=ip.spec.negative).unsqueeze(0)
+    neg_tokens = ip.project(neg.to(device=param.device, dtype=param.dtype))  # (1, N, D)
     window = (control.start, control.end)
     branch = BranchControl(scale=control.scale, layer_scales=prepared.layer_scales, window=window)
     if control.combine != "concat":
-        pos = ip.projection(combine(feats, weights, control.combine).unsqueeze(0))  # (1, N, D)
+        pos = ip.project(combine(feats, weights, control.combine).unsqueeze(0))  # (1, N, D)
         return pos, neg_tokens, branch
-    tokens = ip.projection(feats)  # (R, N, D)
+    tokens = ip.project(feats)  # (R, N, D)
     count, n, d = tokens.shape
     pos, neg = tokens.reshape(1, count * n, d), neg_tokens.repeat(1, count, 1)
     # Weights are always given as tensors (ones multiply exactly), so a compiled UNet sees the same structure

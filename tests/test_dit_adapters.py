@@ -1,0 +1,282 @@
+"""The Flux and SD3 hosts against diffusers' own IP-Adapter loading, on tiny random models (DESIGN.md §3.5).
+
+XLabs Flux and InstantX SD3.5 are compared with diffusers' ``load_ip_adapter`` image for image, in every mode;
+InstantX Flux, which no library implements, is checked against its published math written out here.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import dit_checkpoints as dc  # noqa: E402
+import dit_models as dm  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import tiny_models as tm  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from diffusers import FluxPipeline, StableDiffusion3Pipeline  # noqa: E402
+from helpers import reference_image  # noqa: E402
+from PIL import Image  # noqa: E402
+
+import ipadapter  # noqa: E402
+from ipadapter.adapters.info import adapter_info  # noqa: E402
+from ipadapter.errors import IncompatibleModelError  # noqa: E402
+from ipadapter.pipelines import load_controlnet, load_pipeline, mode_pipeline  # noqa: E402
+from ipadapter.prompt.recipe import Control, Reference  # noqa: E402
+
+TOLERANCE = 2 / 255
+CALL = dict(prompt="a red cube", height=32, width=32, num_inference_steps=3, max_sequence_length=16)
+
+
+@pytest.fixture(scope="module")
+def dit(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("dit")
+    out = {
+        "flux": dm.build_flux(root / "flux"),
+        "sd3": dm.build_sd3(root / "sd3"),
+        "clip": tm.build_encoder(root / "clip", tm.VIT_H, seed=1),
+        "siglip": dc.build_siglip(root / "siglip"),
+        "flux_cn": dm.build_flux_controlnet(root / "flux_cn"),
+        "sd3_cn": dm.build_sd3_controlnet(root / "sd3_cn"),
+    }
+    (root / "ckpt").mkdir()
+    out["xlabs"] = dc.xlabs_flux(root / "ckpt" / "xlabs.safetensors")
+    out["xlabs2"] = dc.xlabs_flux(root / "ckpt" / "xlabs2.safetensors", seed=13)
+    out["instantx_flux"] = dc.instantx_flux(root / "ckpt" / "ip-adapter.bin")
+    out["instantx_sd3"] = dc.instantx_sd3(root / "ckpt" / "sd3-ip-adapter.safetensors")
+    return out
+
+
+def _seed() -> torch.Generator:
+    """A generator for a call, the global RNG seeded too: the ControlNet pipelines encode the control image with
+    ``latent_dist.sample()`` and no generator."""
+    torch.manual_seed(0)
+    return torch.Generator().manual_seed(0)
+
+
+def _ref() -> Image.Image:
+    return reference_image()
+
+
+def _inputs(mode: str, dit: dict, family: str) -> dict:
+    """The mode's own pipeline arguments (init image, mask, control image)."""
+    init = Image.fromarray((np.random.default_rng(5).random((32, 32, 3)) * 255).astype("uint8"))
+    mask = Image.new("L", (32, 32), 0)
+    mask.paste(255, (8, 8, 24, 24))
+    if mode == "img2img":
+        return {"image": init, "strength": 0.8}
+    if mode == "inpaint":
+        return {"image": init, "mask_image": mask, "strength": 0.9}
+    if mode == "controlnet":
+        return {"control_image": init, "controlnet_conditioning_scale": 0.7}
+    return {}
+
+
+def _reference_pipe(family: str, dit: dict, adapters: list, mode: str) -> object:
+    """diffusers' own pipeline with its IP-Adapter loading (the reference)."""
+    folder = dit[family]
+    if family == "flux":
+        pipe = FluxPipeline.from_pretrained(folder)
+        pipe.load_ip_adapter(
+            [str(p.parent) for p in adapters],
+            weight_name=[p.name for p in adapters],
+            image_encoder_pretrained_model_name_or_path=str(dit["clip"]),
+            image_encoder_dtype=torch.float32,
+        )
+    else:
+        pipe = StableDiffusion3Pipeline.from_pretrained(folder)
+        pipe.load_ip_adapter(
+            str(adapters[0].parent),
+            weight_name=adapters[0].name,
+            image_encoder_folder=str(dit["siglip"]),
+            low_cpu_mem_usage=False,
+        )
+    return _mode(pipe, mode, dit, family)
+
+
+def _mode(pipe: object, mode: str, dit: dict, family: str) -> object:
+    net = load_controlnet(dit[f"{family}_cn"]) if mode == "controlnet" else None
+    return mode_pipeline(pipe, "t2i" if mode == "controlnet" else mode, controlnet=net)
+
+
+def _images(result: object) -> np.ndarray:
+    return np.asarray(result.images, dtype=np.float32)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Detection
+# --------------------------------------------------------------------------------------------------------
+
+
+def test_inspect_names_the_three_dit_layouts(dit: dict) -> None:
+    xlabs, flux, sd3 = (adapter_info(dit[k]) for k in ("xlabs", "instantx_flux", "instantx_sd3"))
+    assert (xlabs["layout"], xlabs["host"], xlabs["base"]) == ("xlabs-flux", "flux", "FLUX.1")
+    assert (xlabs["num_tokens"], xlabs["feature"], xlabs["layer_ids"]) == (4, "pooled", (0, 1))
+    assert (flux["layout"], flux["host"], flux["encoder_kind"]) == ("instantx-flux", "flux", "siglip")
+    assert (flux["num_tokens"], flux["num_layers"]) == (8, 4)
+    assert (sd3["layout"], sd3["host"], sd3["feature"]) == ("instantx-sd3", "sd3", "hidden")
+    assert sd3["time_resampler"]["num_queries"] == 8 and sd3["problems"] == []
+
+
+# --------------------------------------------------------------------------------------------------------
+# Equality with diffusers
+# --------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["t2i", "img2img", "inpaint", "controlnet"])
+def test_xlabs_flux_equals_diffusers(dit: dict, mode: str) -> None:
+    reference = _reference_pipe("flux", dit, [dit["xlabs"]], mode)
+    reference.set_ip_adapter_scale(0.7)
+    pipe = load_pipeline(dit["flux"])
+    ip = ipadapter.attach(pipe, dit["xlabs"], dit["clip"], scale=0.7)
+    ours = _mode(pipe, mode, dit, "flux")
+    kw = {**CALL, **_inputs(mode, dit, "flux"), "output_type": "np"}
+    # true CFG with a negative prompt: diffusers encodes a black image as the negative image prompt
+    for extra in ({}, {"negative_prompt": "blurry", "true_cfg_scale": 3.0}):
+        want = _images(reference(**kw, **extra, ip_adapter_image=_ref(), generator=_seed()))
+        got = _images(ip(_ref(), pipeline=ours, **kw, **extra, generator=_seed()))
+        plain = _images(ours(**kw, **extra, generator=_seed()))
+        assert np.abs(want - got).max() <= TOLERANCE, (mode, extra)
+        assert np.abs(plain - got).max() > 3 * TOLERANCE  # the image prompt did something
+
+
+@pytest.mark.parametrize("mode", ["t2i", "img2img", "inpaint", "controlnet"])
+def test_instantx_sd3_equals_diffusers(dit: dict, mode: str) -> None:
+    reference = _reference_pipe("sd3", dit, [dit["instantx_sd3"]], mode)
+    reference.set_ip_adapter_scale(0.6)
+    pipe = load_pipeline(dit["sd3"])
+    ip = ipadapter.attach(pipe, dit["instantx_sd3"], dit["siglip"], scale=0.6)
+    ours = _mode(pipe, mode, dit, "sd3")
+    kw = {**CALL, **_inputs(mode, dit, "sd3"), "output_type": "np", "guidance_scale": 4.0}
+    want = _images(reference(**kw, ip_adapter_image=_ref(), generator=_seed()))
+    got = _images(ip(_ref(), pipeline=ours, **kw, generator=_seed()))
+    plain = _images(ours(**kw, generator=_seed()))
+    assert np.abs(want - got).max() <= TOLERANCE, mode
+    assert np.abs(plain - got).max() > 3 * TOLERANCE
+
+
+def test_two_xlabs_adapters_equal_diffusers_list_form(dit: dict) -> None:
+    reference = _reference_pipe("flux", dit, [dit["xlabs"], dit["xlabs2"]], "t2i")
+    reference.set_ip_adapter_scale([0.6, 0.9])
+    second = Image.fromarray((np.random.default_rng(9).random((40, 48, 3)) * 255).astype("uint8"))
+    pipe = load_pipeline(dit["flux"])
+    a = ipadapter.attach(pipe, dit["xlabs"], dit["clip"], name="a")
+    b = ipadapter.attach(pipe, dit["xlabs2"], dit["clip"], name="b")
+    kw = {**CALL, "output_type": "np"}
+    want = _images(reference(**kw, ip_adapter_image=[_ref(), second], generator=_seed()))
+    entries = [
+        (a, Control(images=[Reference(path=_ref())], scale=0.6)),
+        (b, Control(images=[Reference(path=second)], scale=0.9)),
+    ]
+    got = _images(ipadapter.run(pipe, entries, **kw, generator=_seed()))
+    assert np.abs(want - got).max() <= TOLERANCE
+
+
+# --------------------------------------------------------------------------------------------------------
+# InstantX Flux: its published math, written out on one block
+# --------------------------------------------------------------------------------------------------------
+
+
+def _rms(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5)
+
+
+def test_instantx_flux_double_and_single_block_follow_the_published_math(dit: dict) -> None:
+    pipe = load_pipeline(dit["flux"])
+    model = pipe.transformer
+    ip = ipadapter.attach(pipe, dit["instantx_flux"], dit["siglip"], scale=0.8)
+    ckpt = torch.load(dit["instantx_flux"], weights_only=True)
+    tokens = ip.tokens(_ref())[0]  # (1, 8, 32)
+    prompt = ip.image_prompt(_ref())
+    from ipadapter.prompt.conditioning import Step
+
+    step = Step(0.5, (0, 0), negative=False)
+    gen = torch.Generator().manual_seed(2)
+    image = torch.randn(1, 16, 128, generator=gen)  # 16 image positions, inner 128
+    text = torch.randn(1, 5, 128, generator=gen)
+    for index, path in ((0, "transformer_blocks.0.attn"), (2, "single_transformer_blocks.0.attn")):
+        attn = model.get_submodule(path)
+        processor = attn.processor
+        with torch.no_grad():
+            if index == 0:
+                got, _ = processor(attn, image, text, image_prompt=prompt, image_prompt_step=step)
+                plain, _ = processor(attn, image, text)
+                hidden = image
+            else:
+                joined = torch.cat([text, image], dim=1)
+                got = processor(attn, joined, image_prompt=prompt, image_prompt_step=step)
+                plain = processor(attn, joined)
+                hidden = joined
+            # q: the layer's own normalised query (before RoPE); K/V: tokens -> to_k_ip / to_v_ip -> RMS per head
+            heads = attn.heads
+            q = attn.norm_q(attn.to_q(hidden).unflatten(-1, (heads, -1))).transpose(1, 2)
+            k = _rms(
+                (tokens @ ckpt["ip_adapter"][f"{index}.to_k_ip.weight"].T)
+                .unflatten(-1, (heads, -1))
+                .transpose(1, 2)
+            )
+            v = _rms(
+                (tokens @ ckpt["ip_adapter"][f"{index}.to_v_ip.weight"].T)
+                .unflatten(-1, (heads, -1))
+                .transpose(1, 2)
+            )
+            ip_out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+            # added before to_out (a linear map: the difference is to_out's weight times 0.8 * ip_out); single
+            # blocks have no to_out of their own: the difference is 0.8 * ip_out itself
+            expected = F.linear(0.8 * ip_out, attn.to_out[0].weight) if index == 0 else 0.8 * ip_out
+            assert torch.allclose(got - plain, expected, atol=1e-5), path
+
+
+def test_instantx_flux_invariants(dit: dict) -> None:
+    pipe = load_pipeline(dit["flux"])
+    kw = {**CALL, "output_type": "np"}
+    before = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
+    processors = dict(pipe.transformer.attn_processors)
+    base = _images(pipe(**kw, generator=_seed()))
+    ip = ipadapter.attach(pipe, dit["instantx_flux"], dit["siglip"], scale=0.0)
+    zero = _images(ip(_ref(), **kw, generator=_seed()))
+    assert np.array_equal(zero, base)  # scale 0: bit-identical to no adapter
+    ip.set_scale(0.9)
+    moved = _images(ip(_ref(), **kw, generator=_seed()))
+    assert np.abs(moved - base).max() > 3 * TOLERANCE
+    ip.detach()
+    assert dict(pipe.transformer.attn_processors) == processors
+    after = pipe.transformer.state_dict()
+    assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
+    assert np.array_equal(_images(pipe(**kw, generator=_seed())), base)
+
+
+def test_xlabs_and_instantx_together_on_one_flux(dit: dict) -> None:
+    pipe = load_pipeline(dit["flux"])
+    kw = {**CALL, "output_type": "np"}
+    a = ipadapter.attach(pipe, dit["xlabs"], dit["clip"], name="xlabs", scale=0.7)
+    b = ipadapter.attach(pipe, dit["instantx_flux"], dit["siglip"], name="instantx", scale=2.0)
+    both = _images(ipadapter.run(pipe, [(a, Control(images=[Reference(path=_ref())])), (b, Control(images=[Reference(path=_ref())]))], **kw, generator=_seed()))  # fmt: skip
+    only_a = _images(a(_ref(), **kw, generator=_seed()))
+    b.detach()
+    alone = _images(a(_ref(), **kw, generator=_seed()))
+    assert np.array_equal(only_a, alone)  # the InstantX adapter idles when its tokens are not in the call
+    assert np.abs(both - alone).max() > 3 * TOLERANCE
+    a.detach()
+
+
+# --------------------------------------------------------------------------------------------------------
+# Refusals
+# --------------------------------------------------------------------------------------------------------
+
+
+def test_adapter_of_another_family_is_refused_in_one_line(dit: dict, models: dict) -> None:
+    flux = load_pipeline(dit["flux"])
+    with pytest.raises(IncompatibleModelError, match=r"xlabs-flux adapter made for Flux.*UNet") as err:
+        ipadapter.attach(load_pipeline(models["sd15"]), dit["xlabs"], dit["clip"])
+    assert "\n" not in str(err.value)
+    with pytest.raises(IncompatibleModelError, match=r"made for SD3.5.*Flux transformer"):
+        ipadapter.attach(flux, dit["instantx_sd3"], dit["siglip"])
+    with pytest.raises(IncompatibleModelError, match=r"made for an SD UNet.*Flux transformer"):
+        ipadapter.attach(flux, models["ckpt"]["sd15", "safetensors"], models["vit_h"])
+    with pytest.raises(IncompatibleModelError, match=r"needs 32-dim pooled.*gives 24-dim"):
+        ipadapter.attach(flux, dit["instantx_flux"], dit["clip"])
+    assert ipadapter.attached(flux) == {}
