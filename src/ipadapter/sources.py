@@ -120,6 +120,8 @@ def default_encoder(adapter_source: str | Path, spec: AdapterSpec) -> str:
     """
     source = str(adapter_source)
     local = Path(source).expanduser()
+    if spec.host != "unet":
+        return _dit_encoder(local, spec, source)
     need = (
         f"a {spec.encoder} encoder, e.g. h94/IP-Adapter/{spec.encoder_subfolder}"
         if spec.encoder
@@ -149,6 +151,20 @@ def default_encoder(adapter_source: str | Path, spec: AdapterSpec) -> str:
     repo_id, filename = hub
     sub = spec.encoder_subfolder or str(Path(filename).parent / "image_encoder")
     return f"{repo_id}/{sub}"
+
+
+def _dit_encoder(local: Path, spec: AdapterSpec, source: str) -> str:
+    """A Flux / SD3 adapter's encoder: an ``image_encoder/`` folder beside a local file with the dims it needs,
+    else the one its authors name (DESIGN.md §3.5: CLIP ViT-L/14 for XLabs, SigLIP so400m for InstantX)."""
+    beside = local.parent / "image_encoder"
+    if local.is_file() and _encoder_dim(beside, spec.feature) == spec.feature_dim:
+        return str(beside)
+    if spec.encoder_repo is None:
+        raise InputError(
+            f"no image encoder known for adapter '{source}': it needs {spec.feature_dim}-dim {spec.feature} "
+            f"features of a {spec.encoder_kind.upper()} vision model; pass --image-encoder with one"
+        )
+    return spec.encoder_repo
 
 
 def load_image_encoder(

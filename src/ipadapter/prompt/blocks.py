@@ -244,6 +244,17 @@ def _block_weights(
             "layer weights are empty; give at least one entry, e.g. {'t3': 1.0}, or leave them out"
         )
 
+    unet_parts = parts is None or all(part in PART_NAMES for part in parts)
+    if preset is not None and not unet_parts:
+        raise InputError(
+            f"preset {preset!r} is defined for SD1.5 / SDXL UNet blocks, and this denoiser is a transformer"
+            f"{layout}; give per-block weights instead (layer_weights, e.g. 't0=1.0,t2=0.5')"
+        )
+    if curve in _PART_CURVES and not unet_parts:
+        raise InputError(
+            f"curve {curve!r} weakens UNet parts (input/middle/output), which this denoiser does not have"
+            f"{layout}; use ease-in, ease-out, ease-in-out or reverse-in-out, or per-block weights"
+        )
     if preset is None and explicit is None:
         weights = [1.0] * num_blocks
     else:
@@ -254,10 +265,12 @@ def _block_weights(
         for t, value in (explicit or {}).items():
             if t >= num_blocks:
                 valid = (
-                    f"t0..t{num_blocks - 1}" if num_blocks else "none (this UNet has no transformer blocks)"
+                    f"t0..t{num_blocks - 1}"
+                    if num_blocks
+                    else "none (the denoiser has no transformer blocks)"
                 )
                 raise InputError(
-                    f"layer weight for t{t} is out of range; this UNet's blocks are {valid}{layout}"
+                    f"layer weight for t{t} is out of range; the denoiser's blocks are {valid}{layout}"
                 )
             weights[t] = value
 

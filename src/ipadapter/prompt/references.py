@@ -73,6 +73,7 @@ def prepare(ip: IPAdapter, control: Control, where: str = "") -> Prepared:
         else:
             images.append(load_image(ref.path, f"{label} reference image"))
         masks.append(None if ref.mask is None else _mask(ref.mask, label))
+    _check_host_controls(ip.spec, control, masks, where)
     negative = None
     if control.negative_image is not None:
         negative = load_image(control.negative_image, f"{where}negative image")
@@ -85,6 +86,25 @@ def prepare(ip: IPAdapter, control: Control, where: str = "") -> Prepared:
         curve=control.curve,
     )
     return Prepared(control, images, masks, negative, scales)
+
+
+def _check_host_controls(spec: AdapterSpec, control: Control, masks: list, where: str) -> None:
+    """Refuse, by name, a control the adapter's denoiser family cannot honour."""
+    family = {"flux": "Flux", "sd3": "SD3.5"}.get(spec.host)
+    if family is None:
+        return
+    if any(m is not None for m in masks):
+        raise InputError(
+            f"{where}regional masks are not supported on {family} adapters in this version (they need the "
+            "transformer's image grid in the attention); drop the mask, or use an SD1.5 / SDXL base"
+        )
+    weights = [float(ref.weight) for ref in control.images]
+    if spec.time_resampler is not None and control.combine == "concat" and any(w != 1.0 for w in weights):
+        raise InputError(
+            f"{where}reference weights {weights} with combine 'concat' are not supported by the {family} "
+            "adapter: its resampler reads every reference's features together; use combine 'average' (or "
+            "'norm-average'), where the weights apply to the features"
+        )
 
 
 def _mask(mask: Any, label: str) -> Image.Image:
