@@ -52,3 +52,27 @@ def ref_png(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("ref") / "ref.png"
     reference_image().save(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def dit(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Tiny Flux and SD3 pipelines (tests/dit_models.py), their ControlNets, a CLIP and a SigLIP encoder, and
+    checkpoints in the three DiT adapter layouts (tests/dit_checkpoints.py), saved once per session."""
+    import dit_checkpoints as dc  # the DiT builders: only sessions that use them pay for the imports
+    import dit_models as dm
+
+    root = tmp_path_factory.mktemp("dit")
+    out = {
+        "flux": dm.build_flux(root / "flux"),
+        "sd3": dm.build_sd3(root / "sd3"),
+        "clip": tm.build_encoder(root / "clip", tm.VIT_H, seed=1),
+        "siglip": dc.build_siglip(root / "siglip"),
+        "flux_cn": dm.build_flux_controlnet(root / "flux_cn"),
+        "sd3_cn": dm.build_sd3_controlnet(root / "sd3_cn"),
+    }
+    (root / "ckpt").mkdir()
+    out["xlabs"] = dc.xlabs_flux(root / "ckpt" / "xlabs.safetensors")
+    out["xlabs2"] = dc.xlabs_flux(root / "ckpt" / "xlabs2.safetensors", seed=13)
+    out["instantx_flux"] = dc.instantx_flux(root / "ckpt" / "ip-adapter.bin")
+    out["instantx_sd3"] = dc.instantx_sd3(root / "ckpt" / "sd3-ip-adapter.safetensors")
+    return out

@@ -10,11 +10,8 @@ import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import dit_checkpoints as dc  # noqa: E402
-import dit_models as dm  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-import tiny_models as tm  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from diffusers import FluxPipeline, StableDiffusion3Pipeline  # noqa: E402
@@ -29,25 +26,6 @@ from ipadapter.prompt.recipe import Control, Reference  # noqa: E402
 
 TOLERANCE = 2 / 255
 CALL = dict(prompt="a red cube", height=32, width=32, num_inference_steps=3, max_sequence_length=16)
-
-
-@pytest.fixture(scope="module")
-def dit(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    root = tmp_path_factory.mktemp("dit")
-    out = {
-        "flux": dm.build_flux(root / "flux"),
-        "sd3": dm.build_sd3(root / "sd3"),
-        "clip": tm.build_encoder(root / "clip", tm.VIT_H, seed=1),
-        "siglip": dc.build_siglip(root / "siglip"),
-        "flux_cn": dm.build_flux_controlnet(root / "flux_cn"),
-        "sd3_cn": dm.build_sd3_controlnet(root / "sd3_cn"),
-    }
-    (root / "ckpt").mkdir()
-    out["xlabs"] = dc.xlabs_flux(root / "ckpt" / "xlabs.safetensors")
-    out["xlabs2"] = dc.xlabs_flux(root / "ckpt" / "xlabs2.safetensors", seed=13)
-    out["instantx_flux"] = dc.instantx_flux(root / "ckpt" / "ip-adapter.bin")
-    out["instantx_sd3"] = dc.instantx_sd3(root / "ckpt" / "sd3-ip-adapter.safetensors")
-    return out
 
 
 def _seed() -> torch.Generator:

@@ -27,6 +27,12 @@ def base_module(module: Any) -> Any:
     return getattr(module, "_orig_mod", module)
 
 
+def denoiser(pipe: Any) -> Any:
+    """``pipe``'s denoiser (the UNet, or the transformer of Flux / SD3), from under a compile wrapper."""
+    model = getattr(pipe, "unet", None)
+    return base_module(model if model is not None else pipe.transformer)
+
+
 def vae_factor(pipe: Any) -> int:
     """Pixels per latent of ``pipe``'s VAE (8 for the real SD, Flux and SD3 models; Flux packs 2x2 latents
     into one token on top of it)."""

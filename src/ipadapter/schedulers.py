@@ -21,7 +21,11 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     "dpm++": ("DPMSolverMultistepScheduler", {}),
     "dpm++-karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
     "unipc": ("UniPCMultistepScheduler", {}),
+    # flow matching (Flux, SD3): these only
+    "flow-euler": ("FlowMatchEulerDiscreteScheduler", {}),
+    "flow-heun": ("FlowMatchHeunDiscreteScheduler", {}),
 }
+FLOW_PREFIX = "flow-"
 
 
 def set_scheduler(pipe: Any, name: str) -> None:
@@ -30,5 +34,12 @@ def set_scheduler(pipe: Any, name: str) -> None:
 
     if name not in SCHEDULERS:
         raise InputError(f"unknown scheduler '{name}'; expected one of: {', '.join(SCHEDULERS)}")
+    flow_model = type(pipe.scheduler).__name__.startswith("FlowMatch")
+    if flow_model != name.startswith(FLOW_PREFIX):
+        fits = [n for n in SCHEDULERS if n.startswith(FLOW_PREFIX) == flow_model]
+        kind = "a flow-matching model (Flux, SD3)" if flow_model else "a diffusion model (SD1.5, SDXL)"
+        raise InputError(
+            f"scheduler '{name}' does not fit the base, which is {kind}; expected one of: {', '.join(fits)}"
+        )
     cls_name, extra = SCHEDULERS[name]
     pipe.scheduler = getattr(diffusers, cls_name).from_config(pipe.scheduler.config, **extra)

@@ -50,6 +50,24 @@ def _progress_of(progress: ProgressCallback | None, index: int, chunks: int) -> 
     return lambda done, total: progress(index * total + done, chunks * total)
 
 
+def _check_family_options(job: Job, pipe: Any) -> None:
+    """Refuse, by name, options the base's family has no use for (before anything runs)."""
+    from ..pipelines import FAMILY_NAMES, family_of
+
+    family = family_of(pipe)
+    name = FAMILY_NAMES.get(family, family)
+    if job.true_cfg_scale is not None and family != "flux":
+        raise InputError(
+            f"true_cfg_scale is for Flux bases (its second, negative transformer call); the base is {name}, whose "
+            "pipelines guide with guidance_scale alone: drop true_cfg_scale"
+        )
+    if job.max_sequence_length is not None and family not in ("flux", "sd3"):
+        raise InputError(
+            f"max_sequence_length sets the T5 prompt length of Flux and SD3 bases; the base is {name}, which "
+            "has no T5 encoder: drop max_sequence_length"
+        )
+
+
 class Engine:
     """Loads models on first use and keeps them: one engine per device, one job at a time.
 
@@ -108,8 +126,10 @@ class Engine:
         import torch
 
         self._bases.pop(key)
+        from ..calls import denoiser
+
         gone = [k for k in self._modes if k[:2] == key]
-        unets = {id(self._modes[k][0].unet) for k in gone}
+        unets = {id(denoiser(self._modes[k][0])) for k in gone}
         for k in gone:
             del self._modes[k]
         for k in [k for k in self._adapters if k[0] in unets]:
@@ -140,9 +160,9 @@ class Engine:
 
     def _compile(self, pipe: Any) -> None:
         """Compile ``pipe``'s denoiser in place, once (mode pipelines made with ``from_pipe`` share it)."""
-        from ..calls import base_module
+        from ..calls import denoiser
 
-        unet = base_module(pipe.unet)
+        unet = denoiser(pipe)
         if getattr(unet, "_compiled_call_impl", None) is not None:
             return
         if not self._noticed:
@@ -156,10 +176,11 @@ class Engine:
         return cache[name]
 
     def adapter(self, pipe: Any, path: str, image_encoder: str | None = None) -> Any:
-        """Adapter ``path`` attached to ``pipe``'s UNet (once per UNet; its scale is given per call)."""
+        """Adapter ``path`` attached to ``pipe``'s denoiser (once per denoiser; its scale is given per call)."""
         from ..adapter import attach
+        from ..calls import denoiser
 
-        key = (id(pipe.unet), path, image_encoder)
+        key = (id(denoiser(pipe)), path, image_encoder)
         ip = self._adapters.get(key)
         if ip is None or not ip.attached:
             ip = attach(pipe, path, image_encoder, scale=1.0, name=f"engine{len(self._adapters)}")
@@ -191,6 +212,7 @@ class Engine:
                 f"--cpu-offload needs a CUDA device (got '{self.device}'); drop it or use --device cuda"
             )
         pipe, default_scheduler = self.pipeline(job)
+        _check_family_options(job, pipe)
         pipe.scheduler = default_scheduler
         if job.scheduler:
             set_scheduler(pipe, job.scheduler)
@@ -209,10 +231,14 @@ class Engine:
         loaded = time.perf_counter()
 
         seed = secrets.randbelow(2**31) if job.seed is None else job.seed
+        from ..pipelines import family_of
+
         images = []
         chunks = _chunks(1 if job.mode == "video" else job.num_images, self.batch_size)
         for index, (first, count) in enumerate(chunks):
-            call = self._call(job, seed, first, count, _progress_of(progress, index, len(chunks)))
+            call = self._call(
+                job, seed, first, count, _progress_of(progress, index, len(chunks)), family_of(pipe)
+            )
             out = self._generate(pipe, job, adapters, call)
             images.extend(out.frames[0] if job.mode == "video" else out.images)
         done = time.perf_counter()
@@ -240,7 +266,13 @@ class Engine:
         return run_adapters(pipe, pairs, **call)
 
     def _call(
-        self, job: Job, seed: int, first: int, count: int, progress: ProgressCallback | None
+        self,
+        job: Job,
+        seed: int,
+        first: int,
+        count: int,
+        progress: ProgressCallback | None,
+        family: str = "sd15",
     ) -> dict[str, Any]:
         """The pipeline arguments for images ``first .. first + count - 1`` of the job.
 
@@ -259,10 +291,14 @@ class Engine:
             call.update(image=job.init, strength=strength)
             if job.mode == "inpaint":
                 call.update(mask_image=job.mask, width=job.init.width, height=job.init.height)
+            elif family in ("flux", "sd3"):  # their img2img would resize the init to the native size
+                call.update(width=job.width or job.init.width, height=job.height or job.init.height)
         else:
             call.update({k: v for k, v in (("width", job.width), ("height", job.height)) if v})
         if job.controlnets:
             key = {"t2i": "image", "video": "conditioning_frames"}.get(job.mode, "control_image")
+            if family in ("flux", "sd3"):  # the DiT ControlNet pipelines name it so in every mode
+                key = "control_image"
             images = job.control_images
             call[key] = images[0] if len(images) == 1 else images
             call["controlnet_conditioning_scale"] = job.control_scale
@@ -270,6 +306,8 @@ class Engine:
             "negative_prompt": job.negative_prompt,
             "num_inference_steps": job.steps,
             "guidance_scale": job.guidance,
+            "true_cfg_scale": job.true_cfg_scale,
+            "max_sequence_length": job.max_sequence_length,
         }
         call.update({k: v for k, v in optional.items() if v is not None})
         if job.mode == "video":
@@ -305,6 +343,7 @@ class Engine:
             "scale": one_or_list(scales),
             "steps": job.steps,
             "guidance": job.guidance,
+            **{k: v for k in ("true_cfg_scale", "max_sequence_length") if (v := getattr(job, k)) is not None},
             "seed": seed,
             **({"seeds": [(seed + i) % 2**64 for i in range(job.num_images)]} if job.num_images > 1 else {}),
             "scheduler": job.scheduler or type(pipe.scheduler).__name__,

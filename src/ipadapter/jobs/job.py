@@ -44,6 +44,8 @@ class Job:
     negative_prompt: str | None = None
     steps: int | None = None
     guidance: float | None = None
+    true_cfg_scale: float | None = None
+    max_sequence_length: int | None = None
     seed: int | None = None
     width: int | None = None
     height: int | None = None

@@ -50,7 +50,13 @@ OPTIONS: dict[str, Option] = table(
     Option("prompt", "text", "text prompt", default=""),
     Option("negative_prompt", "text", "negative text prompt"),
     Option("steps", "int", "denoising steps (default: the pipeline's)", low=1),
-    Option("guidance", "number", "classifier-free guidance (default: the pipeline's)"),
+    Option("guidance", "number", "classifier-free guidance (default: the pipeline's; Flux: its distilled "
+           "guidance embedding)"),
+    Option("true_cfg_scale", "number", "Flux only: true classifier-free guidance with the negative prompt and "
+           "the negative image prompt, two transformer calls per step (diffusers' true_cfg_scale; default 1.0: "
+           "off)", low=1, modes=IMAGE_MODES),
+    Option("max_sequence_length", "int", "Flux / SD3 only: T5 prompt tokens (default: the pipeline's, 512 "
+           "for Flux, 256 for SD3)", low=1, high=512, modes=IMAGE_MODES),
     Option("seed", "int", "seed of a CPU torch.Generator, as diffusers' examples use (default: random, "
            "reported)", low=0, high=2**64 - 1),
     Option("width", "int", "multiple of 8 (default: the model's native size, or the init image's)", low=8,
@@ -270,6 +276,8 @@ def job_from_options(
         "negative_prompt": o.get("negative_prompt"),
         "steps": o.get("steps"),
         "guidance": o.get("guidance"),
+        "true_cfg_scale": o.get("true_cfg_scale"),
+        "max_sequence_length": o.get("max_sequence_length"),
         "seed": o.get("seed"),
         "num_images": o.get("num_images") or 1,
         "scheduler": o.get("scheduler"),

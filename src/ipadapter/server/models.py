@@ -10,7 +10,7 @@ from ..jobs.engine import Engine
 from ..jobs.job import Job
 from ..modes import IMAGE_MODES
 from ..prompt.recipe import AdapterRecipe, Recipe, Reference
-from ..schedulers import SCHEDULERS
+from ..schedulers import FLOW_PREFIX, SCHEDULERS
 from .bodies import Served
 from .config import ServerConfig
 
@@ -37,8 +37,12 @@ def preload(engine: Engine, config: ServerConfig) -> tuple[Served, dict[str, Any
 
     Returns what requests may use and the description GET /v1/models gives.
     """
+    from ..pipelines import DIT_FAMILIES, family_of  # torch and diffusers: loaded with the models, not before
+
     base = engine.base(config.base, config.base_config)
-    inpainting = base.unet.config.in_channels == 9  # an inpainting base runs inpaint only
+    family = family_of(base)
+    unet = getattr(base, "unet", None)  # Flux / SD3 bases have a transformer: every image mode
+    inpainting = unet is not None and unet.config.in_channels == 9  # an inpainting base runs inpaint only
     modes = ["inpaint"] if inpainting else list(IMAGE_MODES)
     first = modes[0]
     adapters = []
@@ -68,7 +72,8 @@ def preload(engine: Engine, config: ServerConfig) -> tuple[Served, dict[str, Any
         "controlnets": list(config.controlnets),
         "motion_adapter": config.motion_adapter,
         "modes": modes,
-        "schedulers": sorted(SCHEDULERS),
+        "family": family,
+        "schedulers": sorted(n for n in SCHEDULERS if n.startswith(FLOW_PREFIX) == (family in DIT_FAMILIES)),
         "device": engine.device,
         "dtype": str(engine.dtype).removeprefix("torch."),
         "limits": {
