@@ -258,3 +258,79 @@ def test_adapter_of_another_family_is_refused_in_one_line(dit: dict, models: dic
     with pytest.raises(IncompatibleModelError, match=r"needs 32-dim pooled.*gives 24-dim"):
         ipadapter.attach(flux, dit["instantx_flux"], dit["clip"])
     assert ipadapter.attached(flux) == {}
+
+
+# --------------------------------------------------------------------------------------------------------
+# Controls on the DiT hosts
+# --------------------------------------------------------------------------------------------------------
+
+
+def test_flux_per_block_weights_and_negative_image_equal_diffusers(dit: dict) -> None:
+    """Per-block weights are diffusers' per-block scale list; a negative image is its negative_ip_adapter_image."""
+    reference = _reference_pipe("flux", dit, [dit["xlabs"]], "t2i")
+    reference.set_ip_adapter_scale([0.9, 0.0])
+    negative = Image.fromarray((np.random.default_rng(11).random((32, 32, 3)) * 255).astype("uint8"))
+    pipe = load_pipeline(dit["flux"])
+    ip = ipadapter.attach(pipe, dit["xlabs"], dit["clip"])
+    kw = {**CALL, "output_type": "np", "negative_prompt": "blurry", "true_cfg_scale": 3.0}
+    want = _images(
+        reference(**kw, ip_adapter_image=_ref(), negative_ip_adapter_image=negative, generator=_seed())
+    )
+    control = Control(
+        images=[Reference(path=_ref())],
+        scale=0.9,
+        layer_weights={"t0": 1.0, "t1": 0.0},
+        negative_image=negative,
+    )
+    got = _images(ipadapter.run(pipe, [(ip, control)], **kw, generator=_seed()))
+    assert np.abs(want - got).max() <= TOLERANCE
+
+
+def test_flux_step_window_and_embeddings_file(dit: dict, tmp_path) -> None:  # noqa: ANN001
+    pipe = load_pipeline(dit["flux"])
+    kw = {**CALL, "output_type": "np"}
+    base = _images(pipe(**kw, generator=_seed()))
+    ip = ipadapter.attach(pipe, dit["instantx_flux"], dit["siglip"], scale=0.9)
+    full = _images(ip(_ref(), **kw, generator=_seed()))
+    whole = _images(
+        ipadapter.run(pipe, [(ip, Control(images=[Reference(path=_ref())]))], **kw, generator=_seed())
+    )
+    assert np.array_equal(full, whole)
+    # progress = 1 - sigma: three steps sit at progress 0, 1/3 and 2/3; a window after them all never acts
+    late = Control(images=[Reference(path=_ref())], start=0.9, end=1.0)
+    assert np.array_equal(_images(ipadapter.run(pipe, [(ip, late)], **kw, generator=_seed())), base)
+    early = Control(images=[Reference(path=_ref())], start=0.0, end=0.5)
+    first = _images(ipadapter.run(pipe, [(ip, early)], **kw, generator=_seed()))
+    assert not np.array_equal(first, base) and not np.array_equal(first, full)
+    # an embeddings file made from the reference gives the reference's picture, without the encoder
+    from ipadapter.embedding import embed_reference
+
+    saved = embed_reference(
+        dit["instantx_flux"], _ref(), tmp_path / "ref.safetensors", image_encoder=dit["siglip"], device="cpu"
+    )
+    from_file = Control(images=[Reference(embeds=saved.output)])
+    assert (
+        np.abs(_images(ipadapter.run(pipe, [(ip, from_file)], **kw, generator=_seed())) - full).max() <= 1e-5
+    )
+
+
+def test_controls_a_dit_cannot_honour_are_refused_by_name(dit: dict) -> None:
+    from ipadapter.errors import InputError
+
+    flux, sd3 = load_pipeline(dit["flux"]), load_pipeline(dit["sd3"])
+    ip = ipadapter.attach(flux, dit["xlabs"], dit["clip"])
+    mask = Image.new("L", (32, 32), 255)
+    with pytest.raises(InputError, match="regional masks are not supported on Flux"):
+        ipadapter.run(flux, [(ip, Control(images=[Reference(path=_ref(), mask=mask)]))], **CALL)
+    with pytest.raises(
+        InputError, match="preset 'style' is defined for SD1.5 / SDXL UNet blocks.*t0-t1 double"
+    ):
+        ipadapter.run(flux, [(ip, Control(images=[Reference(path=_ref())], preset="style"))], **CALL)
+    with pytest.raises(InputError, match="curve 'weak-input' weakens UNet parts"):
+        ipadapter.run(flux, [(ip, Control(images=[Reference(path=_ref())], curve="weak-input"))], **CALL)
+    sd = ipadapter.attach(sd3, dit["instantx_sd3"], dit["siglip"])
+    two = [Reference(path=_ref(), weight=1.0), Reference(path=_ref(), weight=0.5)]
+    with pytest.raises(InputError, match="reference weights .* not supported by the SD3.5 adapter.*average"):
+        ipadapter.run(sd3, [(sd, Control(images=two))], **CALL)
+    out = ipadapter.run(sd3, [(sd, Control(images=two, combine="average"))], **CALL, output_type="np")
+    assert np.isfinite(_images(out)).all()
