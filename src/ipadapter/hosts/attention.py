@@ -51,6 +51,19 @@ class IPBranch(nn.Module):
         return self.to_k_ip(tokens), self.to_v_ip(tokens)
 
 
+def compiled_regions(blocks: Any) -> bool:
+    """Whether any of ``blocks`` (a denoiser's repeated blocks) is compiled on its own (regional compilation:
+    diffusers' ``compile_repeated_blocks``, ``block.compile()`` or a ``torch.compile``-d block put back).
+
+    The denoiser's pre-hook then runs eagerly but must hand the processors tensors, as under a whole-model
+    compile: a Python value read inside a compiled block would be guarded on, and recompile per step and call.
+    """
+    return any(
+        getattr(block, "_compiled_call_impl", None) is not None or hasattr(block, "_orig_mod")
+        for block in blocks
+    )
+
+
 def _split_heads(t: torch.Tensor, batch: int, heads: int) -> torch.Tensor:
     return t.view(batch, -1, heads, t.shape[-1] // heads).transpose(1, 2)  # (B, heads, L, d)
 

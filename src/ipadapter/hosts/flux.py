@@ -31,7 +31,7 @@ from diffusers.models.transformers.transformer_flux import FluxTransformer2DMode
 
 from ..prompt.blocks import Block
 from ..prompt.conditioning import ImagePrompt, Step, compiling
-from .attention import IPBranch, add_image_branches
+from .attention import IPBranch, add_image_branches, compiled_regions
 from .base import Attachment, Host, HostLayer, install_processors
 
 DOUBLE, SINGLE = "transformer_blocks", "single_transformer_blocks"
@@ -43,9 +43,13 @@ class FluxAttnProcessor(torch.nn.Module):
     _attention_backend = None  # what diffusers' set_attention_backend sets on processors
     _parallel_config = None
 
-    def __init__(self, layer: int) -> None:
+    def __init__(self, layer: int, device: torch.device | None = None) -> None:
         super().__init__()
         self.layer = layer
+        # The index as a tensor too, what compiled code reads: an int attribute is a constant that dynamo guards
+        # on, so blocks compiled one by one (compile_repeated_blocks) would each make a graph of their own.
+        # Shape (1,), not (): indexing with it is a gather, where a 0-d index would be read out as an int.
+        self.register_buffer("layer_index", torch.tensor([layer], device=device), persistent=False)
         self._keys: dict[str, str] = {}  # adapter name -> submodule name (see IPAttnProcessor)
         self._next = 0
 
@@ -125,27 +129,24 @@ class FluxAttnProcessor(torch.nn.Module):
         out = out.flatten(2, 3).to(query.dtype)  # (B, L, inner)
 
         active = image_prompt is not None and image_prompt_step is not None
+        layer = self.layer_index if compiling() else self.layer
         inside = [(n, b) for n, b in self.named_branches() if not b.after_out] if active else []
         after = [(n, b) for n, b in self.named_branches() if b.after_out] if active else []
         if encoder_hidden_states is None:  # single block: no to_out here, the block projects
             if inside:
-                out = add_image_branches(
-                    out, ip_query, image_prompt, image_prompt_step, self.layer, inside, batch
-                )
+                out = add_image_branches(out, ip_query, image_prompt, image_prompt_step, layer, inside, batch)
             return out
         text, out = out.split_with_sizes(
             [encoder_hidden_states.shape[1], out.shape[1] - encoder_hidden_states.shape[1]], dim=1
         )
         if inside:
-            out = add_image_branches(
-                out, ip_query, image_prompt, image_prompt_step, self.layer, inside, batch
-            )
+            out = add_image_branches(out, ip_query, image_prompt, image_prompt_step, layer, inside, batch)
         out = attn.to_out[1](attn.to_out[0](out.contiguous()))
         text = attn.to_add_out(text.contiguous())
         if not after:
             return out, text
         zero = torch.zeros_like(out)
-        extra = add_image_branches(zero, ip_query, image_prompt, image_prompt_step, self.layer, after, batch)
+        extra = add_image_branches(zero, ip_query, image_prompt, image_prompt_step, layer, after, batch)
         if extra is zero and not compiling():
             return out, text  # every branch skipped: exactly the model without adapters
         return out, text, extra
@@ -159,11 +160,14 @@ def _before_transformer(module: Any, args: tuple, kwargs: dict) -> tuple[tuple, 
         return None
     timestep = kwargs["timestep"] if "timestep" in kwargs else args[3]
     sigma = torch.as_tensor(timestep).flatten()[0]
-    if compiling():
+    negative = prompt.negative_call(sigma)
+    # compiled code reads tensors, never a per-call Python value (blocks compiled one by one: made here)
+    if compiling() or compiled_regions((*module.transformer_blocks, *module.single_transformer_blocks)):
         progress: float | torch.Tensor = (1.0 - sigma.float()).clamp(0.0, 1.0)
+        negative = torch.as_tensor(negative, device=sigma.device)
     else:
         progress = min(max(1.0 - float(sigma), 0.0), 1.0)
-    step = Step(progress, (0, 0), negative=prompt.negative_call(sigma))
+    step = Step(progress, (0, 0), negative=negative)
     kwargs = {**kwargs, "joint_attention_kwargs": {**attention_kwargs, "image_prompt_step": step}}
     return args, kwargs
 
@@ -209,7 +213,8 @@ class FluxHost(Host):
         return IPBranch(spec.cross_attention_dim, layer.hidden_size, head_norm=True)  # instantx-flux
 
     def install(self, denoiser: Any, layers: list[HostLayer]) -> Attachment:
-        ours = {layer.name: FluxAttnProcessor(layer.index) for layer in self.layers(denoiser)}
+        device = next(denoiser.parameters()).device
+        ours = {layer.name: FluxAttnProcessor(layer.index, device) for layer in self.layers(denoiser)}
         return install_processors(
             denoiser, lambda name, proc: ours.get(name, proc), ours, _before_transformer
         )

@@ -24,7 +24,7 @@ from torch import nn
 
 from ..prompt.blocks import Block
 from ..prompt.conditioning import ImagePrompt, Step, compiling
-from .attention import PassThroughProcessor, _times
+from .attention import PassThroughProcessor, _times, compiled_regions
 from .base import STATE_ATTR, Attachment, Host, HostLayer, install_processors
 
 BLOCKS = "transformer_blocks"
@@ -83,9 +83,11 @@ class SD3Branch(nn.Module):
 class SD3AttnProcessor(nn.Module):
     """diffusers' ``JointAttnProcessor2_0`` math plus every attached adapter's branch."""
 
-    def __init__(self, layer: int) -> None:
+    def __init__(self, layer: int, device: torch.device | None = None) -> None:
         super().__init__()
         self.layer = layer
+        # what compiled code reads (see FluxAttnProcessor: one graph for blocks compiled one by one)
+        self.register_buffer("layer_index", torch.tensor([layer], device=device), persistent=False)
         self._keys: dict[str, str] = {}
         self._next = 0
 
@@ -168,11 +170,10 @@ class SD3AttnProcessor(nn.Module):
         self, out: torch.Tensor, raw: tuple, prompt: ImagePrompt, step: Step, batch: int, heads: Any
     ) -> torch.Tensor:
         q_img, k_img, v_img = raw
+        layer = self.layer_index if compiling() else self.layer
         for name, branch in self.named_branches():
             values = prompt.values(name) if name in prompt.tokens else None
-            weight = (
-                None if values is None else prompt.control(name).weight(self.layer, step.progress, values)
-            )
+            weight = None if values is None else prompt.control(name).weight(layer, step.progress, values)
             if weight is None or step.tokens is None or name not in step.tokens:
                 continue  # exactly the model without this adapter (at this layer / step)
             tokens, temb = step.tokens[name]  # (B, N, D), (B, T): this step's
@@ -197,7 +198,8 @@ def _before_transformer(module: Any, args: tuple, kwargs: dict) -> tuple[tuple, 
     timestep = kwargs["timestep"] if "timestep" in kwargs else args[3]
     timestep = torch.as_tensor(timestep, device=sample.device)
     t = timestep.flatten()[0]
-    if compiling():
+    # compiled code reads tensors, never a per-call Python value (blocks compiled one by one: made here)
+    if compiling() or compiled_regions(module.transformer_blocks):
         progress: float | torch.Tensor = (1.0 - t.float() / prompt.train_timesteps).clamp(0.0, 1.0)
     else:
         progress = min(max(1.0 - float(t) / prompt.train_timesteps, 0.0), 1.0)
@@ -253,7 +255,8 @@ class SD3Host(Host):
         )
 
     def install(self, denoiser: Any, layers: list[HostLayer]) -> Attachment:
-        ours = {layer.name: SD3AttnProcessor(layer.index) for layer in self.layers(denoiser)}
+        device = next(denoiser.parameters()).device
+        ours = {layer.name: SD3AttnProcessor(layer.index, device) for layer in self.layers(denoiser)}
         return install_processors(
             denoiser,
             lambda name, proc: ours.get(name) or PassThroughProcessor(proc),

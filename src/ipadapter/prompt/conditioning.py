@@ -196,7 +196,9 @@ class ImagePrompt:
 
         Flux pipelines run true classifier-free guidance as two transformer calls per step, the positive prompt
         first, then the negative one, at the same timestep: so the second call at an unchanged timestep is the
-        negative one. Eager: a bool; compiled: a 0-d bool tensor (the last timestep is kept in a tensor).
+        negative one. Eager: a bool; compiled: a 0-d bool tensor (the last timestep is kept in a tensor). The
+        memory of the last timestep is cleared by :meth:`prepare`, which the handle runs before every pipeline
+        call: an ImagePrompt passed by hand to several calls needs ``prepare()`` before each.
         """
         t = timestep.detach().flatten()[0].float()
         if compiling():
