@@ -74,18 +74,20 @@ def rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
     return (x.float() * torch.rsqrt(variance + eps)).to(x.dtype)
 
 
-class IPAttnProcessor(nn.Module):
-    """Cross-attention with decoupled image branches, one per attached adapter (kernel: SDPA)."""
+class BranchSlots(nn.Module):
+    """A processor that holds every attached adapter's branch for its layer.
+
+    Branches are the processor's own submodules (no container module, which FSDP could not wrap), under neutral
+    keys: an adapter may be named like a Module attribute ("train", "to").
+    """
 
     def __init__(self, layer: int) -> None:
         super().__init__()
-        self.layer = layer  # index among the UNet's cross-attention layers, in attn_processors order
-        # Branches are the processor's own submodules (no container module, which FSDP could not wrap),
-        # under neutral keys: an adapter may be named like a Module attribute ("train", "to").
+        self.layer = layer  # the host layer's index (the adapter files' order)
         self._keys: dict[str, str] = {}  # adapter name -> submodule name
         self._next = 0
 
-    def add_branch(self, name: str, branch: IPBranch) -> None:
+    def add_branch(self, name: str, branch: nn.Module) -> None:
         self._keys[name] = key = f"adapter{self._next}"
         self._next += 1
         self.add_module(key, branch)
@@ -95,12 +97,16 @@ class IPAttnProcessor(nn.Module):
         if key is not None:
             delattr(self, key)
 
-    def named_branches(self) -> list[tuple[str, IPBranch]]:
+    def named_branches(self) -> list[tuple[str, Any]]:
         return [(name, getattr(self, key)) for name, key in self._keys.items()]
 
     def slot(self, name: str) -> str:
         """The submodule name adapter ``name``'s branch has in this processor (its parameters' prefix)."""
         return self._keys[name]
+
+
+class IPAttnProcessor(BranchSlots):
+    """Cross-attention with decoupled image branches, one per attached adapter (kernel: SDPA)."""
 
     def __call__(
         self,

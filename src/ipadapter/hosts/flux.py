@@ -31,43 +31,24 @@ from diffusers.models.transformers.transformer_flux import FluxTransformer2DMode
 
 from ..prompt.blocks import Block
 from ..prompt.conditioning import ImagePrompt, Step, compiling
-from .attention import IPBranch, add_image_branches, compiled_regions
+from .attention import BranchSlots, IPBranch, add_image_branches, compiled_regions
 from .base import Attachment, Host, HostLayer, install_processors
 
 DOUBLE, SINGLE = "transformer_blocks", "single_transformer_blocks"
 
 
-class FluxAttnProcessor(torch.nn.Module):
+class FluxAttnProcessor(BranchSlots):
     """diffusers' ``FluxAttnProcessor`` math plus every attached adapter's branch (one processor per layer)."""
 
     _attention_backend = None  # what diffusers' set_attention_backend sets on processors
     _parallel_config = None
 
     def __init__(self, layer: int, device: torch.device | None = None) -> None:
-        super().__init__()
-        self.layer = layer
+        super().__init__(layer)
         # The index as a tensor too, what compiled code reads: an int attribute is a constant that dynamo guards
         # on, so blocks compiled one by one (compile_repeated_blocks) would each make a graph of their own.
         # Shape (1,), not (): indexing with it is a gather, where a 0-d index would be read out as an int.
         self.register_buffer("layer_index", torch.tensor([layer], device=device), persistent=False)
-        self._keys: dict[str, str] = {}  # adapter name -> submodule name (see IPAttnProcessor)
-        self._next = 0
-
-    def add_branch(self, name: str, branch: IPBranch) -> None:
-        self._keys[name] = key = f"adapter{self._next}"
-        self._next += 1
-        self.add_module(key, branch)
-
-    def remove_branch(self, name: str) -> None:
-        key = self._keys.pop(name, None)
-        if key is not None:
-            delattr(self, key)
-
-    def named_branches(self) -> list[tuple[str, IPBranch]]:
-        return [(name, getattr(self, key)) for name, key in self._keys.items()]
-
-    def slot(self, name: str) -> str:
-        return self._keys[name]
 
     def __call__(
         self,

@@ -24,7 +24,7 @@ from torch import nn
 
 from ..prompt.blocks import Block
 from ..prompt.conditioning import ImagePrompt, Step, compiling
-from .attention import PassThroughProcessor, _times, compiled_regions
+from .attention import BranchSlots, PassThroughProcessor, _times, compiled_regions
 from .base import STATE_ATTR, Attachment, Host, HostLayer, install_processors
 
 BLOCKS = "transformer_blocks"
@@ -80,32 +80,13 @@ class SD3Branch(nn.Module):
         return self.to_k_ip(normed), self.to_v_ip(normed)
 
 
-class SD3AttnProcessor(nn.Module):
+class SD3AttnProcessor(BranchSlots):
     """diffusers' ``JointAttnProcessor2_0`` math plus every attached adapter's branch."""
 
     def __init__(self, layer: int, device: torch.device | None = None) -> None:
-        super().__init__()
-        self.layer = layer
+        super().__init__(layer)
         # what compiled code reads (see FluxAttnProcessor: one graph for blocks compiled one by one)
         self.register_buffer("layer_index", torch.tensor([layer], device=device), persistent=False)
-        self._keys: dict[str, str] = {}
-        self._next = 0
-
-    def add_branch(self, name: str, branch: SD3Branch) -> None:
-        self._keys[name] = key = f"adapter{self._next}"
-        self._next += 1
-        self.add_module(key, branch)
-
-    def remove_branch(self, name: str) -> None:
-        key = self._keys.pop(name, None)
-        if key is not None:
-            delattr(self, key)
-
-    def named_branches(self) -> list[tuple[str, SD3Branch]]:
-        return [(name, getattr(self, key)) for name, key in self._keys.items()]
-
-    def slot(self, name: str) -> str:
-        return self._keys[name]
 
     def __call__(
         self,
