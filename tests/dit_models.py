@@ -27,9 +27,9 @@ from diffusers import (
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
 )
+from tiny_models import _text_config  # the CLIP text encoders are the SD ones' size
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
-    CLIPTextConfig,
     CLIPTextModel,
     CLIPTextModelWithProjection,
     T5Config,
@@ -104,21 +104,6 @@ def _t5(vocab_size: int) -> T5EncoderModel:
     )
 
 
-def _clip_config(hidden_size: int, projection_dim: int) -> CLIPTextConfig:
-    return CLIPTextConfig(
-        hidden_size=hidden_size,
-        intermediate_size=37,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        vocab_size=1000,
-        max_position_embeddings=77,
-        projection_dim=projection_dim,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=1,
-    )
-
-
 def _vae(latent_channels: int) -> AutoencoderKL:
     """Two blocks: factor 2. The Flux/SD3 VAE config fields (shift, scale, no quant convs), as diffusers' tests."""
     return AutoencoderKL(
@@ -145,7 +130,7 @@ def build_flux(folder: Path, seed: int = 0) -> Path:
     pipe = FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(),
         vae=_vae(FLUX_LATENT_CHANNELS),
-        text_encoder=CLIPTextModel(_clip_config(32, 32)),
+        text_encoder=CLIPTextModel(_text_config(32, 32)),
         tokenizer=build_tokenizer(folder / "_tok"),
         text_encoder_2=_t5(len(t5_tok)),
         tokenizer_2=t5_tok,
@@ -164,9 +149,9 @@ def build_sd3(folder: Path, seed: int = 0) -> Path:
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
         vae=_vae(SD3["in_channels"]),
         # CLIP-L / bigG analogues: hidden 16 each (16 + 16 = the T5 width they are padded to), pooled 32 + 32
-        text_encoder=CLIPTextModelWithProjection(_clip_config(16, 32)),
+        text_encoder=CLIPTextModelWithProjection(_text_config(16, 32)),
         tokenizer=clip_tok,
-        text_encoder_2=CLIPTextModelWithProjection(_clip_config(16, 32)),
+        text_encoder_2=CLIPTextModelWithProjection(_text_config(16, 32)),
         tokenizer_2=clip_tok,
         text_encoder_3=_t5(len(t5_tok)),
         tokenizer_3=t5_tok,
