@@ -319,9 +319,6 @@ def test_controls_a_dit_cannot_honour_are_refused_by_name(dit: dict) -> None:
 
     flux, sd3 = load_pipeline(dit["flux"]), load_pipeline(dit["sd3"])
     ip = ipadapter.attach(flux, dit["xlabs"], dit["clip"])
-    mask = Image.new("L", (32, 32), 255)
-    with pytest.raises(InputError, match="regional masks are not supported on Flux"):
-        ipadapter.run(flux, [(ip, Control(images=[Reference(path=_ref(), mask=mask)]))], **CALL)
     with pytest.raises(
         InputError, match="preset 'style' is defined for SD1.5 / SDXL UNet blocks.*t0-t1 double"
     ):
@@ -329,8 +326,52 @@ def test_controls_a_dit_cannot_honour_are_refused_by_name(dit: dict) -> None:
     with pytest.raises(InputError, match="curve 'weak-input' weakens UNet parts"):
         ipadapter.run(flux, [(ip, Control(images=[Reference(path=_ref())], curve="weak-input"))], **CALL)
     sd = ipadapter.attach(sd3, dit["instantx_sd3"], dit["siglip"])
+    mask = Image.new("L", (32, 32), 255)
+    with pytest.raises(InputError, match="regional masks cannot work with the SD3.5 adapter: its resampler"):
+        ipadapter.run(sd3, [(sd, Control(images=[Reference(path=_ref(), mask=mask)]))], **CALL)
     two = [Reference(path=_ref(), weight=1.0), Reference(path=_ref(), weight=0.5)]
     with pytest.raises(InputError, match="reference weights .* not supported by the SD3.5 adapter.*average"):
         ipadapter.run(sd3, [(sd, Control(images=two))], **CALL)
     out = ipadapter.run(sd3, [(sd, Control(images=two, combine="average"))], **CALL, output_type="np")
     assert np.isfinite(_images(out)).all()
+
+
+def test_flux_regional_masks_act_inside_their_region_only(dit: dict) -> None:
+    """A masked reference's contribution, per image token, is the unmasked one times the mask on the token grid;
+    outside the region, and on a single block's text tokens, it is zero."""
+    from ipadapter.prompt.conditioning import Step
+
+    pipe = load_pipeline(dit["flux"])
+    ip = ipadapter.attach(pipe, dit["instantx_flux"], dit["siglip"], scale=0.8)
+    left = Image.new("L", (32, 32), 0)
+    left.paste(255, (0, 0, 16, 32))
+    masked = ip.image_prompt(Control(images=[Reference(path=_ref(), mask=left)]), output_size=(32, 32))
+    whole = ip.image_prompt(Control(images=[Reference(path=_ref())]), output_size=(32, 32))
+    step = Step(0.5, (16, 16), negative=False, text_tokens=5)  # a 32 px image: 16 x 16 latents, 8 x 8 tokens
+    gen = torch.Generator().manual_seed(4)
+    image, text = torch.randn(1, 64, 128, generator=gen), torch.randn(1, 5, 128, generator=gen)
+    grid = masked.mask_rows(ip.name, 0, 64, step, image)[0, :, 0].reshape(8, 8)
+    assert grid[:, :3].min() > 0.9 and grid[:, 5:].abs().max() < 0.1  # the left half of the token grid
+    model = pipe.transformer
+    with torch.no_grad():
+        attn = model.get_submodule("transformer_blocks.0.attn")
+        plain = attn.processor(attn, image, text)[0]
+        inside = attn.processor(attn, image, text, image_prompt=masked, image_prompt_step=step)[0] - plain
+        full = attn.processor(attn, image, text, image_prompt=whole, image_prompt_step=step)[0] - plain
+        # double block: the branch is added before to_out, a linear map: masking commutes with it per token
+        assert torch.allclose(inside, full * grid.reshape(1, 64, 1), atol=1e-5)
+        attn = model.get_submodule("single_transformer_blocks.0.attn")
+        joined = torch.cat([text, image], dim=1)
+        plain = attn.processor(attn, joined)
+        inside = attn.processor(attn, joined, image_prompt=masked, image_prompt_step=step) - plain
+        full = attn.processor(attn, joined, image_prompt=whole, image_prompt_step=step) - plain
+        assert inside[:, :5].abs().max() == 0  # text tokens: not on the image, never in a region
+        assert torch.allclose(inside[:, 5:], full[:, 5:] * grid.reshape(1, 64, 1), atol=1e-5)
+        assert full[:, :5].abs().max() > 0  # without a mask the text tokens do get the image prompt
+    # through the pipeline, for both Flux layouts (XLabs' branch joins the block after its feed-forward)
+    kw = {**CALL, "output_type": "np"}
+    xlabs = ipadapter.attach(pipe, dit["xlabs"], dit["clip"], name="xlabs", scale=0.8)
+    for adapter in (ip, xlabs):
+        regional = _images(ipadapter.run(pipe, [(adapter, Control(images=[Reference(path=_ref(), mask=left)]))], **kw, generator=_seed()))  # fmt: skip
+        everywhere = _images(ipadapter.run(pipe, [(adapter, Control(images=[Reference(path=_ref())]))], **kw, generator=_seed()))  # fmt: skip
+        assert np.isfinite(regional).all() and not np.array_equal(regional, everywhere)

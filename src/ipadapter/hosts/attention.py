@@ -189,11 +189,14 @@ def add_image_branches(
     layer: int,
     branches: list[tuple[str, IPBranch]],
     batch: int,
+    text: int = 0,
 ) -> torch.Tensor:
     """``out + sum_a weight_a * Attn(query, K_ip_a, V_ip_a)`` over ``branches`` (adapter name, branch).
 
     ``out``: (B, L, inner), the attention output before ``to_out``; ``query``: (B, heads, L, d), the query the
-    image keys meet. ``layer``: the host layer's index (per-layer weights). A branch whose weight is 0 or whose
+    image keys meet. ``text``: how many leading query positions are text tokens, not image ones (a Flux single
+    block's joint sequence): a regional mask leaves them out. ``layer``: the host layer's index (per-layer
+    weights). A branch whose weight is 0 or whose
     step window is closed is skipped (eager), so the output is exactly the model without it.
     """
     heads, inner = query.shape[1], out.shape[-1]
@@ -227,8 +230,10 @@ def add_image_branches(
             k_g, v_g = k_ip[:, :, start : start + count], v_ip[:, :, start : start + count]
             start += count
             part = _attend(query, k_g, v_g, batch, inner)  # (B, L, inner)
-            mask = prompt.mask_rows(name, group, part.shape[1], step, part)
+            mask = prompt.mask_rows(name, group, part.shape[1] - text, step, part)
             if mask is not None:
+                if text:  # text positions are not on the image: a region never covers them
+                    mask = torch.cat([mask.new_zeros(1, text, 1), mask], dim=1)
                 part = part * mask
             group_weight = weight
             if control.group_weights is not None:  # the reference's own weight

@@ -115,7 +115,10 @@ class FluxAttnProcessor(BranchSlots):
         after = [(n, b) for n, b in self.named_branches() if b.after_out] if active else []
         if encoder_hidden_states is None:  # single block: no to_out here, the block projects
             if inside:
-                out = add_image_branches(out, ip_query, image_prompt, image_prompt_step, layer, inside, batch)
+                text = image_prompt_step.text_tokens
+                out = add_image_branches(
+                    out, ip_query, image_prompt, image_prompt_step, layer, inside, batch, text
+                )
             return out
         text, out = out.split_with_sizes(
             [encoder_hidden_states.shape[1], out.shape[1] - encoder_hidden_states.shape[1]], dim=1
@@ -148,7 +151,11 @@ def _before_transformer(module: Any, args: tuple, kwargs: dict) -> tuple[tuple, 
         negative = torch.as_tensor(negative, device=sigma.device)
     else:
         progress = min(max(1.0 - float(sigma), 0.0), 1.0)
-    step = Step(progress, (0, 0), negative=negative)
+    # the VAE latent's size (regional masks): the transformer sees it packed 2x2, one token per 2x2 latents
+    height, width = prompt.output_size or (0, 0)
+    text = kwargs["encoder_hidden_states"] if "encoder_hidden_states" in kwargs else args[1]
+    latent = (height // prompt.vae_scale, width // prompt.vae_scale)
+    step = Step(progress, latent, negative=negative, text_tokens=int(text.shape[1]))
     kwargs = {**kwargs, "joint_attention_kwargs": {**attention_kwargs, "image_prompt_step": step}}
     return args, kwargs
 

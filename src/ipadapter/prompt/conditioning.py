@@ -44,12 +44,15 @@ class Step(NamedTuple):
     whether this call is that half (eager: a bool; compiled: a 0-d bool tensor); None when the batch holds
     both halves (see :class:`ImagePrompt`). ``tokens``: per adapter, image tokens made for this step (a
     time-conditioned projection), with the projection's own time embedding: ``(tokens, temb)`` in batch rows.
+    ``text_tokens``: the prompt's token count, for denoisers whose attention runs text and image as one sequence
+    (a Flux single block: text first).
     """
 
     progress: float | torch.Tensor
     latent_size: tuple[int, int]
     negative: bool | torch.Tensor | None = None
     tokens: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+    text_tokens: int = 0
 
 
 def compiling() -> bool:

@@ -93,10 +93,11 @@ def _check_host_controls(spec: AdapterSpec, control: Control, masks: list, where
     family = {"flux": "Flux", "sd3": "SD3.5"}.get(spec.host)
     if family is None:
         return
-    if any(m is not None for m in masks):
+    if spec.time_resampler is not None and any(m is not None for m in masks):
         raise InputError(
-            f"{where}regional masks are not supported on {family} adapters in this version (they need the "
-            "transformer's image grid in the attention); drop the mask, or use an SD1.5 / SDXL base"
+            f"{where}regional masks cannot work with the {family} adapter: its resampler reads every reference's "
+            "features together, so no image token belongs to one reference; drop the mask (or use Flux, SD1.5 "
+            "or SDXL, where each reference has tokens of its own)"
         )
     weights = [float(ref.weight) for ref in control.images]
     if spec.time_resampler is not None and control.combine == "concat" and any(w != 1.0 for w in weights):
