@@ -208,13 +208,19 @@ def test_instantx_flux_double_and_single_block_follow_the_published_math(dit: di
             assert torch.allclose(got - plain, expected, atol=1e-5), path
 
 
-def test_instantx_flux_invariants(dit: dict) -> None:
-    pipe = load_pipeline(dit["flux"])
+@pytest.mark.parametrize(
+    ("adapter", "encoder", "family"),
+    [("xlabs", "clip", "flux"), ("instantx_flux", "siglip", "flux"), ("instantx_sd3", "siglip", "sd3")],
+)
+def test_scale_zero_is_the_model_and_detach_restores_it(
+    dit: dict, adapter: str, encoder: str, family: str
+) -> None:
+    pipe = load_pipeline(dit[family])
     kw = {**CALL, "output_type": "np"}
     before = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
     processors = dict(pipe.transformer.attn_processors)
     base = _images(pipe(**kw, generator=_seed()))
-    ip = ipadapter.attach(pipe, dit["instantx_flux"], dit["siglip"], scale=0.0)
+    ip = ipadapter.attach(pipe, dit[adapter], dit[encoder], scale=0.0)
     zero = _images(ip(_ref(), **kw, generator=_seed()))
     assert np.array_equal(zero, base)  # scale 0: bit-identical to no adapter
     ip.set_scale(0.9)
