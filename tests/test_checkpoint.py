@@ -103,14 +103,15 @@ def test_official_shapes_get_official_names(
         )
 
 
-def test_faceid_is_recognised_but_marked_unsupported() -> None:
+def test_faceid_is_recognised_and_supported() -> None:  # the FaceID family: tests/test_faceid_projection.py
     ckpt = Checkpoint(
         {"proj.0.weight": _meta(1024, 512), "proj.0.bias": _meta(1024), "proj.2.weight": _meta(3072, 1024),
          "proj.2.bias": _meta(3072), "norm.weight": _meta(768), "norm.bias": _meta(768)},
         {"1.to_k_ip.weight": _meta(320, 768), "1.to_v_ip.weight": _meta(320, 768)},
     )  # fmt: skip
     spec = detect(ckpt)
-    assert spec.layout == "faceid" and not spec.supported and spec.num_tokens == 4
+    assert spec.layout == "faceid" and spec.supported and spec.num_tokens == 4 and spec.feature == "face"
+    assert spec.lora_rank is None and spec.names == ("ip-adapter-faceid_sd15",)
 
 
 def _write(path: Path, tensors: dict) -> Path:

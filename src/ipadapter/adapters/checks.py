@@ -46,7 +46,8 @@ def _projection_problems(ckpt: Checkpoint, spec: AdapterSpec) -> list[str]:
 
 
 def _finite(t: torch.Tensor) -> bool:
-    return not t.is_floating_point() or bool(torch.isfinite(t).all())
+    # meta tensors (shapes only, e.g. a layout check without weights) have no values to judge
+    return not t.is_floating_point() or t.is_meta or bool(torch.isfinite(t).all())
 
 
 def _names(names: list[str]) -> str:

@@ -7,13 +7,15 @@ from typing import Any
 
 from .checkpoint import load_checkpoint
 from .checks import problems
-from .variants import detect
+from .variants import detect, plus_version_hint
 
 
 def adapter_info(path: str | Path) -> dict[str, Any]:
     """Facts about the adapter file ``path``: its format, the detected variant (:meth:`AdapterSpec.to_dict`),
     its tensors (count, parameters, dtypes) and ``problems``: why it cannot be used although its layout was
-    recognised (empty when it is fine). Raises CheckpointError for a file that is not an adapter."""
+    recognised (empty when it is fine). FaceID-Plus files also get ``plus_version_hint``: what the file *name*
+    suggests ("v1" / "v2"), next to the keys' verdict ``plus_version`` (None: keys cannot tell Plus from PlusV2).
+    Raises CheckpointError for a file that is not an adapter."""
     path = Path(path)
     ckpt = load_checkpoint(path)
     spec = detect(ckpt)
@@ -26,6 +28,7 @@ def adapter_info(path: str | Path) -> dict[str, Any]:
         "parameters": sum(t.numel() for t in tensors),
         "dtypes": sorted({str(t.dtype).removeprefix("torch.") for t in tensors}),
         "problems": problems(ckpt, spec),
+        "plus_version_hint": plus_version_hint(path.name) if spec.layout == "faceid-plus" else None,
     }
 
 
@@ -42,9 +45,42 @@ def dit_blocks(layout: str, layers: int) -> str:
     return f"t0-t{last} = the joint blocks transformer_blocks.0-{last} (SD3.5-Large: 38)"
 
 
+def _encoder_line(info: dict[str, Any], feature: str) -> str:
+    if info["feature"] != "face":
+        return f"encoder:     {info['encoder'] or 'unknown'} ({feature}, {info['feature_dim']} dims)"
+    raw = info["layout"] == "faceid-portrait-unnorm"  # reads `embedding`, the others `normed_embedding`
+    kind = "raw (not L2-normalised) face embedding" if raw else "face embedding"
+    line = f"encoder:     {info.get('face_encoder')} {kind} ({info['feature_dim']} dims)"
+    if info["layout"] == "faceid-plus" and info.get("resampler"):
+        clip = info["encoder"] or "a CLIP vision model"
+        line += f" + {clip} hidden states of the face crop ({info['resampler']['embedding_dim']} dims)"
+    return line
+
+
+def _faceid_lines(info: dict[str, Any]) -> list[str]:
+    """The FaceID facts: its UNet LoRA, and what can and cannot tell FaceID-Plus from PlusV2."""
+    lines = []
+    if info.get("lora_rank"):
+        ids = info["lora_ids"]
+        lines.append(
+            f"lora:        rank {info['lora_rank']} on {len(ids)} attention layers (ids {ids[0]}..{ids[-1]})"
+        )
+    if info["layout"] == "faceid-plus":
+        verdict = {"v1": "Plus", "v2": "PlusV2"}
+        hint = info.get("plus_version_hint")
+        said = f"the file name suggests {verdict[hint]}" if hint else "the file name does not say which"
+        lines.append(
+            f"plus:        its keys cannot tell FaceID-Plus from PlusV2 (identical tensors); {said}; "
+            "an explicit option overrides it"
+        )
+    return lines
+
+
 def describe(info: dict[str, Any]) -> str:
     """:func:`adapter_info`'s facts as aligned lines of text."""
     tokens = info["num_tokens"] or "one per encoder hidden state"
+    if info.get("faces", 1) > 1:
+        tokens = f"{tokens} per face, faces' tokens concatenated (default {info['faces']} faces)"
     pooled = "pooled output" if info.get("encoder_kind") == "siglip" else "pooled image_embeds"
     feature = pooled if info["feature"] == "pooled" else f"{info['feature']} states"
     sizes = sorted(set(info["hidden_sizes"]))
@@ -54,7 +90,7 @@ def describe(info: dict[str, Any]) -> str:
         f"layout:      {info['layout']}" + ("" if info["supported"] else " (not supported by this version)"),
         f"variant:     {' or '.join(info['names']) or 'no official variant has these dims (custom)'}",
         f"base:        {info['base'] or 'unknown'} (cross-attention dim {info['cross_attention_dim']})",
-        f"encoder:     {info['encoder'] or 'unknown'} ({feature}, {info['feature_dim']} dims)",
+        _encoder_line(info, feature),
         f"tokens:      {tokens}",
         f"layers:      {info['num_layers']} {'cross-' if info.get('host', 'unet') == 'unet' else ''}attention layers "
         f"(ids {info['layer_ids'][0]}.."
@@ -68,6 +104,7 @@ def describe(info: dict[str, Any]) -> str:
         )
     if info.get("host", "unet") != "unet":
         lines.append(f"blocks:      {dit_blocks(info['layout'], info['num_layers'])}")
+    lines += _faceid_lines(info)
     for problem in info.get("problems", []):
         lines.append(f"PROBLEM:     {problem}")
     return "\n".join(lines)

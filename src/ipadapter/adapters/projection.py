@@ -2,6 +2,7 @@
 ``image_proj`` state dicts load as they are.
 
 Shapes: F = encoder feature dim, D = cross-attention dim, N = tokens, S = encoder sequence length.
+The FaceID arrangements are in :mod:`.faceid`; the Perceiver parts they use are built here.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import math
 import torch
 from torch import nn
 
+from .faceid import FaceIDPlusProjection, FaceIDProjection, join_faces, split_faces
 from .time_projection import TimeResampler
 from .variants import AdapterSpec, ResamplerConfig
 
@@ -124,10 +126,48 @@ class Resampler(nn.Module):
     def forward(self, image_embeds: torch.Tensor) -> torch.Tensor:
         latents = self.latents.repeat(image_embeds.size(0), 1, 1)  # (B, Q, dim)
         x = self.proj_in(image_embeds)  # (B, S, dim)
-        for attn, ff in self.layers:
-            latents = attn(x, latents) + latents
-            latents = ff(latents) + latents
-        return self.norm_out(self.proj_out(latents))  # (B, Q, D)
+        return self.norm_out(self.proj_out(_perceive(self.layers, x, latents)))  # (B, Q, D)
+
+
+def _perceive(layers: nn.ModuleList, x: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+    """The Perceiver blocks: latents (B, Q, dim) attend to [x; latents], then a feed-forward; both residual."""
+    for attn, ff in layers:
+        latents = attn(x, latents) + latents
+        latents = ff(latents) + latents
+    return latents
+
+
+class FacePerceiver(nn.Module):
+    """FaceID-Plus's ``perceiver_resampler``: the Resampler's blocks with given latents (the face tokens) instead
+    of learned ones: latents (B, N, dim), CLIP hidden states (B, S, F) -> (B, N, D). tencent FacePerceiverResampler."""
+
+    def __init__(self, cfg: ResamplerConfig) -> None:
+        super().__init__()
+        self.proj_in = nn.Linear(cfg.embedding_dim, cfg.dim)
+        self.proj_out = nn.Linear(cfg.dim, cfg.output_dim)
+        self.norm_out = nn.LayerNorm(cfg.output_dim)
+        self.layers = nn.ModuleList(
+            nn.ModuleList(
+                [PerceiverAttention(cfg.dim, cfg.dim_head, cfg.heads), _feed_forward(cfg.dim, cfg.ff_mult)]
+            )
+            for _ in range(cfg.depth)
+        )
+
+    def forward(self, latents: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        x = self.proj_in(features)  # (B, S, dim)
+        return self.norm_out(self.proj_out(_perceive(self.layers, x, latents)))  # (B, N, D)
+
+
+class FaceIDPortraitUnnormProjection(Resampler):
+    """faceid-portrait-unnorm: the plus Resampler reading each raw (not L2-normalised) face embedding as a
+    one-position sequence: (B, E) or (B, faces, E) -> (B, faces*Q, D), faces' tokens side by side.
+
+    Reference: ComfyUI_IPAdapter_plus (``IPAdapter.init_proj_plus`` with embedding_dim 512 for files named
+    ``*unnorm*``; the face's ``embedding``, not ``normed_embedding``, shaped (faces, 1, 512))."""
+
+    def forward(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        faces, batch = split_faces(image_embeds)  # (B*faces, E)
+        return join_faces(super().forward(faces.unsqueeze(1)), batch)  # (B*faces, 1, E) -> (B, faces*Q, D)
 
 
 def build_projection(spec: AdapterSpec) -> nn.Module:
@@ -142,4 +182,13 @@ def build_projection(spec: AdapterSpec) -> nn.Module:
         return MLPProjModel(spec.feature_dim, spec.cross_attention_dim)
     if spec.layout == "plus" and spec.resampler is not None:
         return Resampler(spec.resampler)
+    if spec.layout in ("faceid", "faceid-portrait") and spec.mlp_dim is not None and spec.num_tokens:
+        return FaceIDProjection(spec.feature_dim, spec.mlp_dim, spec.cross_attention_dim, spec.num_tokens)
+    if spec.layout == "faceid-plus" and spec.mlp_dim is not None and spec.resampler is not None:
+        perceiver = FacePerceiver(spec.resampler)
+        return FaceIDPlusProjection(
+            spec.feature_dim, spec.mlp_dim, spec.cross_attention_dim, spec.resampler.num_queries, perceiver
+        )
+    if spec.layout == "faceid-portrait-unnorm" and spec.resampler is not None:
+        return FaceIDPortraitUnnormProjection(spec.resampler)
     raise ValueError(f"no projection model for layout {spec.layout!r}")
