@@ -17,7 +17,7 @@ LEVELS = [
     ("adapters",),  # what an adapter file is
     ("prompt",),  # the per-call image prompt: references -> tokens
     ("hosts",),  # where the tokens enter a denoiser
-    ("calls", "sources", "adapter"),  # attach an adapter file to a host, call a pipeline
+    ("calls", "sources", "fitting", "adapter"),  # attach an adapter file to a host, call a pipeline
     ("schedulers", "pipelines", "embedding"),  # which diffusers pipeline serves which mode; stored features
     ("jobs", "media"),  # one generation as data; the files it writes
     ("training",),

@@ -15,28 +15,31 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .adapters.checkpoint import Checkpoint, load_checkpoint
+from .adapters.checkpoint import Checkpoint
 from .adapters.checks import problems
 from .adapters.projection import build_projection
-from .adapters.variants import AdapterSpec, detect, family
+from .adapters.variants import AdapterSpec, detect
 from .calls import check_call, native_size, num_frames, output_size, vae_factor
-from .errors import CheckpointError, IncompatibleModelError, InputError
+from .errors import CheckpointError, InputError
+from .fitting import (
+    build_lora,
+    check_encoder,
+    check_scale,
+    check_supported,
+    host_layers,
+    load_weights,
+    open_adapter,
+    pick_encoder,
+)
 from .hosts import host_of
-from .hosts.base import Host, HostLayer
+from .hosts.base import Host
+from .hosts.lora import LoRASet, lora_modules
 from .prompt.blocks import Block
 from .prompt.conditioning import BranchControl, ImagePrompt
-from .prompt.controls import CONTROLS
 from .prompt.encoder import ImageEncoder
 from .prompt.images import ImageInput, load_image
 from .prompt.recipe import Control, Recipe
 from .prompt.references import Prepared, control_tokens, prepare
-from .sources import default_encoder, load_image_encoder, resolve_adapter, split_hub_path
-
-
-def check_scale(scale: float) -> float:
-    """A usable adapter scale: a number in the declared range (:data:`~ipadapter.prompt.controls.CONTROLS`);
-    strings and booleans are refused (``"0.5"`` or ``True`` is a mistake, not a scale)."""
-    return CONTROLS["scale"].check(scale, spell=lambda _: "scale")
 
 
 def _denoiser(pipe: Any) -> tuple[Host, Any]:
@@ -76,6 +79,9 @@ class IPAdapter:
         self._branches = branches  # processor name -> this adapter's branch in that layer
         self.encoder_key: Any = ("object", id(encoder))  # adapters with equal keys share the encoder
         self._scale = 1.0
+        self.lora: LoRASet | None = (
+            None  # FaceID: the UNet LoRA it carries (hooks on the attention projections)
+        )
 
     @property
     def scale(self) -> float:
@@ -93,6 +99,17 @@ class IPAdapter:
         return self
 
     @property
+    def lora_scale(self) -> float | None:
+        """Strength of the LoRA a FaceID adapter carries (None: it has none); 0 = exactly without it."""
+        return None if self.lora is None else self.lora.strength
+
+    @lora_scale.setter
+    def lora_scale(self, value: float) -> None:
+        if self.lora is None:
+            raise InputError(f"adapter '{self.name}' ({self.spec.layout}) carries no LoRA; drop lora_scale")
+        self.lora.set_strength(check_scale(value, "lora_scale"))
+
+    @property
     def layer_names(self) -> list[str]:
         """The UNet's cross-attention processors this adapter serves, in official id order."""
         return list(self._branches)
@@ -103,8 +120,9 @@ class IPAdapter:
         return self.host.block_map(self.denoiser)
 
     def parameters(self) -> list[nn.Parameter]:
-        """What training changes: the projection's and every layer's image key/value weights."""
-        return [*self.projection.parameters(), *(p for b in self._branches.values() for p in b.parameters())]
+        """What training changes: the projection's, every layer's image key/value weights, and a LoRA's."""
+        branches = [p for b in self._branches.values() for p in b.parameters()]
+        return [*self.projection.parameters(), *branches, *(self.lora.parameters() if self.lora else [])]
 
     def _layer_keys(self) -> dict[str, tuple[str, str]]:
         """Official ``ip_adapter`` key -> (processor name, tensor name inside the branch)."""
@@ -120,21 +138,26 @@ class IPAdapter:
             key: self._branches[proc].get_parameter(name).detach()
             for key, (proc, name) in self._layer_keys().items()
         }
+        if self.lora is not None:
+            ip_adapter.update({k: v.detach() for k, v in self.lora.official().items()})
         image_proj = {k: v.detach() for k, v in self.projection.state_dict().items()}
         return Checkpoint(image_proj, ip_adapter, source=self.source)
 
     def load_state_dict(self, ckpt: Checkpoint) -> None:
         """Copy a checkpoint of the same layout into the adapter (its dtype and device stay)."""
         keys = self._layer_keys()
-        if set(ckpt.ip_adapter) != set(keys):
+        lora = self.lora.official() if self.lora is not None else {}
+        if set(ckpt.ip_adapter) != set(keys) | set(lora):
             raise CheckpointError(
                 f"{ckpt.source}: its ip_adapter keys do not match adapter '{self.name}' "
-                f"({len(ckpt.ip_adapter)} vs {len(keys)} tensors); expected the same layout"
+                f"({len(ckpt.ip_adapter)} vs {len(keys) + len(lora)} tensors); expected the same layout"
             )
-        _load_weights(self.projection, ckpt.image_proj, "image_proj", ckpt.source)
+        load_weights(self.projection, ckpt.image_proj, "image_proj", ckpt.source)
         with torch.no_grad():
             for key, (proc, name) in keys.items():
                 self._branches[proc].get_parameter(name).copy_(ckpt.ip_adapter[key])
+            for key, weight in lora.items():
+                weight.copy_(ckpt.ip_adapter[key])
 
     def unet_names(self) -> dict[str, str]:
         """Official ``ip_adapter`` key -> that weight's name in ``unet.state_dict()`` (e.g. to read it from
@@ -365,74 +388,6 @@ def apply(pipe: Any, recipe: Recipe) -> RecipeRun:
     return RecipeRun(pipe, recipe, adapters, prepared)
 
 
-def _host_layers(spec: AdapterSpec, host: Host, model: Any, source: str) -> list[HostLayer]:
-    """The denoiser layers ``spec`` serves, or a one-line refusal naming both sides' numbers."""
-    if spec.host != host.kind:
-        made = {"unet": f"an SD UNet ({spec.base or 'unknown'} family)", "flux": "Flux", "sd3": "SD3.5"}
-        raise IncompatibleModelError(
-            f"adapter '{source}' is a {spec.layout} adapter made for {made.get(spec.host, spec.host)}, but the "
-            f"pipeline's denoiser is a {host.noun}; use a base of the adapter's family (or an adapter made for "
-            "this base)"
-        )
-    everything = host.layers(model)
-    if not everything:
-        raise IncompatibleModelError(
-            f"the pipeline's {host.noun} has no {host.layer_noun}; IP-Adapter needs them"
-        )
-    cross = everything[0].cross_attention_dim
-    if spec.cross_attention_dim != cross and spec.host != "sd3":  # SD3's tokens are as wide as each layer
-        raise IncompatibleModelError(
-            f"adapter '{source}' makes {spec.cross_attention_dim}-dim tokens ({spec.base or 'unknown'} family) "
-            f"but the base {host.noun}'s cross-attention dim is {cross}"
-            + (f" ({family(cross)})" if host.kind == "unet" else "")
-            + "; use an adapter made for this base"
-        )
-    layers = host.layers_for(model, spec.num_layers)
-    if layers is None or spec.layer_ids != host.layer_ids(layers):
-        want = host.layer_ids(everything)
-        raise IncompatibleModelError(
-            f"adapter '{source}' has weights for {spec.num_layers} attention layers (ids "
-            f"{spec.layer_ids[0]}..{spec.layer_ids[-1]}) but the base {host.noun} has {len(everything)} "
-            f"{host.layer_noun} (ids {want[0]}..{want[-1]}); use an adapter made for this base"
-        )
-    for layer, layer_id, hidden in zip(layers, spec.layer_ids, spec.hidden_sizes, strict=True):
-        if layer.hidden_size != hidden:
-            raise IncompatibleModelError(
-                f"adapter '{source}' layer {layer_id} has hidden size {hidden} but the {host.noun}'s "
-                f"{layer.name.removesuffix('.processor')} has {layer.hidden_size}; use an adapter made for this base"
-            )
-    return layers
-
-
-def check_encoder(spec: AdapterSpec, encoder: ImageEncoder, source: str) -> None:
-    """Refuse an image encoder whose features are not the ones adapter ``source`` reads."""
-    have = encoder.feature_dim(spec.feature)
-    if have != spec.feature_dim:
-        what = "pooled image_embeds" if spec.feature == "pooled" else "hidden states"
-        want = f" ({spec.encoder})" if spec.encoder else ""
-        raise IncompatibleModelError(
-            f"adapter '{source}' needs {spec.feature_dim}-dim {what}{want} but the image encoder gives "
-            f"{have}-dim ones; pass the encoder it was trained with via --image-encoder / image_encoder="
-        )
-
-
-def _check_supported(spec: AdapterSpec, source: str) -> None:
-    if not spec.supported:
-        raise IncompatibleModelError(
-            f"adapter '{source}' is a {spec.layout} adapter, which needs an InsightFace face embedding; "
-            "this version does not support FaceID adapters. Use a basic, plus or full-face adapter"
-        )
-
-
-def _load_weights(module: nn.Module, state: dict[str, torch.Tensor], what: str, source: str) -> None:
-    try:
-        module.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise CheckpointError(
-            f"{source}: {what} tensors do not fit their layer ({str(e).splitlines()[0]})"
-        ) from None
-
-
 def attach(
     pipe: Any,
     adapter: str | Path | Checkpoint,
@@ -440,15 +395,18 @@ def attach(
     *,
     scale: float = 1.0,
     name: str = "default",
+    lora_scale: float = 1.0,
 ) -> IPAdapter:
     """Attach an IP-Adapter to ``pipe.unet`` and return its handle.
 
     ``adapter``: a local file, a hub path ``owner/repo/path/file.safetensors``, or a loaded
     :class:`Checkpoint`. ``image_encoder``: a folder, hub id, ``owner/repo/sub/folder``, a loaded CLIP vision
     model or :class:`ImageEncoder`; by default the one the adapter's repository layout implies.
-    Validates everything before touching the pipeline.
+    ``lora_scale``: the strength of the LoRA a FaceID adapter carries (1.0: as it was trained, and as diffusers
+    and the official code apply it). Validates everything before touching the pipeline.
     """
     scale = check_scale(scale)
+    lora_scale = check_scale(lora_scale, "lora_scale")
     host, model = _denoiser(pipe)  # from under torch.compile's wrapper, if compiled first
     state = host.attachment(model)
     if state is not None and name in state.adapters:
@@ -457,27 +415,29 @@ def attach(
         )
     ckpt, source = (adapter, adapter.source) if isinstance(adapter, Checkpoint) else open_adapter(adapter)
     spec = detect(ckpt)
-    _check_supported(spec, source)
+    check_supported(spec, source)
     found = problems(ckpt, spec)
     if found:
         raise CheckpointError(f"{source}: {'; '.join(found)}; this adapter file cannot be used")
-    layers = _host_layers(spec, host, model, source)
+    layers = host_layers(spec, host, model, source)
     param = next(model.parameters())
     device, dtype = param.device, param.dtype
     shared = {ip.encoder_key: ip.encoder for ip in state.adapters.values()} if state is not None else {}
-    encoder, encoder_key = _encoder(image_encoder, spec, source, device, dtype, shared)
+    encoder, encoder_key = pick_encoder(image_encoder, spec, source, device, dtype, shared)
     check_encoder(spec, encoder, source)
 
     projection = build_projection(spec)
-    _load_weights(projection, ckpt.image_proj, "image_proj", source)
+    load_weights(projection, ckpt.image_proj, "image_proj", source)
     projection.to(device=device, dtype=dtype).eval()  # fp16 checkpoint weights become the model's dtype
     branches: dict[str, nn.Module] = {}
     for layer, layer_id in zip(layers, spec.layer_ids, strict=True):
         branch = host.branch(spec, layer, model)
         prefix = f"{layer_id}."
         weights = {k.removeprefix(prefix): w for k, w in ckpt.ip_adapter.items() if k.startswith(prefix)}
-        _load_weights(branch, weights, f"layer {layer_id}", source)
+        load_weights(branch, weights, f"layer {layer_id}", source)
         branches[layer.name] = branch.to(device=device, dtype=dtype)
+
+    lora = build_lora(spec, model, ckpt, source, device, dtype, lora_scale)
 
     # Everything is checked; from here on only the denoiser changes.
     if state is None:
@@ -485,46 +445,13 @@ def attach(
     handle = IPAdapter(pipe, host, model, name, spec, projection, encoder, branches, source)
     handle.encoder_key = encoder_key
     handle._scale = scale
+    if lora is not None:
+        lora.install(lora_modules(model, spec.lora_ids))
+        handle.lora = lora
     for proc_name, branch in branches.items():
         state.processors[proc_name].add_branch(name, branch)
     state.adapters[name] = handle
     return handle
-
-
-def open_adapter(adapter: str | Path) -> tuple[Checkpoint, str]:
-    """Read adapter ``adapter`` (file, hub path or name) and the name messages use for it.
-
-    A hub path keeps its name (its encoder is found in the same repository); a name such as "mini" becomes the
-    file it stands for, so that the encoder is looked for beside that file.
-    """
-    source = str(adapter)
-    resolved = resolve_adapter(adapter)
-    ckpt = load_checkpoint(resolved)
-    if source != str(resolved) and split_hub_path(source) is None:
-        source = str(resolved)
-    return ckpt, source
-
-
-def _encoder(
-    given: str | Path | ImageEncoder | nn.Module | None,
-    spec: AdapterSpec,
-    source: str,
-    device: torch.device,
-    dtype: torch.dtype,
-    shared: dict[Any, ImageEncoder],
-) -> tuple[ImageEncoder, Any]:
-    """The adapter's encoder and a key naming it; adapters of one UNet with the same key share one encoder
-    (one copy in memory, one feature cache: a reference used by both is encoded once)."""
-    if isinstance(given, ImageEncoder):
-        return given, ("object", id(given))
-    if isinstance(given, nn.Module):
-        key = ("module", id(given))
-        return shared.get(key) or ImageEncoder(given), key
-    where = given if given is not None else default_encoder(source, spec)
-    key = ("source", str(where), str(device), dtype)
-    if key in shared:
-        return shared[key], key
-    return ImageEncoder(load_image_encoder(where, dtype=dtype, device=device)), key
 
 
 def detach(pipe: Any, name: str | None = None) -> None:
@@ -546,6 +473,8 @@ def detach(pipe: Any, name: str | None = None) -> None:
     for n in names:
         for proc in state.processors.values():
             proc.remove_branch(n)
+        if state.adapters[n].lora is not None:
+            state.adapters[n].lora.remove()
         del state.adapters[n]
     if not state.adapters:
         host.uninstall(model)

@@ -71,8 +71,8 @@ def embed_reference(
     output = check_embed_output(output, force=force)
     image = load_image(image)
     # torch / transformers / diffusers load only now: a bad output or image is reported at once (CLI start-up)
-    from .adapter import check_encoder, open_adapter
     from .adapters.variants import detect
+    from .fitting import check_encoder, open_adapter
     from .pipelines import pick_device, pick_dtype
     from .prompt.embeds import save_embeds
     from .prompt.encoder import ImageEncoder

@@ -1,0 +1,163 @@
+"""What attaching an adapter file needs from a pipeline, checked before anything on it changes.
+
+The host's layers the adapter serves, its image encoder (shared between adapters of one denoiser when they
+name the same one), the LoRA a FaceID adapter carries, and the scale: each is read and checked here, so that
+:func:`ipadapter.adapter.attach` can refuse an adapter in one line and leave the pipeline as it was.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .adapters.checkpoint import Checkpoint, load_checkpoint
+from .adapters.variants import AdapterSpec, family
+from .errors import CheckpointError, IncompatibleModelError
+from .hosts.base import Host, HostLayer
+from .hosts.lora import LoRA, LoRASet, lora_key, lora_modules
+from .prompt.controls import CONTROLS
+from .prompt.encoder import ImageEncoder
+from .sources import default_encoder, load_image_encoder, resolve_adapter, split_hub_path
+
+
+def check_scale(scale: float, name: str = "scale") -> float:
+    """A usable adapter scale: a number in the declared range (:data:`~ipadapter.prompt.controls.CONTROLS`);
+    strings and booleans are refused (``"0.5"`` or ``True`` is a mistake, not a scale)."""
+    return CONTROLS["scale"].check(scale, spell=lambda _: name)
+
+
+def host_layers(spec: AdapterSpec, host: Host, model: Any, source: str) -> list[HostLayer]:
+    """The denoiser layers ``spec`` serves, or a one-line refusal naming both sides' numbers."""
+    if spec.host != host.kind:
+        made = {"unet": f"an SD UNet ({spec.base or 'unknown'} family)", "flux": "Flux", "sd3": "SD3.5"}
+        raise IncompatibleModelError(
+            f"adapter '{source}' is a {spec.layout} adapter made for {made.get(spec.host, spec.host)}, but the "
+            f"pipeline's denoiser is a {host.noun}; use a base of the adapter's family (or an adapter made for "
+            "this base)"
+        )
+    everything = host.layers(model)
+    if not everything:
+        raise IncompatibleModelError(
+            f"the pipeline's {host.noun} has no {host.layer_noun}; IP-Adapter needs them"
+        )
+    cross = everything[0].cross_attention_dim
+    if spec.cross_attention_dim != cross and spec.host != "sd3":  # SD3's tokens are as wide as each layer
+        raise IncompatibleModelError(
+            f"adapter '{source}' makes {spec.cross_attention_dim}-dim tokens ({spec.base or 'unknown'} family) "
+            f"but the base {host.noun}'s cross-attention dim is {cross}"
+            + (f" ({family(cross)})" if host.kind == "unet" else "")
+            + "; use an adapter made for this base"
+        )
+    layers = host.layers_for(model, spec.num_layers)
+    if layers is None or spec.layer_ids != host.layer_ids(layers):
+        want = host.layer_ids(everything)
+        raise IncompatibleModelError(
+            f"adapter '{source}' has weights for {spec.num_layers} attention layers (ids "
+            f"{spec.layer_ids[0]}..{spec.layer_ids[-1]}) but the base {host.noun} has {len(everything)} "
+            f"{host.layer_noun} (ids {want[0]}..{want[-1]}); use an adapter made for this base"
+        )
+    for layer, layer_id, hidden in zip(layers, spec.layer_ids, spec.hidden_sizes, strict=True):
+        if layer.hidden_size != hidden:
+            raise IncompatibleModelError(
+                f"adapter '{source}' layer {layer_id} has hidden size {hidden} but the {host.noun}'s "
+                f"{layer.name.removesuffix('.processor')} has {layer.hidden_size}; use an adapter made for this base"
+            )
+    return layers
+
+
+def check_encoder(spec: AdapterSpec, encoder: ImageEncoder, source: str) -> None:
+    """Refuse an image encoder whose features are not the ones adapter ``source`` reads."""
+    have = encoder.feature_dim(spec.feature)
+    if have != spec.feature_dim:
+        what = "pooled image_embeds" if spec.feature == "pooled" else "hidden states"
+        want = f" ({spec.encoder})" if spec.encoder else ""
+        raise IncompatibleModelError(
+            f"adapter '{source}' needs {spec.feature_dim}-dim {what}{want} but the image encoder gives "
+            f"{have}-dim ones; pass the encoder it was trained with via --image-encoder / image_encoder="
+        )
+
+
+def check_supported(spec: AdapterSpec, source: str) -> None:
+    if not spec.supported:
+        raise IncompatibleModelError(
+            f"adapter '{source}' is a {spec.layout} adapter, which needs an InsightFace face embedding; "
+            "this version does not support FaceID adapters. Use a basic, plus or full-face adapter"
+        )
+
+
+def load_weights(module: nn.Module, state: dict[str, torch.Tensor], what: str, source: str) -> None:
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(
+            f"{source}: {what} tensors do not fit their layer ({str(e).splitlines()[0]})"
+        ) from None
+
+
+def open_adapter(adapter: str | Path) -> tuple[Checkpoint, str]:
+    """Read adapter ``adapter`` (file, hub path or name) and the name messages use for it.
+
+    A hub path keeps its name (its encoder is found in the same repository); a name such as "mini" becomes the
+    file it stands for, so that the encoder is looked for beside that file.
+    """
+    source = str(adapter)
+    resolved = resolve_adapter(adapter)
+    ckpt = load_checkpoint(resolved)
+    if source != str(resolved) and split_hub_path(source) is None:
+        source = str(resolved)
+    return ckpt, source
+
+
+def pick_encoder(
+    given: str | Path | ImageEncoder | nn.Module | None,
+    spec: AdapterSpec,
+    source: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    shared: dict[Any, ImageEncoder],
+) -> tuple[ImageEncoder, Any]:
+    """The adapter's encoder and a key naming it; adapters of one UNet with the same key share one encoder
+    (one copy in memory, one feature cache: a reference used by both is encoded once)."""
+    if isinstance(given, ImageEncoder):
+        return given, ("object", id(given))
+    if isinstance(given, nn.Module):
+        key = ("module", id(given))
+        return shared.get(key) or ImageEncoder(given), key
+    where = given if given is not None else default_encoder(source, spec)
+    key = ("source", str(where), str(device), dtype)
+    if key in shared:
+        return shared[key], key
+    return ImageEncoder(load_image_encoder(where, dtype=dtype, device=device)), key
+
+
+def build_lora(
+    spec: AdapterSpec,
+    model: Any,
+    ckpt: Checkpoint,
+    source: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    strength: float,
+) -> LoRASet | None:
+    """A FaceID adapter's LoRA, built and loaded (nothing hooked yet), or None when it carries none."""
+    if spec.lora_rank is None:
+        return None
+    try:
+        modules = lora_modules(model, spec.lora_ids)
+    except IndexError:
+        raise IncompatibleModelError(
+            f"adapter '{source}' has LoRA weights for attention layer {max(spec.lora_ids)} but the base UNet has "
+            f"{len(model.attn_processors)} attention layers; use an adapter made for this base"
+        ) from None
+    loras = {}
+    for (layer_id, part), module in modules.items():
+        lora = LoRA(module.in_features, module.out_features, spec.lora_rank)
+        weights = {
+            f"{side}.weight": ckpt.ip_adapter[lora_key(layer_id, part, side)] for side in ("down", "up")
+        }
+        load_weights(lora, weights, f"LoRA {layer_id}.{part}", source)
+        loras[f"{layer_id}.{part}"] = lora.to(device=device, dtype=dtype)
+    return LoRASet(loras, strength).to(device)
