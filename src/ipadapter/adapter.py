@@ -18,7 +18,7 @@ from torch import nn
 from .adapters.checkpoint import Checkpoint
 from .adapters.checks import problems
 from .adapters.projection import build_projection
-from .adapters.variants import AdapterSpec, detect
+from .adapters.variants import AdapterSpec, detect, plus_version_hint
 from .calls import check_call, native_size, num_frames, output_size, vae_factor
 from .errors import CheckpointError, InputError
 from .fitting import (
@@ -37,6 +37,7 @@ from .hosts.lora import LoRASet, lora_modules
 from .prompt.blocks import Block
 from .prompt.conditioning import BranchControl, ImagePrompt
 from .prompt.encoder import ImageEncoder
+from .prompt.faces import as_faces
 from .prompt.images import ImageInput, load_image
 from .prompt.recipe import Control, Recipe
 from .prompt.references import Prepared, control_tokens, prepare
@@ -79,9 +80,9 @@ class IPAdapter:
         self._branches = branches  # processor name -> this adapter's branch in that layer
         self.encoder_key: Any = ("object", id(encoder))  # adapters with equal keys share the encoder
         self._scale = 1.0
-        self.lora: LoRASet | None = (
-            None  # FaceID: the UNet LoRA it carries (hooks on the attention projections)
-        )
+        self.lora: LoRASet | None = None  # FaceID: the LoRA it carries (hooks on the attention projections)
+        self.plus_version: str | None = None  # FaceID-Plus: "v1" or "v2" (v2 adds the shortcut)
+        self.s_scale = 1.0  # FaceID-PlusV2: the shortcut's weight (ComfyUI's weight_faceidv2)
 
     @property
     def scale(self) -> float:
@@ -179,7 +180,10 @@ class IPAdapter:
 
     @torch.no_grad()
     def tokens(self, images: ImageInput | Sequence[ImageInput]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Image tokens for reference image(s): ``(positive, negative)``, each ``(R, N, D)`` for R images."""
+        """Image tokens for reference image(s): ``(positive, negative)``, each ``(R, N, D)`` for R images.
+        A FaceID adapter takes faces instead (:meth:`face_tokens`)."""
+        if self.spec.feature == "face":
+            return self.face_tokens(images)
         if not isinstance(images, list | tuple):
             images = [images]
         if not images:
@@ -199,6 +203,33 @@ class IPAdapter:
         pos_tokens = self.project(pos)
         neg_tokens = self.project(neg.unsqueeze(0)).expand_as(pos_tokens)
         return pos_tokens, neg_tokens
+
+    @torch.no_grad()
+    def face_tokens(self, faces: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image tokens of a FaceID adapter for ``faces``: ``(positive, negative)``, each ``(1, F*N, D)`` for F
+        faces (their tokens side by side, as a portrait's are). ``faces``: see
+        :func:`~ipadapter.prompt.faces.as_faces` (embeddings, a face-embeddings file, or a face image). The
+        negative is the zero embedding (and, for Plus, the encoder's features of an all-zero input), as the
+        reference implementations make it.
+        """
+        face = as_faces(faces, normed=self.spec.layout != "faceid-portrait-unnorm")
+        param = next(self.projection.parameters())
+        embeds = torch.as_tensor(face.embeds).to(device=param.device, dtype=param.dtype)  # (F, 512)
+        zeros = torch.zeros_like(embeds)
+        if self.spec.layout != "faceid-plus":
+            return self.projection(embeds[None]), self.projection(zeros[None])  # (1, F*N, D)
+        if not face.crops:
+            raise InputError(
+                f"adapter '{self.name}' is a FaceID-Plus adapter: it also reads the CLIP features of the aligned "
+                f"face, and {face.source or 'these face embeddings'} carry no face crop; pass the face image, or "
+                "embeddings made by `ipadapter face-embed` (it stores the crops)"
+            )
+        clip = self.encoder.features(face.crops, "hidden").to(device=param.device, dtype=param.dtype)
+        clip_neg = self.encoder.negative_features("hidden").to(device=param.device, dtype=param.dtype)
+        shortcut = self.plus_version == "v2"
+        pos = self.projection(embeds, clip, shortcut, self.s_scale)  # (F, N, D)
+        neg = self.projection(zeros, clip_neg.expand_as(clip), shortcut, self.s_scale)
+        return pos.reshape(1, -1, pos.shape[-1]), neg.reshape(1, -1, neg.shape[-1])
 
     def image_prompt(
         self,
@@ -396,6 +427,7 @@ def attach(
     scale: float = 1.0,
     name: str = "default",
     lora_scale: float = 1.0,
+    plus_version: str | None = None,
 ) -> IPAdapter:
     """Attach an IP-Adapter to ``pipe.unet`` and return its handle.
 
@@ -403,10 +435,14 @@ def attach(
     :class:`Checkpoint`. ``image_encoder``: a folder, hub id, ``owner/repo/sub/folder``, a loaded CLIP vision
     model or :class:`ImageEncoder`; by default the one the adapter's repository layout implies.
     ``lora_scale``: the strength of the LoRA a FaceID adapter carries (1.0: as it was trained, and as diffusers
-    and the official code apply it). Validates everything before touching the pipeline.
+    and the official code apply it). ``plus_version``: for FaceID-Plus files, ``"v1"`` or ``"v2"`` (the
+    shortcut): their keys cannot tell, so by default the file name decides (``plusv2`` in it: v2), else v1.
+    Validates everything before touching the pipeline.
     """
     scale = check_scale(scale)
     lora_scale = check_scale(lora_scale, "lora_scale")
+    if plus_version not in (None, "v1", "v2"):
+        raise InputError(f"plus_version {plus_version!r} is not one of v1, v2 (FaceID-Plus / PlusV2)")
     host, model = _denoiser(pipe)  # from under torch.compile's wrapper, if compiled first
     state = host.attachment(model)
     if state is not None and name in state.adapters:
@@ -433,7 +469,11 @@ def attach(
     for layer, layer_id in zip(layers, spec.layer_ids, strict=True):
         branch = host.branch(spec, layer, model)
         prefix = f"{layer_id}."
-        weights = {k.removeprefix(prefix): w for k, w in ckpt.ip_adapter.items() if k.startswith(prefix)}
+        weights = {
+            k.removeprefix(prefix): w
+            for k, w in ckpt.ip_adapter.items()
+            if k.startswith(prefix) and "_lora." not in k
+        }
         load_weights(branch, weights, f"layer {layer_id}", source)
         branches[layer.name] = branch.to(device=device, dtype=dtype)
 
@@ -448,6 +488,8 @@ def attach(
     if lora is not None:
         lora.install(lora_modules(model, spec.lora_ids))
         handle.lora = lora
+    if spec.layout == "faceid-plus":
+        handle.plus_version = plus_version or spec.plus_version or plus_version_hint(source) or "v1"
     for proc_name, branch in branches.items():
         state.processors[proc_name].add_branch(name, branch)
     state.adapters[name] = handle

@@ -70,12 +70,15 @@ def host_layers(spec: AdapterSpec, host: Host, model: Any, source: str) -> list[
 
 def check_encoder(spec: AdapterSpec, encoder: ImageEncoder, source: str) -> None:
     """Refuse an image encoder whose features are not the ones adapter ``source`` reads."""
-    have = encoder.feature_dim(spec.feature)
-    if have != spec.feature_dim:
-        what = "pooled image_embeds" if spec.feature == "pooled" else "hidden states"
+    if spec.clip_feature is None:
+        return  # FaceID and portraits read the face embedding only
+    feature, dim = spec.clip_feature
+    have = encoder.feature_dim(feature)
+    if have != dim:
+        what = "pooled image_embeds" if feature == "pooled" else "hidden states"
         want = f" ({spec.encoder})" if spec.encoder else ""
         raise IncompatibleModelError(
-            f"adapter '{source}' needs {spec.feature_dim}-dim {what}{want} but the image encoder gives "
+            f"adapter '{source}' needs {dim}-dim {what}{want} but the image encoder gives "
             f"{have}-dim ones; pass the encoder it was trained with via --image-encoder / image_encoder="
         )
 
@@ -118,9 +121,12 @@ def pick_encoder(
     device: torch.device,
     dtype: torch.dtype,
     shared: dict[Any, ImageEncoder],
-) -> tuple[ImageEncoder, Any]:
+) -> tuple[ImageEncoder | None, Any]:
     """The adapter's encoder and a key naming it; adapters of one UNet with the same key share one encoder
-    (one copy in memory, one feature cache: a reference used by both is encoded once)."""
+    (one copy in memory, one feature cache: a reference used by both is encoded once). None for an adapter
+    that reads no image features (FaceID, portraits: the face embedding comes from elsewhere)."""
+    if spec.clip_feature is None and given is None:
+        return None, None
     if isinstance(given, ImageEncoder):
         return given, ("object", id(given))
     if isinstance(given, nn.Module):

@@ -122,10 +122,11 @@ def default_encoder(adapter_source: str | Path, spec: AdapterSpec) -> str:
     local = Path(source).expanduser()
     if spec.host != "unet":
         return _dit_encoder(local, spec, source)
+    feature, feature_dim = spec.clip_feature or (spec.feature, spec.feature_dim)
     need = (
         f"a {spec.encoder} encoder, e.g. h94/IP-Adapter/{spec.encoder_subfolder}"
         if spec.encoder
-        else (f"a CLIP vision model whose {spec.feature} features have {spec.feature_dim} dims")
+        else (f"a CLIP vision model whose {feature} features have {feature_dim} dims")
     )
     if local.is_file():
         repo = local.parent.parent
@@ -136,13 +137,13 @@ def default_encoder(adapter_source: str | Path, spec: AdapterSpec) -> str:
         ]
         if spec.encoder_subfolder:
             candidates.insert(0, repo / spec.encoder_subfolder)
-        found = {c: _encoder_dim(c, spec.feature) for c in candidates if (c / "config.json").is_file()}
+        found = {c: _encoder_dim(c, feature) for c in candidates if (c / "config.json").is_file()}
         for folder, dim in found.items():
-            if dim == spec.feature_dim:
+            if dim == feature_dim:
                 return str(folder)
         seen = "; ".join(f"{f} gives {d}" for f, d in found.items()) or "none found"
         raise InputError(
-            f"no image encoder for adapter '{source}': it needs {spec.feature_dim}-dim {spec.feature} features "
+            f"no image encoder for adapter '{source}': it needs {feature_dim}-dim {feature} features "
             f"(looked beside it and in the h94 layout around it: {seen}); pass --image-encoder with {need}"
         )
     hub = split_hub_path(source)

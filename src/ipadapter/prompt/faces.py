@@ -28,6 +28,7 @@ from PIL import Image
 
 from ..errors import InputError, ModelNotAvailableError
 from ..files import atomic_path
+from .images import load_image
 
 EMBED_DIM = 512  # InsightFace recognition models (buffalo_l w600k_r50, antelopev2 glintr100)
 CROP_SIZE = 224  # the aligned crop the Plus variants encode (tencent ip_adapter_faceid, diffusers docs)
@@ -462,3 +463,31 @@ __all__ = [
     "save_face_embeds",
     "similarity_transform",
 ]
+
+
+def as_faces(value: Any, *, normed: bool = True) -> FaceEmbeds:
+    """What a FaceID adapter's reference can be, as :class:`FaceEmbeds`: FaceEmbeds; an array or tensor (512,)
+    or (F, 512); a face-embeddings file (``.npy`` / ``.safetensors``); or a face image (file or PIL image),
+    detected with InsightFace's default ``buffalo_l`` (the largest face; ``normed=False``: its raw embedding,
+    what portrait-unnorm reads)."""
+    if isinstance(value, FaceEmbeds):
+        return value
+    if hasattr(value, "shape") and hasattr(value, "dtype"):  # numpy array or torch tensor
+        array = value.detach().cpu().float().numpy() if hasattr(value, "detach") else np.asarray(value)
+        return FaceEmbeds(
+            _check_embeds(array, "the face embeddings given"), source="the face embeddings given"
+        )
+    if isinstance(value, str | Path) and Path(value).suffix.lower() in (".npy", ".safetensors"):
+        return load_face_file(value)
+    if isinstance(value, str | Path | Image.Image):
+        image = value if isinstance(value, Image.Image) else _open_image(Path(value))
+        source = "the face image" if isinstance(value, Image.Image) else str(value)
+        return detect_faces(image, open_analyser(), source=source, normed=normed)
+    raise InputError(
+        f"a FaceID adapter's reference is a face: face embeddings (an array of 512 values per face, a .npy or "
+        f".safetensors file from `ipadapter face-embed`) or a face image; got {type(value).__name__}"
+    )
+
+
+def _open_image(path: Path) -> Image.Image:
+    return load_image(path, "face image")  # safe decoding, with the project's limits and messages

@@ -1,0 +1,175 @@
+"""FaceID adapters on the tiny SD models against diffusers' FaceID path (its projections, its LoRA through peft).
+
+diffusers' reference: ``load_ip_adapter(..., image_encoder_folder=None)``, then ``ip_adapter_image_embeds=[t]``
+with t = [zero embedding; face embedding] under classifier-free guidance; for Plus the CLIP features of the face
+crop are set by hand on the projection (``clip_embeds``), and ``shortcut`` for PlusV2 (DESIGN.md §3.6).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import tiny_models as tm  # noqa: E402
+import torch  # noqa: E402
+from faceid_checkpoints import save_faceid  # noqa: E402
+from helpers import CALL, reference_image  # noqa: E402
+from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection  # noqa: E402
+
+import ipadapter  # noqa: E402
+from ipadapter.errors import InputError  # noqa: E402
+from ipadapter.pipelines import load_pipeline  # noqa: E402
+from ipadapter.prompt.faces import FaceEmbeds  # noqa: E402
+
+pytest.importorskip("peft")  # diffusers loads the FaceID LoRA through peft; without it the reference skips it
+
+TOLERANCE = 2 / 255
+PIPES = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}
+
+
+def _face(seed: int = 0) -> FaceEmbeds:
+    gen = torch.Generator().manual_seed(seed)
+    embeds = torch.nn.functional.normalize(torch.randn(1, 512, generator=gen), dim=-1)
+    return FaceEmbeds(embeds.numpy(), crops=[reference_image(seed + 3, (224, 224))], source="face")
+
+
+def _diffusers(models: dict, path, base: str, face: FaceEmbeds, scale: float, plus: str | None):  # noqa: ANN001
+    import diffusers
+
+    cls = getattr(diffusers, PIPES[base])
+    extra = {}
+    if plus:
+        extra = dict(
+            image_encoder=CLIPVisionModelWithProjection.from_pretrained(models["vit_h"]),
+            feature_extractor=CLIPImageProcessor(size=32, crop_size=32),
+        )
+    pipe = cls.from_pretrained(models[base], **extra)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_ip_adapter(str(path.parent), subfolder="", weight_name=path.name, image_encoder_folder=None)
+    pipe.set_ip_adapter_scale(scale)
+    embeds = torch.as_tensor(face.embeds).reshape(1, 1, 1, 512)
+    id_embeds = torch.cat([torch.zeros_like(embeds), embeds])  # (2, 1, 1, 512): negatives first
+    if plus:
+        clip = pipe.prepare_ip_adapter_image_embeds([face.crops[0]], None, "cpu", 1, True)[0]
+        projection = pipe.unet.encoder_hid_proj.image_projection_layers[0]
+        projection.clip_embeds = clip
+        projection.shortcut = plus == "v2"
+    out = pipe(**CALL, ip_adapter_image_embeds=[id_embeds], generator=torch.Generator().manual_seed(0))
+    return np.asarray(out.images, dtype=np.float32)
+
+
+@pytest.mark.parametrize(
+    ("layout", "base", "plus"),
+    [
+        ("faceid", "sd15", None),
+        ("faceid", "sdxl", None),
+        ("faceid-plus", "sd15", "v1"),
+        ("faceid-plus", "sd15", "v2"),
+        ("faceid-plus", "sdxl", "v2"),
+    ],
+)
+def test_faceid_equals_diffusers(models: dict, tmp_path, layout: str, base: str, plus: str | None) -> None:  # noqa: ANN001
+    name = {None: None, "v1": f"ip-adapter-faceid-plus_{base}", "v2": f"ip-adapter-faceid-plusv2_{base}"}[
+        plus
+    ]
+    path = save_faceid(tmp_path, layout, base, "safetensors", name=name)
+    face = _face()
+    want = _diffusers(models, path, base, face, 0.7, plus)
+    pipe = load_pipeline(models[base])
+    encoder = models["vit_h"] if plus else None
+    ip = ipadapter.attach(pipe, path, encoder, scale=0.7)
+    assert ip.plus_version == plus  # told by the file name (keys cannot)
+    got = np.asarray(ip(face, **CALL, generator=torch.Generator().manual_seed(0)).images, dtype=np.float32)
+    plain_ip = ipadapter.attach(load_pipeline(models[base]), path, encoder, scale=0.0, lora_scale=0.0)
+    plain = np.asarray(plain_ip(face, **CALL, generator=torch.Generator().manual_seed(0)).images)
+    assert np.abs(want - got).max() <= TOLERANCE
+    assert np.abs(plain - got).max() > 3 * TOLERANCE  # the adapter (and its LoRA) did something
+
+
+def test_lora_strength_zero_is_the_adapter_without_lora_and_detach_restores(models: dict, tmp_path) -> None:  # noqa: ANN001
+    path = save_faceid(tmp_path, "faceid", "sd15", "bin")
+    pipe = load_pipeline(models["sd15"])
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    base = np.asarray(pipe(**CALL, generator=torch.Generator().manual_seed(0)).images)
+    ip = ipadapter.attach(pipe, path, scale=0.8, lora_scale=0.0)
+    face = _face(1)
+    no_lora = np.asarray(ip(face, **CALL, generator=torch.Generator().manual_seed(0)).images)
+    ip.lora_scale = 1.0
+    with_lora = np.asarray(ip(face, **CALL, generator=torch.Generator().manual_seed(0)).images)
+    assert np.abs(with_lora - no_lora).max() > 3 * TOLERANCE
+    ip.lora_scale = 0.0
+    assert np.array_equal(
+        np.asarray(ip(face, **CALL, generator=torch.Generator().manual_seed(0)).images), no_lora
+    )
+    ip.scale = 0.0
+    assert np.array_equal(
+        np.asarray(ip(face, **CALL, generator=torch.Generator().manual_seed(0)).images), base
+    )
+    ip.detach()
+    after = pipe.unet.state_dict()
+    assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
+    assert np.array_equal(np.asarray(pipe(**CALL, generator=torch.Generator().manual_seed(0)).images), base)
+    assert not any(m._forward_hooks for m in pipe.unet.modules())  # every LoRA hook is gone
+
+
+def test_faceid_next_to_a_plain_adapter_and_a_peft_lora(models: dict, tmp_path) -> None:  # noqa: ANN001
+    """Neither breaks the other: the plain adapter alone gives its own picture again once FaceID is detached,
+    and a user's own LoRA (peft) keeps acting with FaceID's LoRA hooked on top of it."""
+    from peft import LoraConfig
+
+    path = save_faceid(tmp_path, "faceid", "sd15", "safetensors")
+    pipe = load_pipeline(models["sd15"])
+    plain = ipadapter.attach(
+        pipe, models["ckpt"]["sd15", "safetensors"], models["vit_h"], name="plain", scale=0.7
+    )
+    alone = np.asarray(plain(reference_image(), **CALL, generator=torch.Generator().manual_seed(0)).images)
+    pipe.unet.add_adapter(
+        LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_v"], init_lora_weights=False)
+    )
+    user = np.asarray(plain(reference_image(), **CALL, generator=torch.Generator().manual_seed(0)).images)
+    assert np.abs(user - alone).max() > 3 * TOLERANCE  # the user's LoRA acts
+    face_ip = ipadapter.attach(pipe, path, name="face", scale=0.7)
+    with_face = np.asarray(face_ip(_face(), **CALL, generator=torch.Generator().manual_seed(0)).images)
+    assert np.isfinite(with_face).all()
+    face_ip.detach()
+    again = np.asarray(plain(reference_image(), **CALL, generator=torch.Generator().manual_seed(0)).images)
+    assert np.array_equal(again, user)  # the plain adapter and the user's LoRA, exactly as before
+
+
+def test_plus_without_a_face_crop_and_bad_face_input_are_one_line(models: dict, tmp_path) -> None:  # noqa: ANN001
+    path = save_faceid(tmp_path, "faceid-plus", "sd15", "safetensors", name="ip-adapter-faceid-plusv2_sd15")
+    pipe = load_pipeline(models["sd15"])
+    ip = ipadapter.attach(pipe, path, models["vit_h"])
+    with pytest.raises(InputError, match="FaceID-Plus adapter.*no face crop.*face-embed") as err:
+        ip(FaceEmbeds(np.ones((1, 512), np.float32) / 512**0.5), **CALL)
+    assert "\n" not in str(err.value)
+    with pytest.raises(InputError, match="128 values per face; expected 512"):
+        ip(np.ones((1, 128), np.float32), **CALL)
+    with pytest.raises(InputError, match="plus_version 'v3' is not one of v1, v2"):
+        ipadapter.attach(pipe, path, models["vit_h"], plus_version="v3", name="x")
+    assert ipadapter.attach(pipe, path, models["vit_h"], plus_version="v1", name="y").plus_version == "v1"
+
+
+def test_portrait_concatenates_faces_as_its_math_says(models: dict, tmp_path) -> None:  # noqa: ANN001
+    path = save_faceid(tmp_path, "faceid-portrait", "sd15", "safetensors")
+    pipe = load_pipeline(models["sd15"])
+    ip = ipadapter.attach(pipe, path)
+    faces = np.stack([_face(i).embeds[0] for i in range(3)])
+    pos, neg = ip.face_tokens(faces)
+    image_proj = ipadapter.load_checkpoint(path).image_proj
+    hidden = torch.nn.functional.gelu(
+        torch.as_tensor(faces) @ image_proj["proj.0.weight"].T + image_proj["proj.0.bias"]
+    )
+    tokens = (hidden @ image_proj["proj.2.weight"].T + image_proj["proj.2.bias"]).reshape(
+        3, 16, tm.SD15_CROSS
+    )
+    tokens = torch.nn.functional.layer_norm(
+        tokens, (tm.SD15_CROSS,), image_proj["norm.weight"], image_proj["norm.bias"]
+    )
+    assert pos.shape == (1, 48, tm.SD15_CROSS) and torch.allclose(pos[0], tokens.reshape(48, -1), atol=1e-5)
+    assert neg.shape == pos.shape
+    image = ip(faces, **CALL, generator=torch.Generator().manual_seed(0)).images
+    assert np.isfinite(np.asarray(image)).all()
