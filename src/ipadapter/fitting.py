@@ -11,13 +11,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
 from torch import nn
 
 from .adapters.checkpoint import Checkpoint, load_checkpoint
 from .adapters.variants import AdapterSpec, family
 from .errors import CheckpointError, IncompatibleModelError
 from .hosts.base import Host, HostLayer
-from .hosts.lora import LoRA, LoRASet, lora_key, lora_modules
+from .hosts.lora import LoRA, LoRASet, lora_key, lora_modules, metadata_alpha, read_lora_state
 from .prompt.controls import CONTROLS
 from .prompt.encoder import ImageEncoder
 from .sources import default_encoder, load_image_encoder, resolve_adapter, split_hub_path
@@ -139,6 +141,43 @@ def pick_encoder(
     return ImageEncoder(load_image_encoder(where, dtype=dtype, device=device)), key
 
 
+def read_lora_file(
+    path: str | Path, model: Any, modules: dict[tuple[int, str], nn.Module]
+) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, float]]:
+    """A separate LoRA file (``.safetensors`` only) for the projection ``modules`` of ``model``:
+    ``(id, part) -> (down, up, scale)`` (:func:`~ipadapter.hosts.lora.read_lora_state`), covering exactly
+    ``modules``. One-line :class:`CheckpointError` for another file type, a missing or unreadable file, a file
+    that is no LoRA of this UNet's attention layers, or one that leaves some of ``modules`` out."""
+    path = Path(path)
+    if path.suffix.lower() != ".safetensors":
+        raise CheckpointError(
+            f"{path}: a LoRA file must be .safetensors (got '{path.suffix or '(none)'}'); h94 ships the FaceID "
+            "LoRAs as *_lora.safetensors"
+        )
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such LoRA file; pass the path of a *_lora.safetensors file")
+    try:
+        state = load_file(str(path), device="cpu")
+        with safe_open(str(path), framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"{path}: not a readable .safetensors file ({first}); it may be truncated: download it again"
+        ) from None
+    found = read_lora_state(state, model, source=str(path), alpha=metadata_alpha(metadata, str(path)))
+    missing, extra = sorted(set(modules) - set(found)), sorted(set(found) - set(modules))
+    if missing or extra:
+        first = missing[0] if missing else extra[0]
+        what = f"lacks {len(missing)} of them" if missing else "has LoRA for more"
+        what += f", e.g. layer {first[0]} {first[1]}"
+        raise CheckpointError(
+            f"{path}: the adapter's LoRA acts on {len(modules)} attention projections (id, part) and this file "
+            f"{what}; use the LoRA file made for this adapter"
+        )
+    return found
+
+
 def build_lora(
     spec: AdapterSpec,
     model: Any,
@@ -147,9 +186,23 @@ def build_lora(
     device: torch.device,
     dtype: torch.dtype,
     strength: float,
+    lora_file: str | Path | None = None,
 ) -> LoRASet | None:
-    """A FaceID adapter's LoRA, built and loaded (nothing hooked yet), or None when it carries none."""
+    """A FaceID adapter's LoRA, built and loaded (nothing hooked yet), or None when it carries none.
+
+    ``lora_file``: the same LoRA as a separate ``.safetensors`` file (h94's ``*_lora.safetensors`` for A1111 /
+    ComfyUI: kohya names; diffusers / peft and the official names work too). When the checkpoint carries its own
+    LoRA and a file is given, **the file wins**: its weights are used, the checkpoint's are ignored. A file for an
+    adapter without LoRA (portraits, non-FaceID) is refused. A file's alpha (``.alpha`` tensors, or diffusers'
+    metadata) is folded into ``up`` here (``up * alpha / rank``): the hooks stay ``up(down(x))`` and the
+    exported official weights (:meth:`LoRASet.official`, which has no alpha) compute the same update.
+    """
     if spec.lora_rank is None:
+        if lora_file is not None:
+            raise IncompatibleModelError(
+                f"adapter '{source}' is a {spec.layout} adapter, which has no LoRA; the LoRA file '{lora_file}' is "
+                "for FaceID / FaceID-Plus adapters: leave it out"
+            )
         return None
     try:
         modules = lora_modules(model, spec.lora_ids)
@@ -158,12 +211,18 @@ def build_lora(
             f"adapter '{source}' has LoRA weights for attention layer {max(spec.lora_ids)} but the base UNet has "
             f"{len(model.attn_processors)} attention layers; use an adapter made for this base"
         ) from None
+    if lora_file is None:
+        ip = ckpt.ip_adapter
+        weights = {k: (ip[lora_key(*k, "down")], ip[lora_key(*k, "up")], 1.0) for k in modules}
+    else:
+        weights = read_lora_file(lora_file, model, modules)
+    where = source if lora_file is None else str(lora_file)
     loras = {}
     for (layer_id, part), module in modules.items():
-        lora = LoRA(module.in_features, module.out_features, spec.lora_rank)
-        weights = {
-            f"{side}.weight": ckpt.ip_adapter[lora_key(layer_id, part, side)] for side in ("down", "up")
-        }
-        load_weights(lora, weights, f"LoRA {layer_id}.{part}", source)
+        down, up, scale = weights[layer_id, part]
+        if scale != 1.0:
+            up = up.float() * scale  # alpha / rank, folded in fp32 (see above)
+        lora = LoRA(module.in_features, module.out_features, down.shape[0])
+        load_weights(lora, {"down.weight": down, "up.weight": up}, f"LoRA {layer_id}.{part}", where)
         loras[f"{layer_id}.{part}"] = lora.to(device=device, dtype=dtype)
     return LoRASet(loras, strength).to(device)
