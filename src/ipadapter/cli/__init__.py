@@ -2,7 +2,7 @@
 
 One module per subject, each adding its subcommands (``register``) and translating argv into library calls:
 ``generate`` (generate / img2img / inpaint / video), ``adapters`` (inspect / convert / embed), ``train``,
-``mini`` (eval / demo) and ``serving`` (batch / serve). Errors are translated once, here.
+``faces`` (face-embed), ``mini`` (eval / demo) and ``serving`` (batch / serve). Errors are translated once, here.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from .. import __version__
 from ..errors import IPAdapterError
-from . import adapters, generate, mini, serving, train
+from . import adapters, faces, generate, mini, serving, train
 from .common import (
     EXIT_INTERNAL,
     EXIT_USAGE,
@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"ipadapter {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
-    for subject in (adapters, generate, serving, train, mini):
+    for subject in (adapters, faces, generate, serving, train, mini):
         subject.register(sub)
     return parser
 

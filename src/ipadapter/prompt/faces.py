@@ -331,6 +331,101 @@ def faces_from_images(
     )
 
 
+@dataclass(frozen=True)
+class FoundFace:
+    """Where a chosen face was found: its image (``source``), its position there left to right (``index``, 0 =
+    leftmost), its box ``bbox`` (x1, y1, x2, y2 in pixels of the upright image) and detection score."""
+
+    source: str
+    index: int
+    bbox: tuple[float, float, float, float]
+    det_score: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "index": self.index,
+            "bbox": list(self.bbox),
+            "det_score": self.det_score,
+        }
+
+
+class _Recorder:
+    """An analyser that keeps what its last ``get`` returned (every face of the last try), for :func:`locate_faces`."""
+
+    def __init__(self, analyser: Any) -> None:
+        self._analyser, self.found = analyser, []
+
+    def __getattr__(self, name: str) -> Any:  # ctx_id, name, ... as the analyser has them (or not)
+        return getattr(self._analyser, name)
+
+    def prepare(self, *args: Any, **kwargs: Any) -> Any:
+        return self._analyser.prepare(*args, **kwargs)
+
+    def get(self, image: np.ndarray) -> list:
+        self.found = list(self._analyser.get(image) or [])
+        return self.found
+
+
+def locate_faces(
+    images: Sequence[Image.Image],
+    analyser: Any,
+    *,
+    pick: str | int = "largest",
+    sources: Sequence[str] | None = None,
+    **options: Any,
+) -> tuple[FaceEmbeds, list[FoundFace]]:
+    """:func:`faces_from_images`, and where each face it returns was found (same order: image by image, left
+    to right within an image), for reports. The faces are exactly :func:`detect_faces`'s choice."""
+    if not images:
+        raise InputError("no face images given")
+    sources = list(sources) if sources is not None else [None] * len(images)
+    if len(sources) != len(images):
+        raise ValueError(f"{len(images)} images but {len(sources)} sources")
+    found, where = [], []
+    for image, source in zip(images, sources, strict=True):
+        recorder = _Recorder(analyser)
+        faces = detect_faces(image, recorder, pick=pick, source=source, **options)
+        boxes = [_vector(f, "bbox", (4,), "face box") for f in recorder.found]
+        order = sorted(range(len(boxes)), key=lambda i: (boxes[i][0], boxes[i][1]))  # as detect_faces
+        ordered = [recorder.found[i] for i in order]
+        for face in _choose(ordered, pick, faces.source):
+            index = next(i for i, f in enumerate(ordered) if f is face)
+            box = tuple(float(v) for v in boxes[order[index]])
+            score = float(_field(face, "det_score") or 0.0)
+            where.append(FoundFace(faces.source, index, box, score))
+        found.append(faces)
+    embeds = FaceEmbeds(
+        np.concatenate([f.embeds for f in found]),
+        [c for f in found for c in f.crops],
+        ", ".join(f.source for f in found),
+    )
+    return embeds, where
+
+
+def face_device(device: str = "auto") -> tuple[int, list[str] | None]:
+    """InsightFace's ``ctx_id`` and the onnxruntime ``providers`` for ``device`` (for :func:`open_analyser`):
+    ``auto`` -> (0, None), insightface's default (every provider onnxruntime has, CUDA first when it has it);
+    ``cpu`` -> (-1, CPU only); ``cuda`` -> (0, CUDA then CPU), refused when onnxruntime has no CUDA provider
+    (onnxruntime would otherwise fall back to the CPU with only a warning). Imports onnxruntime only for cuda."""
+    if device == "auto":
+        return 0, None
+    if device == "cpu":
+        return -1, ["CPUExecutionProvider"]
+    if device != "cuda":
+        raise InputError(f"face detection device {device!r} is not one of auto, cpu, cuda")
+    try:
+        import onnxruntime  # the optional `face` extra (insightface runs its models with it)
+    except ImportError:
+        return 0, ["CUDAExecutionProvider", "CPUExecutionProvider"]  # open_analyser reports the missing extra
+    available = list(onnxruntime.get_available_providers())
+    if "CUDAExecutionProvider" not in available:
+        raise ModelNotAvailableError(
+            f"face detection on cuda needs onnxruntime with its CUDA provider, but it has only {', '.join(available) or 'none'}; pip install onnxruntime-gpu in place of onnxruntime, or use device cpu"
+        )
+    return 0, ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
 # ---- files -----------------------------------------------------------------------------------------------
 
 
@@ -452,13 +547,16 @@ __all__ = [
     "EMBED_DIM",
     "FaceAnalyser",
     "FaceEmbeds",
+    "FoundFace",
     "align_face",
     "detect_faces",
+    "face_device",
     "face_model_folder",
     "face_template",
     "faces_from_images",
     "load_face_embeds",
     "load_face_file",
+    "locate_faces",
     "open_analyser",
     "save_face_embeds",
     "similarity_transform",
