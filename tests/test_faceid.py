@@ -173,3 +173,55 @@ def test_portrait_concatenates_faces_as_its_math_says(models: dict, tmp_path) ->
     assert neg.shape == pos.shape
     image = ip(faces, **CALL, generator=torch.Generator().manual_seed(0)).images
     assert np.isfinite(np.asarray(image)).all()
+
+
+def test_faces_through_controls_and_the_cli_equal_the_handle_and_diffusers(
+    models: dict, tmp_path, capsys
+) -> None:  # noqa: ANN001
+    """A face-embeddings file through a recipe Control and through `generate --face-embeds` gives the handle's
+    picture, which is diffusers'; per-call lora_scale, window and masks act; wrong controls are one line."""
+    from helpers import fails, half_mask, png_pixels
+
+    from ipadapter.cli import main
+    from ipadapter.prompt.faces import save_face_embeds
+    from ipadapter.prompt.recipe import Control, Reference
+
+    path = save_faceid(tmp_path, "faceid-plus", "sd15", "safetensors", name="ip-adapter-faceid-plusv2_sd15")
+    face = _face(2)
+    file = save_face_embeds(tmp_path / "face.safetensors", face.embeds, face.crops)
+    pipe = load_pipeline(models["sd15"])
+    ip = ipadapter.attach(pipe, path, models["vit_h"], scale=0.7)
+    kw = {**CALL, "generator": None}
+
+    def seeded() -> dict:
+        return {**kw, "generator": torch.Generator().manual_seed(0)}
+
+    direct = np.asarray(ip(face, **seeded()).images)
+    via_control = np.asarray(
+        ipadapter.run(pipe, [(ip, Control(images=[Reference(face=file)]))], **seeded()).images
+    )
+    assert np.abs(direct - via_control).max() <= 1e-6
+    weaker = Control(images=[Reference(face=file)], lora_scale=0.0, s_scale=0.3, start=0.0, end=0.6)
+    changed = np.asarray(ipadapter.run(pipe, [(ip, weaker)], **seeded()).images)
+    assert np.abs(changed - direct).max() > 3 * TOLERANCE and ip.lora_scale == 1.0  # per call only
+    left, right = _face(4), _face(5)
+    two = Control(
+        images=[Reference(face=left, mask=half_mask("left")), Reference(face=right, mask=half_mask("right"))]
+    )
+    assert np.isfinite(np.asarray(ipadapter.run(pipe, [(ip, two)], **seeded()).images)).all()
+
+    out = tmp_path / "cli.png"
+    argv = ["generate", "--base", str(models["sd15"]), "--adapter", str(path), "--image-encoder", str(models["vit_h"]),
+            "--face-embeds", str(file), "--prompt", "a cat", "--negative-prompt", "blurry", "--scale", "0.7",
+            "--steps", "2", "--width", "32", "--height", "32", "--seed", "0", "--output", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    capsys.readouterr()
+    want = _diffusers(models, path, "sd15", face, 0.7, "v2")
+    assert np.abs(png_pixels(out) / 255.0 - want[0]).max() <= TOLERANCE + 1 / 255
+    basic = ["generate", "--base", str(models["sd15"]), "--adapter", str(models["ckpt"]["sd15", "safetensors"]),
+             "--image", str(file.with_suffix(".png")), "--steps", "1", "--output", str(tmp_path / "x.png")]  # fmt: skip
+    face.crops[0].save(file.with_suffix(".png"))
+    fails(capsys, [*basic, "--lora-scale", "0.5"], "lora_scale", "carries none")
+    fails(
+        capsys, [*argv[:-2], "--output", str(tmp_path / "y.png"), "--plus-version", "v3"], "plus", "v1", "v2"
+    )

@@ -239,7 +239,7 @@ def test_json_nan_refused(tmp_path: Path) -> None:
                 "adapter[0].image[0]",
                 "unknown key 'wieght'",
                 "did you mean 'weight'",
-                "valid keys here: path, embeds, weight, mask, crop",
+                "valid keys here: path, embeds, face, weight, mask, crop",
             ],
         ),
         (
@@ -258,7 +258,7 @@ def test_json_nan_refused(tmp_path: Path) -> None:
             minimal(image=[{"path": "a.png", "embeds": "a.safetensors"}]),
             ["adapter[0].image[0]", "both path and embeds", "exactly one"],
         ),
-        (minimal(image=[{"weight": 1.0}]), ["adapter[0].image[0]", "neither path nor embeds"]),
+        (minimal(image=[{"weight": 1.0}]), ["adapter[0].image[0]", "neither path, embeds nor face"]),
         (minimal(image=[{"path": "a.png", "mask": 1}]), ["adapter[0].image[0].mask", "a file path"]),
         (
             minimal(combine="average", image=[{"path": "a.png", "mask": "m.png"}]),
@@ -360,7 +360,7 @@ def test_control_defaults_and_layer_weight_keys() -> None:
     "build,expected",
     [
         (lambda: Reference(weight=float("nan")), "Reference.weight: got nan"),
-        (lambda: Reference(), "Reference: got neither path nor embeds"),
+        (lambda: Reference(), "Reference: got neither path, embeds nor face"),
         (lambda: Reference("a.png", weight=True), "Reference.weight: got True (a boolean)"),
         (
             lambda: Reference(3),

@@ -7,7 +7,8 @@ Everything is checked before any processor is replaced; a failure leaves the pip
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ from .hosts.lora import LoRASet, lora_modules
 from .prompt.blocks import Block
 from .prompt.conditioning import BranchControl, ImagePrompt
 from .prompt.encoder import ImageEncoder
-from .prompt.faces import as_faces
+from .prompt.faces import FaceEmbeds, as_faces
 from .prompt.images import ImageInput, load_image
 from .prompt.recipe import Control, Recipe
 from .prompt.references import Prepared, control_tokens, prepare
@@ -205,19 +206,33 @@ class IPAdapter:
         return pos_tokens, neg_tokens
 
     @torch.no_grad()
-    def face_tokens(self, faces: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def face_tokens(
+        self,
+        faces: Any,
+        negative: Any = None,
+        *,
+        s_scale: float | None = None,
+        plus_version: str | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Image tokens of a FaceID adapter for ``faces``: ``(positive, negative)``, each ``(1, F*N, D)`` for F
-        faces (their tokens side by side, as a portrait's are). ``faces``: see
+        faces (their tokens side by side, as a portrait's are). ``faces`` and ``negative``: see
         :func:`~ipadapter.prompt.faces.as_faces` (embeddings, a face-embeddings file, or a face image). The
-        negative is the zero embedding (and, for Plus, the encoder's features of an all-zero input), as the
-        reference implementations make it.
+        default negative is the zero embedding (and, for Plus, the encoder's features of an all-zero input), as
+        the reference implementations make it. ``s_scale`` / ``plus_version``: for this call (default: the
+        handle's).
         """
-        face = as_faces(faces, normed=self.spec.layout != "faceid-portrait-unnorm")
+        normed = self.spec.layout != "faceid-portrait-unnorm"
+        face = as_faces(faces, normed=normed)
         param = next(self.projection.parameters())
-        embeds = torch.as_tensor(face.embeds).to(device=param.device, dtype=param.dtype)  # (F, 512)
-        zeros = torch.zeros_like(embeds)
+
+        def rows(f: FaceEmbeds) -> torch.Tensor:
+            return torch.as_tensor(f.embeds).to(device=param.device, dtype=param.dtype)  # (F, 512)
+
+        embeds = rows(face)
+        neg_face = None if negative is None else as_faces(negative, normed=normed)
+        neg_embeds = torch.zeros_like(embeds) if neg_face is None else rows(neg_face)[:1].expand_as(embeds)
         if self.spec.layout != "faceid-plus":
-            return self.projection(embeds[None]), self.projection(zeros[None])  # (1, F*N, D)
+            return self.projection(embeds[None]), self.projection(neg_embeds[None])  # (1, F*N, D)
         if not face.crops:
             raise InputError(
                 f"adapter '{self.name}' is a FaceID-Plus adapter: it also reads the CLIP features of the aligned "
@@ -225,10 +240,15 @@ class IPAdapter:
                 "embeddings made by `ipadapter face-embed` (it stores the crops)"
             )
         clip = self.encoder.features(face.crops, "hidden").to(device=param.device, dtype=param.dtype)
-        clip_neg = self.encoder.negative_features("hidden").to(device=param.device, dtype=param.dtype)
-        shortcut = self.plus_version == "v2"
-        pos = self.projection(embeds, clip, shortcut, self.s_scale)  # (F, N, D)
-        neg = self.projection(zeros, clip_neg.expand_as(clip), shortcut, self.s_scale)
+        if neg_face is not None and neg_face.crops:
+            clip_neg = self.encoder.features(neg_face.crops[:1], "hidden")[0]
+        else:
+            clip_neg = self.encoder.negative_features("hidden")
+        clip_neg = clip_neg.to(device=param.device, dtype=param.dtype).expand_as(clip)
+        shortcut = (plus_version or self.plus_version) == "v2"
+        weight = self.s_scale if s_scale is None else s_scale
+        pos = self.projection(embeds, clip, shortcut, weight)  # (F, N, D)
+        neg = self.projection(neg_embeds, clip_neg, shortcut, weight)
         return pos.reshape(1, -1, pos.shape[-1]), neg.reshape(1, -1, neg.shape[-1])
 
     def image_prompt(
@@ -319,7 +339,23 @@ def run(pipe: Any, entries: Sequence[tuple[IPAdapter, Control]], /, **pipe_kwarg
     prompt (and every frame of a video).
     """
     prepared = [(ip, prepare(ip, control, f"adapter '{ip.name}' ")) for ip, control in entries]
-    return _call(pipe, [ip for ip, _ in entries], lambda n, _frames: _prompt(prepared, n), pipe_kwargs)
+    with _lora_strengths(prepared):
+        return _call(pipe, [ip for ip, _ in entries], lambda n, _frames: _prompt(prepared, n), pipe_kwargs)
+
+
+@contextmanager
+def _lora_strengths(prepared: Sequence[tuple[IPAdapter, Prepared]]) -> Iterator[None]:
+    """The FaceID LoRA strengths a call's controls ask for, during that call only (a 0-d tensor each: a
+    compiled UNet reads the new value without recompiling)."""
+    before = [(ip, ip.lora.strength) for ip, ready in prepared if ip.lora is not None]
+    for ip, ready in prepared:
+        if ready.control.lora_scale is not None and ip.lora is not None:
+            ip.lora.set_strength(ready.control.lora_scale)
+    try:
+        yield
+    finally:
+        for ip, strength in before:
+            ip.lora.set_strength(strength)
 
 
 def _prompt(prepared: Sequence[tuple[IPAdapter, Prepared]], num_prompts: int) -> ImagePrompt:
@@ -386,7 +422,10 @@ class RecipeRun:
     def __call__(self, *, pipeline: Any = None, **pipe_kwargs: Any) -> Any:
         """Run the pipeline (or another one sharing its UNet) with the recipe's image prompt."""
         pairs = list(zip(self.adapters, self._prepared, strict=True))
-        return _call(pipeline or self.pipe, self.adapters, lambda n, _frames: _prompt(pairs, n), pipe_kwargs)
+        with _lora_strengths(pairs):
+            return _call(
+                pipeline or self.pipe, self.adapters, lambda n, _frames: _prompt(pairs, n), pipe_kwargs
+            )
 
     def detach(self) -> None:
         """Remove the recipe's adapters (the UNet is restored when none is left)."""
@@ -428,6 +467,7 @@ def attach(
     name: str = "default",
     lora_scale: float = 1.0,
     plus_version: str | None = None,
+    lora_file: str | Path | None = None,
 ) -> IPAdapter:
     """Attach an IP-Adapter to ``pipe.unet`` and return its handle.
 
@@ -437,7 +477,9 @@ def attach(
     ``lora_scale``: the strength of the LoRA a FaceID adapter carries (1.0: as it was trained, and as diffusers
     and the official code apply it). ``plus_version``: for FaceID-Plus files, ``"v1"`` or ``"v2"`` (the
     shortcut): their keys cannot tell, so by default the file name decides (``plusv2`` in it: v2), else v1.
-    Validates everything before touching the pipeline.
+    ``lora_file``: a FaceID adapter's LoRA as a separate ``.safetensors`` (h94's ``*_lora.safetensors``, kohya,
+    peft or diffusers names); it replaces the LoRA inside the checkpoint. Validates everything before touching
+    the pipeline.
     """
     scale = check_scale(scale)
     lora_scale = check_scale(lora_scale, "lora_scale")
@@ -477,7 +519,7 @@ def attach(
         load_weights(branch, weights, f"layer {layer_id}", source)
         branches[layer.name] = branch.to(device=device, dtype=dtype)
 
-    lora = build_lora(spec, model, ckpt, source, device, dtype, lora_scale)
+    lora = build_lora(spec, model, ckpt, source, device, dtype, lora_scale, lora_file=lora_file)
 
     # Everything is checked; from here on only the denoiser changes.
     if state is None:

@@ -338,15 +338,18 @@ def recipe_from_options(options: dict[str, Any], where: str = "", spell: Spell =
         raise InputError(
             f"{where}no adapter: give {spell('adapter')} (a file, hub path or name) or {spell('recipe')}"
         )
-    images, embeds = as_list(options.get("image")), as_list(options.get("embeds"))
-    if not images and not embeds:
-        raise InputError(f"{where}no reference: give {spell('image')} (or {spell('embeds')}, or a recipe)")
-    refs = [(*split_weight(v), "path") for v in images] + [(*split_weight(v), "embeds") for v in embeds]
+    kinds = (("image", "path"), ("embeds", "embeds"), ("face_embeds", "face"), ("face_image", "face"))
+    refs = [(*split_weight(v), kind) for key, kind in kinds for v in as_list(options.get(key))]
+    if not refs:
+        raise InputError(
+            f"{where}no reference: give {spell('image')} (or {spell('embeds')}, a FaceID adapter's "
+            f"{spell('face_embeds')} / {spell('face_image')}, or a recipe)"
+        )
     masks = as_list(options.get("image_mask"))
     if masks and len(masks) != len(refs):
         raise InputError(
             f"{where}{len(masks)} image masks for {len(refs)} references; give one mask per reference (images "
-            "first, then embeds) or none"
+            "first, then embeds, face embeddings, face images) or none"
         )
     crop = options.get("crop") or "center"
     references = [
@@ -356,7 +359,18 @@ def recipe_from_options(options: dict[str, Any], where: str = "", spell: Spell =
     weights = options.get("layer_weights")
     if isinstance(weights, str):
         weights = parse_layer_weights(weights)
-    names = ("combine", "start", "end", "preset", "curve", "negative_image", "composition_weight")
+    names = (
+        "combine",
+        "start",
+        "end",
+        "preset",
+        "curve",
+        "negative_image",
+        "composition_weight",
+        "lora_scale",
+        "s_scale",
+        "plus_version",
+    )
     control = {k: options[k] for k in names if options.get(k) is not None}
     scale = options.get("scale")
     entry = AdapterRecipe(
@@ -373,6 +387,17 @@ def recipe_from_options(options: dict[str, Any], where: str = "", spell: Spell =
 def as_list(value: Any) -> list[Any]:
     """An option's value as a list: None is empty, one value is a list of one."""
     return [] if value is None else value if isinstance(value, list) else [value]
+
+
+def _face_input(value: Any, locate: Locate, resolve_file: Locate | None, where: str) -> Any:
+    """A FaceID reference's face as given: a face-embeddings file (located), or a face image, decoded now."""
+    if isinstance(value, str) and value.lower().endswith((".npy", ".safetensors")):
+        if resolve_file is None:
+            raise InputError(f"{where}: face-embeddings files are not accepted here; send the face image")
+        return resolve_file(value, "face embeddings")
+    return load_image(
+        locate(value if isinstance(value, bytes) else str(value), "face image"), f"{where} face image"
+    )
 
 
 def _start_images(
@@ -521,6 +546,8 @@ def load_recipe_inputs(
                     locate(str(ref.path), "reference image") if not isinstance(ref.path, bytes) else ref.path
                 )
                 changes["path"] = load_image(value, label)
+            if isinstance(ref.face, str | bytes) or hasattr(ref.face, "__fspath__"):
+                changes["face"] = _face_input(ref.face, locate, resolve_file, f"{at}image[{i}]")
             if ref.embeds is not None:
                 if resolve_file is None:
                     raise InputError(

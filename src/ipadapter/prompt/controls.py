@@ -23,8 +23,13 @@ REFERENCES = table(
     Option("embeds", "file", "reference from an `ipadapter embed` file, FILE[:WEIGHT]; repeatable", many=True,
            server="is not accepted by the server (embeddings files are server-side files); send the reference "
            "image as base64 in 'image'"),
-    Option("image_mask", "image", "regional mask per reference (white = where it acts), in the order of image "
-           "then embeds", many=True),
+    Option("face_embeds", "file", "FaceID: a face-embeddings FILE[:WEIGHT] (.npy / .safetensors, e.g. from "
+           "`ipadapter face-embed`); repeatable", many=True,
+           server="is not accepted by the server (files are server-side); send the face as base64 in 'face_image'"),
+    Option("face_image", "image", "FaceID: a face image PATH[:WEIGHT], its largest face detected with InsightFace "
+           "(pip install 'ipadapter[face]'); repeatable", many=True),
+    Option("image_mask", "image", "regional mask per reference (white = where it acts), in the order of image, "
+           "embeds, face_embeds, face_image", many=True),
     Option("crop", "choice", "how a non-square reference is fitted", default="center", choices=CROP_MODES),
 )  # fmt: skip
 
@@ -42,5 +47,12 @@ CONTROLS = table(
            low=0, example="1.0"),
     Option("layer_weights", "weights", 'weight per transformer block, e.g. "t3=0.5,t6=1.0" (unlisted: 0)'),
     Option("curve", "choice", "weight curve over the transformer blocks", choices=CURVE_NAMES),
-    Option("negative_image", "image", "image whose tokens replace the unconditional image tokens"),
+    Option("negative_image", "image", "image whose tokens replace the unconditional image tokens (FaceID: a face "
+           "image)"),
+    Option("lora_scale", "number", "FaceID: strength of the LoRA the adapter carries, 0 to 5 (default 1.0, as "
+           "trained and as diffusers applies it)", low=0, high=MAX_SCALE, example="0.6"),
+    Option("s_scale", "number", "FaceID-PlusV2: weight of the shortcut (ComfyUI's weight_faceidv2; default 1.0)",
+           low=0, high=MAX_SCALE, example="1.0"),
+    Option("plus_version", "choice", "FaceID-Plus: v1 or v2 (keys cannot tell them apart; default: the file "
+           "name's hint, else v1)", choices=("v1", "v2")),
 )  # fmt: skip

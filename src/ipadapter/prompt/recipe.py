@@ -35,6 +35,7 @@ from .images import CROP_MODES
 from .recipe_checks import (
     Where,
     as_choice,
+    as_face,
     as_file,
     as_optional_file,
     as_weight,
@@ -56,7 +57,7 @@ except ModuleNotFoundError:  # Python 3.10
 __all__ = ["COMBINE_MODES", "CROP_MODES", "AdapterRecipe", "Control", "Recipe", "Reference"]
 
 # Keys of each table in a recipe file, in the order to_dict writes them.
-_REFERENCE_KEYS = ("path", "embeds", "weight", "mask", "crop")
+_REFERENCE_KEYS = ("path", "embeds", "face", "weight", "mask", "crop")
 _ADAPTER_KEYS = ("path", "image_encoder", *CONTROLS, "image")  # the per-call fields: prompt.controls
 _RECIPE_KEYS = ("adapter",)
 
@@ -69,8 +70,11 @@ _RECIPE_KEYS = ("adapter",)
 class Reference:
     """One reference: an image (or its precomputed embeddings) with a weight, an optional mask and a crop.
 
-    - ``path``: the image (file path, PIL image or encoded bytes). Exactly one of ``path`` / ``embeds``.
+    - ``path``: the image (file path, PIL image or encoded bytes). Exactly one of ``path`` / ``embeds`` / ``face``.
     - ``embeds``: a file of precomputed image embeddings (skips the image encoder).
+    - ``face``: for FaceID adapters, a face: a face-embeddings file (``.npy`` / ``.safetensors``, e.g. from
+      ``ipadapter face-embed``) or a face image (detected with InsightFace); in Python also
+      :class:`~ipadapter.prompt.faces.FaceEmbeds`, an array or tensor of 512 values per face, or a PIL image.
     - ``weight``: finite number >= 0 (default 1.0): the reference's share when references are combined.
     - ``mask``: where this reference acts (white = here), as a file path or PIL image; only with
       ``combine = "concat"`` (each reference drives its own region).
@@ -79,6 +83,7 @@ class Reference:
 
     path: str | Path | Image.Image | bytes | None = None
     embeds: str | Path | None = None
+    face: Any = None
     weight: float = 1.0
     mask: str | Path | Image.Image | None = None
     crop: str = "center"
@@ -88,14 +93,17 @@ class Reference:
         if self.path is not None:
             self.path = as_file(self.path, here, "path", image=True, data=True)
         self.embeds = as_optional_file(self.embeds, here, "embeds")
+        self.face = as_face(self.face, here)
         self.weight = as_weight(self.weight, here, "weight")
         self.mask = as_optional_file(self.mask, here, "mask", image=True)
         self.crop = as_choice(self.crop, CROP_MODES, here, "crop", optional=False)
-        if (self.path is None) == (self.embeds is None):
-            both = "both path and embeds" if self.path is not None else "neither path nor embeds"
+        given = [k for k in ("path", "embeds", "face") if getattr(self, k) is not None]
+        if len(given) != 1:
+            got = "both " + " and ".join(given) if given else "neither path, embeds nor face"
             fail(
                 here.where,
-                f"got {both}; expected exactly one of them (an image, or precomputed embeddings); keep one",
+                f"got {got}; expected exactly one of them (an image, precomputed embeddings, or a face for "
+                "FaceID adapters); keep one",
             )
 
 
@@ -106,7 +114,7 @@ def _as_reference(value: Any, where: str, file: bool, base_dir: Path | None) -> 
     if isinstance(value, Mapping):
         _check_keys(value, _REFERENCE_KEYS, where)
         kwargs = {str(k): v for k, v in value.items()}
-        for key in ("path", "embeds", "mask"):
+        for key in ("path", "embeds", "face", "mask"):
             if key in kwargs:
                 kwargs[key] = _resolve(kwargs[key], base_dir)
         with at(where, file):
@@ -167,6 +175,9 @@ class Control:
     layer_weights: dict[str, float] | None = None
     curve: str | None = None
     negative_image: str | Path | Image.Image | None = None
+    lora_scale: float | None = None
+    s_scale: float | None = None
+    plus_version: str | None = None
 
     def __post_init__(self) -> None:
         here = place_of(self)
@@ -437,7 +448,7 @@ def _reference_dict(ref: Reference, where: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name in _REFERENCE_KEYS:
         value = getattr(ref, name)
-        if name in ("path", "embeds", "mask"):
+        if name in ("path", "embeds", "face", "mask"):
             value = _writable(value, key_path(where, name))
         if value is not None:
             out[name] = value

@@ -173,6 +173,21 @@ def as_file(value: Any, here: Where, key: str, *, image: bool = False, data: boo
     return value
 
 
+def as_face(value: Any, here: Where) -> Any:
+    """A FaceID reference's face: a file path (face embeddings or a face image); in Python also embeddings (an
+    array, a tensor, FaceEmbeds) or a PIL image, checked when they are read."""
+    if value is None:
+        return None
+    if isinstance(value, str | Path):
+        return as_file(value, here, "face")
+    if not here.file and not isinstance(value, bool | int | float | bytes):
+        return value
+    fail(
+        key_path(here.where, "face"),
+        f"got {value!r:.60}; expected a face-embeddings file (.npy / .safetensors) or a face image file",
+    )
+
+
 def as_optional_file(value: Any, here: Where, key: str, *, image: bool = False) -> Any:
     return None if value is None else as_file(value, here, key, image=image)
 

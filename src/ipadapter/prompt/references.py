@@ -32,6 +32,7 @@ from .blocks import Block, layer_scales
 from .conditioning import BranchControl
 from .embeds import Embeds, check_embeds, load_embeds
 from .encoder import ImageEncoder
+from .faces import FaceEmbeds, as_faces
 from .images import load_image, load_mask
 from .recipe import Control, Reference
 
@@ -62,11 +63,14 @@ class Prepared:
 
 def prepare(ip: IPAdapter, control: Control, where: str = "") -> Prepared:
     """Read and check every input of ``control`` for adapter ``ip`` (nothing on the model changes)."""
-    images: list[Image.Image | Embeds] = []
+    images: list[Image.Image | Embeds | FaceEmbeds] = []
     masks: list[Image.Image | None] = []
+    faceid = ip.spec.feature == "face"
     for i, ref in enumerate(control.images):
         label = f"{where}image[{i}]"
-        if ref.embeds is not None:
+        if faceid or ref.face is not None:
+            images.append(_face(ip, ref, label))
+        elif ref.embeds is not None:
             embeds = load_embeds(ref.embeds)
             check_embeds(embeds, ip.spec.feature, ip.spec.feature_dim, ip.encoder, ip.source)
             images.append(embeds)
@@ -74,6 +78,16 @@ def prepare(ip: IPAdapter, control: Control, where: str = "") -> Prepared:
             images.append(load_image(ref.path, f"{label} reference image"))
         masks.append(None if ref.mask is None else _mask(ref.mask, label))
     _check_host_controls(ip.spec, control, masks, where)
+    if control.lora_scale is not None and ip.spec.lora_rank is None:
+        raise InputError(
+            f"{where}lora_scale is the strength of a FaceID adapter's LoRA, and adapter '{ip.source}' "
+            f"({ip.spec.layout}) carries none; drop lora_scale"
+        )
+    if control.plus_version is not None and ip.spec.layout != "faceid-plus":
+        raise InputError(
+            f"{where}plus_version tells FaceID-Plus from PlusV2, and adapter '{ip.source}' is a "
+            f"{ip.spec.layout} adapter; drop plus_version"
+        )
     negative = None
     if control.negative_image is not None:
         negative = load_image(control.negative_image, f"{where}negative image")
@@ -86,6 +100,23 @@ def prepare(ip: IPAdapter, control: Control, where: str = "") -> Prepared:
         curve=control.curve,
     )
     return Prepared(control, images, masks, negative, scales)
+
+
+def _face(ip: IPAdapter, ref: Reference, label: str) -> FaceEmbeds:
+    """A FaceID reference's faces: from ``face`` (embeddings, a file, a face image) or, as a convenience, from
+    an ordinary reference image (its largest face)."""
+    if ip.spec.feature != "face":
+        raise InputError(
+            f"{label}: a face reference needs a FaceID adapter, and adapter '{ip.source}' is a {ip.spec.layout} "
+            "adapter, which reads images; give it a reference image"
+        )
+    if ref.embeds is not None:
+        raise InputError(
+            f"{label}: '{ref.embeds}' holds image embeddings, but a FaceID adapter reads faces; give face "
+            "embeddings (face_embeds / face) or a face image"
+        )
+    value = ref.face if ref.face is not None else load_image(ref.path, f"{label} face image")
+    return as_faces(value, normed=ip.spec.layout != "faceid-portrait-unnorm")
 
 
 def _check_host_controls(spec: AdapterSpec, control: Control, masks: list, where: str) -> None:
@@ -122,6 +153,8 @@ def _mask(mask: Any, label: str) -> Image.Image:
 def control_tokens(ip: IPAdapter, prepared: Prepared) -> tuple[torch.Tensor, torch.Tensor, BranchControl]:
     """``(positive, negative, control)`` for one call; tokens are ``(1, N, D)``."""
     control = prepared.control
+    if ip.spec.feature == "face":
+        return _face_tokens(ip, prepared)
     param = next(ip.projection.parameters())
     feats, stored_negative = _features(ip, control.images, prepared.images)
     feats = feats.to(device=param.device, dtype=param.dtype)  # (R, ...)
@@ -149,6 +182,46 @@ def control_tokens(ip: IPAdapter, prepared: Prepared) -> tuple[torch.Tensor, tor
         branch.group_weights = tuple(weights)
     else:
         branch.value_weights = torch.tensor(weights).repeat_interleave(n)  # (R * N,)
+    return pos, neg, branch
+
+
+def _face_tokens(ip: IPAdapter, prepared: Prepared) -> tuple[torch.Tensor, torch.Tensor, BranchControl]:
+    """A FaceID adapter's tokens: every reference's faces side by side (concat), or their embeddings merged
+    first (the other combine modes, FaceID and portraits); each reference's weight and mask cover its faces."""
+    control = prepared.control
+    faces: list[FaceEmbeds] = list(prepared.images)
+    weights = [float(ref.weight) for ref in control.images]
+    options = dict(s_scale=control.s_scale, plus_version=control.plus_version)
+    negative = None
+    if prepared.negative_image is not None:
+        negative = as_faces(prepared.negative_image, normed=ip.spec.layout != "faceid-portrait-unnorm")
+    window = (control.start, control.end)
+    branch = BranchControl(scale=control.scale, layer_scales=prepared.layer_scales, window=window)
+    if control.combine != "concat":
+        if ip.spec.layout == "faceid-plus":
+            raise InputError(
+                f"combine '{control.combine}' merges face embeddings, which a FaceID-Plus adapter reads together "
+                "with each face's CLIP features; use combine 'concat'"
+            )
+        rows = torch.cat([torch.as_tensor(f.embeds, dtype=torch.float32) for f in faces])  # (F, 512)
+        per_face = [w for f, w in zip(faces, weights, strict=True) for _ in range(len(f))]
+        merged = combine(rows, per_face, control.combine)[None]  # (1, 512)
+        pos, neg = ip.face_tokens(FaceEmbeds(merged.numpy(), source="merged faces"), negative, **options)
+        return pos, neg, branch
+    joined = FaceEmbeds(
+        np.concatenate([np.asarray(torch.as_tensor(f.embeds, dtype=torch.float32)) for f in faces]),
+        crops=[c for f in faces for c in f.crops] if all(f.crops for f in faces) else [],
+        source=", ".join(f.source for f in faces if f.source),
+    )
+    pos, neg = ip.face_tokens(joined, negative, **options)  # (1, F*N, D)
+    n = pos.shape[1] // len(joined)  # tokens per face
+    counts = [len(f) * n for f in faces]
+    if any(m is not None for m in prepared.masks):
+        branch.groups = tuple(counts)
+        branch.masks = tuple(prepared.masks)
+        branch.group_weights = tuple(weights)
+    else:
+        branch.value_weights = torch.cat([torch.full((c,), w) for c, w in zip(counts, weights, strict=True)])
     return pos, neg, branch
 
 
