@@ -225,3 +225,39 @@ def test_faces_through_controls_and_the_cli_equal_the_handle_and_diffusers(
     fails(
         capsys, [*argv[:-2], "--output", str(tmp_path / "y.png"), "--plus-version", "v3"], "plus", "v1", "v2"
     )
+
+
+def test_server_takes_a_face_image_and_detects_its_largest_face(models: dict, tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    """The server's JSON carries the face as a base64 image; InsightFace (a stand-in following its documented
+    format, since its weights cannot be had here) finds the faces, the largest is used: the handle's picture."""
+    from fastapi.testclient import TestClient
+    from helpers import b64_png
+    from PIL import Image
+    from test_cli_faces import RIGHT, fake_insightface, model_root, normed, photo
+
+    from ipadapter.jobs.engine import Engine
+    from ipadapter.server import ServerConfig, create_app
+
+    fake_insightface(monkeypatch)
+    model_root(tmp_path / "home")
+    monkeypatch.setenv("HOME", str(tmp_path / "home" / ".."))  # ~/.insightface is insightface's own default
+    (tmp_path / "home" / "insightface").rename(tmp_path / ".insightface")
+    path = save_faceid(tmp_path, "faceid", "sd15", "safetensors")
+    config = ServerConfig(base=str(models["sd15"]), adapters=[str(path)])
+    image = Image.open(photo(tmp_path / "two.png", (256, 256), 1))
+    body = {"face_image": b64_png(image), "prompt": "a cat", "negative_prompt": "blurry", "scale": 0.7,
+            "width": 32, "height": 32, "steps": 2, "seed": 0}  # fmt: skip
+    with TestClient(create_app(config, Engine("cpu"))) as client:
+        r = client.post("/v1/generate", json=body)
+    assert r.status_code == 200, r.text
+    import base64
+    import io
+
+    got = np.asarray(
+        Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))).convert("RGB"), dtype=np.int16
+    )
+    ip = ipadapter.attach(load_pipeline(models["sd15"]), path, scale=0.7)
+    want = ip(
+        normed(RIGHT)[None], **{**CALL, "output_type": "pil"}, generator=torch.Generator().manual_seed(0)
+    )
+    assert np.abs(np.asarray(want.images[0], dtype=np.int16) - got).max() <= 2

@@ -488,7 +488,10 @@ def _record(
     record: dict[str, Any] = {}
     if loaded is not None:
         keys = [
-            image_key(ref.path) for entry in loaded.adapters for ref in entry.images if ref.path is not None
+            image_key(image)
+            for entry in loaded.adapters
+            for ref in entry.images
+            if isinstance(image := ref.path if ref.path is not None else ref.face, Image.Image)
         ]
         record["image_sha1"] = keys[0] if len(keys) == 1 and o["mode"] != "video" else keys
         if o.get("recipe") is not None:
@@ -515,7 +518,10 @@ def recorded_recipe(recipe: Recipe) -> dict[str, Any]:
     entries = [
         dataclasses.replace(
             entry,
-            images=[dataclasses.replace(r, path=named(r.path), mask=named(r.mask)) for r in entry.images],
+            images=[
+                dataclasses.replace(r, path=named(r.path), face=named(r.face), mask=named(r.mask))
+                for r in entry.images
+            ],
             negative_image=named(entry.negative_image),
         )
         for entry in recipe.adapters
