@@ -261,3 +261,23 @@ def test_server_takes_a_face_image_and_detects_its_largest_face(models: dict, tm
         normed(RIGHT)[None], **{**CALL, "output_type": "pil"}, generator=torch.Generator().manual_seed(0)
     )
     assert np.abs(np.asarray(want.images[0], dtype=np.int16) - got).max() <= 2
+
+
+@pytest.mark.parametrize("mode", ["img2img", "inpaint", "controlnet", "video"])
+def test_faceid_in_every_mode(models: dict, tmp_path, mode: str) -> None:  # noqa: ANN001
+    """FaceID-PlusV2 (its LoRA hooked, a face crop encoded) in each mode: the face changes the output, and a
+    scale of 0 with LoRA strength 0 is the mode's own pipeline exactly."""
+    from helpers import mode_setup
+
+    path = save_faceid(tmp_path, "faceid-plus", "sd15", "safetensors", name="ip-adapter-faceid-plusv2_sd15")
+    pipe, extra = mode_setup(models, "sd15", mode)
+    kw = {**CALL, **extra}
+    base = pipe(**kw, generator=torch.Generator().manual_seed(0))
+    base = np.asarray(base.frames if mode == "video" else base.images)
+    ip = ipadapter.attach(pipe, path, models["vit_h"], scale=0.0, lora_scale=0.0)
+    off = ip(_face(), **kw, generator=torch.Generator().manual_seed(0))
+    assert np.array_equal(np.asarray(off.frames if mode == "video" else off.images), base)
+    ip.scale, ip.lora_scale = 0.8, 1.0
+    on = ip(_face(), **kw, generator=torch.Generator().manual_seed(0))
+    on = np.asarray(on.frames if mode == "video" else on.images)
+    assert np.isfinite(on).all() and np.abs(on - base).max() > 3 * TOLERANCE

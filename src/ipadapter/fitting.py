@@ -19,7 +19,15 @@ from .adapters.checkpoint import Checkpoint, load_checkpoint
 from .adapters.variants import AdapterSpec, family
 from .errors import CheckpointError, IncompatibleModelError
 from .hosts.base import Host, HostLayer
-from .hosts.lora import LoRA, LoRASet, lora_key, lora_modules, metadata_alpha, read_lora_state
+from .hosts.lora import (
+    LoRA,
+    LoRASet,
+    adapter_processors,
+    lora_key,
+    lora_modules,
+    metadata_alpha,
+    read_lora_state,
+)
 from .prompt.controls import CONTROLS
 from .prompt.encoder import ImageEncoder
 from .sources import default_encoder, load_image_encoder, resolve_adapter, split_hub_path
@@ -209,7 +217,7 @@ def build_lora(
     except IndexError:
         raise IncompatibleModelError(
             f"adapter '{source}' has LoRA weights for attention layer {max(spec.lora_ids)} but the base UNet has "
-            f"{len(model.attn_processors)} attention layers; use an adapter made for this base"
+            f"{len(adapter_processors(model))} attention layers; use an adapter made for this base"
         ) from None
     if lora_file is None:
         ip = ckpt.ip_adapter

@@ -50,10 +50,16 @@ class LoRA(nn.Module):
         return self.up(self.down(x.to(self.down.weight.dtype))).to(x.dtype)
 
 
+def adapter_processors(unet: Any) -> list[str]:
+    """The attention processors an adapter file numbers (its ids are positions here): ``unet.attn_processors``
+    without AnimateDiff's motion modules, so a motion UNet numbers them as the 2D UNet it was made from."""
+    return [name for name in unet.attn_processors if "motion_modules" not in name]
+
+
 def lora_modules(unet: Any, layer_ids: tuple[int, ...]) -> dict[tuple[int, str], nn.Module]:
     """The projection modules the LoRA of ``layer_ids`` (positions in ``unet.attn_processors``, the official
     ids) acts on: ``(id, part) -> module``. Raises IndexError for an id the UNet does not have."""
-    names = list(unet.attn_processors)
+    names = adapter_processors(unet)
     out = {}
     for layer_id in layer_ids:
         attn = unet.get_submodule(names[layer_id].removesuffix(".processor"))
@@ -201,7 +207,7 @@ def read_lora_state(
     line for: no UNet attention LoRA at all, tensors for any other module, a down without its up (or the reverse),
     two tensors for one slot, a non-scalar alpha, or matrices whose shapes do not fit the module.
     """
-    procs = list(unet.attn_processors)
+    procs = adapter_processors(unet)
     names, per_block = _module_map(procs), getattr(unet.config, "layers_per_block", None)
     found: dict[tuple[int, str], dict[str, tuple[str, torch.Tensor]]] = {}
     foreign, text = [], 0
