@@ -11,12 +11,17 @@ import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import base64  # noqa: E402
+import io  # noqa: E402
+import json  # noqa: E402
+
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import tiny_models as tm  # noqa: E402
 import torch  # noqa: E402
 from faceid_checkpoints import save_faceid  # noqa: E402
 from helpers import CALL, reference_image  # noqa: E402
+from PIL import Image  # noqa: E402
 from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection  # noqa: E402
 
 import ipadapter  # noqa: E402
@@ -281,3 +286,59 @@ def test_faceid_in_every_mode(models: dict, tmp_path, mode: str) -> None:  # noq
     on = ip(_face(), **kw, generator=torch.Generator().manual_seed(0))
     on = np.asarray(on.frames if mode == "video" else on.images)
     assert np.isfinite(on).all() and np.abs(on - base).max() > 3 * TOLERANCE
+
+
+def test_server_takes_face_embeddings_as_numbers(models: dict, tmp_path) -> None:  # noqa: ANN001
+    from fastapi.testclient import TestClient
+
+    from ipadapter.jobs.engine import Engine
+    from ipadapter.server import ServerConfig, create_app
+
+    path = save_faceid(tmp_path, "faceid", "sd15", "safetensors")
+    face = _face(6).embeds[0]
+    config = ServerConfig(base=str(models["sd15"]), adapters=[str(path)])
+    body = {"face_embeds": [float(v) for v in face], "prompt": "a cat", "negative_prompt": "blurry",
+            "scale": 0.7, "width": 32, "height": 32, "steps": 2, "seed": 0}  # fmt: skip
+    with TestClient(create_app(config, Engine("cpu"))) as client:
+        schema = client.get("/openapi.json").json()
+        r = client.post("/v1/generate", json=body)
+        bad = client.post("/v1/generate", json={**body, "face_embeds": ["me.safetensors"]})
+        short = client.post("/v1/generate", json={**body, "face_embeds": [0.1] * 128})
+    assert r.status_code == 200, r.text
+    assert bad.status_code == 422 and "not accepted here" in bad.json()["error"]["message"]
+    assert (
+        short.status_code == 422 and "128 values per face; expected 512" in short.json()["error"]["message"]
+    )
+    assert "face_embeds" in json.dumps(schema)
+    got = np.asarray(
+        Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))).convert("RGB"), dtype=np.int16
+    )
+    ip = ipadapter.attach(load_pipeline(models["sd15"]), path, scale=0.7)
+    want = ip(
+        face[None], **{**CALL, "output_type": "pil"}, generator=torch.Generator().manual_seed(0)
+    ).images[0]
+    assert np.abs(np.asarray(want, dtype=np.int16) - got).max() <= 2
+
+
+def test_cli_face_image_with_face_index_and_model_root(models: dict, tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    """`generate --face-image` detects with InsightFace (a stand-in following its documented format) under
+    --face-model-root, and --face-index picks the leftmost face instead of the largest."""
+    from helpers import png_pixels
+    from test_cli_faces import LEFT, fake_insightface, model_root, normed, photo
+
+    from ipadapter.cli import main
+
+    fake_insightface(monkeypatch)
+    root = model_root(tmp_path)
+    path = save_faceid(tmp_path, "faceid", "sd15", "safetensors")
+    image = photo(tmp_path / "two.png", (256, 256), 1)
+    out = tmp_path / "left.png"
+    argv = ["generate", "--base", str(models["sd15"]), "--adapter", str(path), "--face-image", str(image),
+            "--face-model-root", str(root), "--face-index", "0", "--prompt", "a cat", "--negative-prompt", "blurry",
+            "--scale", "0.7", "--steps", "2", "--width", "32", "--height", "32", "--seed", "0", "--output", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    ip = ipadapter.attach(load_pipeline(models["sd15"]), path, scale=0.7)
+    want = ip(
+        normed(LEFT)[None], **{**CALL, "output_type": "pil"}, generator=torch.Generator().manual_seed(0)
+    ).images[0]
+    assert np.abs(np.asarray(want, dtype=np.int16) - png_pixels(out)).max() <= 2

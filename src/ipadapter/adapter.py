@@ -531,7 +531,10 @@ def attach(
         lora.install(lora_modules(model, spec.lora_ids))
         handle.lora = lora
     if spec.layout == "faceid-plus":
-        handle.plus_version = plus_version or spec.plus_version or plus_version_hint(source) or "v1"
+        recorded = ckpt.metadata.get("ipadapter.plus_version")  # our own training's exports say it
+        handle.plus_version = (
+            plus_version or spec.plus_version or recorded or plus_version_hint(source) or "v1"
+        )
     for proc_name, branch in branches.items():
         state.processors[proc_name].add_branch(name, branch)
     state.adapters[name] = handle

@@ -18,8 +18,8 @@ from .errors import InputError
 
 # What a value may be, by kind. "image" / "file" / "model": a string naming one (a path, a hub id, base64 data
 # on the server); "weights": per-block weights as text ("t3=0.5,t6=1") or a table; "recipe": a recipe table
-# (or a recipe file's path).
-KINDS = ("text", "int", "number", "bool", "choice", "image", "file", "model", "weights", "recipe")
+# (or a recipe file's path); "faces": a face-embeddings file's path, or (JSON) a face's embedding as numbers.
+KINDS = ("text", "int", "number", "bool", "choice", "image", "file", "model", "weights", "recipe", "faces")
 _NAMED = {"image": "an image", "file": "a file path", "model": "a model name or path", "text": "a string"}
 
 
@@ -99,7 +99,8 @@ class Option:
         if value is None:
             return None
         if self.many:
-            values = value if isinstance(value, list) else [value]
+            one_face = self.kind == "faces" and isinstance(value, list) and _numbers(value)
+            values = [value] if one_face or not isinstance(value, list) else value
             return [self._one(v, where, spell) for v in values]
         return self._one(value, where, spell)
 
@@ -123,6 +124,13 @@ class Option:
             if not isinstance(value, str | dict):
                 raise InputError(f"{where}{name} is {type(value).__name__}; expected {self.expected()}")
             return value
+        if self.kind == "faces" and isinstance(value, list):
+            if not value or not _numbers(value) or not all(math.isfinite(v) for v in value):
+                raise InputError(
+                    f"{where}{name} holds a list that is not a face embedding; expected a file path or a list of "
+                    "finite numbers (512 per face, e.g. InsightFace's normed_embedding)"
+                )
+            return [float(v) for v in value]
         if self.per_frame and isinstance(value, list):
             return [self._text(v, where, name) for v in value]
         return self._text(value, where, name)
@@ -149,6 +157,10 @@ class Option:
             )
             raise InputError(f"{where}{name} is {value}; expected {self.expected()}{hint}")
         return int(value) if integer else float(value)
+
+
+def _numbers(values: list) -> bool:
+    return all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in values)
 
 
 def _shown(bound: float, kind: str) -> str:

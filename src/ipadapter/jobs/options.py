@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from PIL import Image
 
 from ..errors import InputError
@@ -339,7 +341,11 @@ def recipe_from_options(options: dict[str, Any], where: str = "", spell: Spell =
             f"{where}no adapter: give {spell('adapter')} (a file, hub path or name) or {spell('recipe')}"
         )
     kinds = (("image", "path"), ("embeds", "embeds"), ("face_embeds", "face"), ("face_image", "face"))
-    refs = [(*split_weight(v), kind) for key, kind in kinds for v in as_list(options.get(key))]
+    refs = [
+        (*(split_weight(v) if isinstance(v, str) else (np.asarray(v, dtype=np.float32)[None], None)), kind)
+        for key, kind in kinds
+        for v in as_list(options.get(key))
+    ]
     if not refs:
         raise InputError(
             f"{where}no reference: give {spell('image')} (or {spell('embeds')}, a FaceID adapter's "
@@ -359,18 +365,7 @@ def recipe_from_options(options: dict[str, Any], where: str = "", spell: Spell =
     weights = options.get("layer_weights")
     if isinstance(weights, str):
         weights = parse_layer_weights(weights)
-    names = (
-        "combine",
-        "start",
-        "end",
-        "preset",
-        "curve",
-        "negative_image",
-        "composition_weight",
-        "lora_scale",
-        "s_scale",
-        "plus_version",
-    )
+    names = [k for k in CONTROLS if k not in ("scale", "layer_weights")]  # those two: here and below
     control = {k: options[k] for k in names if options.get(k) is not None}
     scale = options.get("scale")
     entry = AdapterRecipe(
@@ -513,6 +508,8 @@ def recorded_recipe(recipe: Recipe) -> dict[str, Any]:
     """The recipe as a file would hold it, each image replaced by ``sha1:<content hash>`` (no pixel data)."""
 
     def named(value: Any) -> Any:
+        if isinstance(value, np.ndarray):  # a face's embedding sent inline: its content hash, like an image
+            return f"sha1:{hashlib.sha1(np.ascontiguousarray(value, dtype=np.float32).tobytes()).hexdigest()}"
         return f"sha1:{image_key(value)}" if isinstance(value, Image.Image) else value
 
     entries = [

@@ -23,9 +23,9 @@ REFERENCES = table(
     Option("embeds", "file", "reference from an `ipadapter embed` file, FILE[:WEIGHT]; repeatable", many=True,
            server="is not accepted by the server (embeddings files are server-side files); send the reference "
            "image as base64 in 'image'"),
-    Option("face_embeds", "file", "FaceID: a face-embeddings FILE[:WEIGHT] (.npy / .safetensors, e.g. from "
-           "`ipadapter face-embed`); repeatable", many=True,
-           server="is not accepted by the server (files are server-side); send the face as base64 in 'face_image'"),
+    Option("face_embeds", "faces", "FaceID: a face-embeddings FILE[:WEIGHT] (.npy / .safetensors, e.g. from "
+           "`ipadapter face-embed`); repeatable. The server's JSON: a face's 512 numbers, or a list of faces",
+           many=True),
     Option("face_image", "image", "FaceID: a face image PATH[:WEIGHT], its largest face detected with InsightFace "
            "(pip install 'ipadapter[face]'); repeatable", many=True),
     Option("image_mask", "image", "regional mask per reference (white = where it acts), in the order of image, "
@@ -53,6 +53,10 @@ CONTROLS = table(
            "trained and as diffusers applies it)", low=0, high=MAX_SCALE, example="0.6"),
     Option("s_scale", "number", "FaceID-PlusV2: weight of the shortcut (ComfyUI's weight_faceidv2; default 1.0)",
            low=0, high=MAX_SCALE, example="1.0"),
+    Option("face_index", "text", "FaceID, a face image with several faces: largest (default), score (the "
+           "detector's best), all (portraits: every face), or an index, 0 = leftmost"),
+    Option("face_model_root", "model", "FaceID: folder holding InsightFace's models/buffalo_l (default "
+           "~/.insightface)", server="is a setting of the server's machine, not of a request; leave it out"),
     Option("plus_version", "choice", "FaceID-Plus: v1 or v2 (keys cannot tell them apart; default: the file "
            "name's hint, else v1)", choices=("v1", "v2")),
 )  # fmt: skip

@@ -563,11 +563,14 @@ __all__ = [
 ]
 
 
-def as_faces(value: Any, *, normed: bool = True) -> FaceEmbeds:
+def as_faces(
+    value: Any, *, normed: bool = True, pick: str | int = "largest", root: str | Path | None = None
+) -> FaceEmbeds:
     """What a FaceID adapter's reference can be, as :class:`FaceEmbeds`: FaceEmbeds; an array or tensor (512,)
     or (F, 512); a face-embeddings file (``.npy`` / ``.safetensors``); or a face image (file or PIL image),
-    detected with InsightFace's default ``buffalo_l`` (the largest face; ``normed=False``: its raw embedding,
-    what portrait-unnorm reads)."""
+    detected with InsightFace's ``buffalo_l`` under ``root`` (default: insightface's own, ``~/.insightface``);
+    ``pick``: which face (:func:`detect_faces`); ``normed=False``: the raw embedding, what portrait-unnorm
+    reads."""
     if isinstance(value, FaceEmbeds):
         return value
     if hasattr(value, "shape") and hasattr(value, "dtype"):  # numpy array or torch tensor
@@ -580,7 +583,7 @@ def as_faces(value: Any, *, normed: bool = True) -> FaceEmbeds:
     if isinstance(value, str | Path | Image.Image):
         image = value if isinstance(value, Image.Image) else _open_image(Path(value))
         source = "the face image" if isinstance(value, Image.Image) else str(value)
-        return detect_faces(image, open_analyser(), source=source, normed=normed)
+        return detect_faces(image, open_analyser(root=root), pick=pick, source=source, normed=normed)
     raise InputError(
         f"a FaceID adapter's reference is a face: face embeddings (an array of 512 values per face, a .npy or "
         f".safetensors file from `ipadapter face-embed`) or a face image; got {type(value).__name__}"

@@ -177,6 +177,8 @@ class Control:
     negative_image: str | Path | Image.Image | None = None
     lora_scale: float | None = None
     s_scale: float | None = None
+    face_index: str | int | None = None
+    face_model_root: str | None = None
     plus_version: str | None = None
 
     def __post_init__(self) -> None:

@@ -136,6 +136,15 @@ def control_field(value: Any, option: Option, here: Where) -> Any:
         return as_layer_weights(value, here, key)
     if option.kind == "image":
         return as_optional_file(value, here, key, image=True)
+    if option.kind == "model":
+        return as_optional_file(value, here, key)
+    if option.kind == "text":  # e.g. face_index: largest / score / all / 0 (checked where it is used)
+        if isinstance(value, bool) or not isinstance(value, str | int):
+            fail(
+                key_path(here.where, key),
+                f"got {value!r}; expected text, e.g. {example_of(here, key, option.example)}",
+            )
+        return value
     if value is None:  # the scale: None means the adapter's own
         return None
     number = as_number(value, here, key, option.example)

@@ -69,7 +69,7 @@ def prepare(ip: IPAdapter, control: Control, where: str = "") -> Prepared:
     for i, ref in enumerate(control.images):
         label = f"{where}image[{i}]"
         if faceid or ref.face is not None:
-            images.append(_face(ip, ref, label))
+            images.append(_face(ip, ref, label, control))
         elif ref.embeds is not None:
             embeds = load_embeds(ref.embeds)
             check_embeds(embeds, ip.spec.feature, ip.spec.feature_dim, ip.encoder, ip.source)
@@ -102,7 +102,7 @@ def prepare(ip: IPAdapter, control: Control, where: str = "") -> Prepared:
     return Prepared(control, images, masks, negative, scales)
 
 
-def _face(ip: IPAdapter, ref: Reference, label: str) -> FaceEmbeds:
+def _face(ip: IPAdapter, ref: Reference, label: str, control: Control) -> FaceEmbeds:
     """A FaceID reference's faces: from ``face`` (embeddings, a file, a face image) or, as a convenience, from
     an ordinary reference image (its largest face)."""
     if ip.spec.feature != "face":
@@ -116,7 +116,16 @@ def _face(ip: IPAdapter, ref: Reference, label: str) -> FaceEmbeds:
             "embeddings (face_embeds / face) or a face image"
         )
     value = ref.face if ref.face is not None else load_image(ref.path, f"{label} face image")
-    return as_faces(value, normed=ip.spec.layout != "faceid-portrait-unnorm")
+    return as_faces(value, **face_options(ip, control))
+
+
+def face_options(ip: IPAdapter, control: Control) -> dict[str, Any]:
+    """How faces are read for ``ip``: raw embeddings for portrait-unnorm; which face; where InsightFace is."""
+    pick: str | int = control.face_index if control.face_index is not None else "largest"
+    if isinstance(pick, str) and pick.strip().isdigit():
+        pick = int(pick)
+    normed = ip.spec.layout != "faceid-portrait-unnorm"
+    return {"normed": normed, "pick": pick, "root": control.face_model_root}
 
 
 def _check_host_controls(spec: AdapterSpec, control: Control, masks: list, where: str) -> None:
@@ -194,7 +203,7 @@ def _face_tokens(ip: IPAdapter, prepared: Prepared) -> tuple[torch.Tensor, torch
     options = dict(s_scale=control.s_scale, plus_version=control.plus_version)
     negative = None
     if prepared.negative_image is not None:
-        negative = as_faces(prepared.negative_image, normed=ip.spec.layout != "faceid-portrait-unnorm")
+        negative = as_faces(prepared.negative_image, **face_options(ip, control))
     window = (control.start, control.end)
     branch = BranchControl(scale=control.scale, layer_scales=prepared.layer_scales, window=window)
     if control.combine != "concat":

@@ -60,6 +60,8 @@ def _schema(option: Option) -> dict[str, Any]:
         one = {"oneOf": [{"type": "string"}, {"type": "object", "additionalProperties": {"type": "number"}}]}
     elif option.kind == "recipe":
         one = {"type": "object"}
+    elif option.kind == "faces":  # the server takes a face's embedding (no server-side files)
+        one = {"type": "array", "items": {"type": "number"}, "minItems": 512, "maxItems": 512}
     elif option.kind == "image":
         one = {"oneOf": [_IMAGE, {"type": "array", "items": _IMAGE}]} if option.per_frame else dict(_IMAGE)
     else:
