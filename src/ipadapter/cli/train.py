@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..training.config import resumed_config
+from ..training.config import PLUS_VERSIONS, VARIANTS, resumed_config
 from .common import finite, positive_float, positive_int, quiet_libraries, size
 
 
@@ -15,8 +15,16 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--base-config", help="for a single-file base: a diffusers folder/hub id of the same family"
     )
-    p.add_argument("--image-encoder", help="CLIP vision model (default: the official one for the variant)")
-    p.add_argument("--variant", choices=["basic", "plus"], help="adapter layout to train (default plus)")
+    p.add_argument(
+        "--image-encoder",
+        help="CLIP vision model (default: the official one for the variant; faceid reads none)",
+    )
+    p.add_argument(
+        "--variant",
+        choices=list(VARIANTS),
+        help="adapter layout to train (default plus); faceid / faceid-plus read a precomputed face embedding "
+        "per example (--face-column)",
+    )
     p.add_argument(
         "--data",
         help="image folder with .txt captions, .jsonl/.json manifest, saved HF dataset, "
@@ -24,6 +32,24 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--image-column", help="manifest/dataset image field (default image)")
     p.add_argument("--text-column", help="manifest/dataset caption field (default text)")
+    p.add_argument(
+        "--face-column",
+        help="faceid/faceid-plus: manifest/dataset field with each example's face-embeddings file (from "
+        "`ipadapter face-embed`; relative to the manifest like images; faceid-plus needs its aligned crop) "
+        "(default face); in an image folder: the same-name .safetensors/.npy beside each image",
+    )
+    p.add_argument(
+        "--lora-rank",
+        type=int,
+        help="faceid/faceid-plus: rank of the UNet LoRA trained with the adapter (default 128, as the official "
+        "files; 0: no LoRA)",
+    )
+    p.add_argument(
+        "--plus-version",
+        choices=list(PLUS_VERSIONS),
+        help="faceid-plus: v1, or v2 (PlusV2: tokens = face tokens + perceiver output) (default v1; load a v2 "
+        "result with plus_version='v2')",
+    )
     p.add_argument(
         "--output", help="run folder: checkpoints, logs, validation images, ip-adapter.safetensors"
     )
@@ -36,9 +62,14 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight-decay", type=finite, help="AdamW weight decay (default 0.01)")
     p.add_argument("--warmup-steps", type=int, help="linear warm-up steps (default 0)")
     p.add_argument("--max-steps", type=positive_int, help="optimizer steps in all (default 1000)")
-    p.add_argument("--num-tokens", type=positive_int, help="image tokens (default 4 basic, 16 plus)")
+    p.add_argument(
+        "--num-tokens", type=positive_int, help="image tokens (default 4 basic and FaceID, 16 plus)"
+    )
     for what in ("text", "image", "both"):
-        p.add_argument(f"--drop-{what}", type=finite, help=f"rate of dropping the {what} (default 0.05)")
+        also = " (FaceID: the face)" if what != "text" else ""
+        p.add_argument(
+            f"--drop-{what}", type=finite, help=f"rate of dropping the {what}{also} (default 0.05)"
+        )
     p.add_argument("--seed", type=int, help="seed of everything random in the run (default 42)")
     p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], help="default no")
     p.add_argument(
@@ -56,6 +87,11 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep-checkpoints", type=positive_int, help="checkpoints kept (default 3)")
     p.add_argument("--validate-every", type=int, help="steps between validation images (default 0 = never)")
     p.add_argument("--validation-image", help="reference image for validation images")
+    p.add_argument(
+        "--validation-face",
+        metavar="FILE",
+        help="faceid/faceid-plus: face-embeddings file for validation images (faceid-plus: with its crop)",
+    )
     p.add_argument("--validation-prompt", help="prompt for validation images (default empty)")
     p.add_argument("--export-dtype", choices=["float16", "float32", "bfloat16"], help="default float16")
     p.add_argument("--num-workers", type=int, help="data loading worker processes (default 0)")

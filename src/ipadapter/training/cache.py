@@ -3,6 +3,8 @@
 Only centre crops can be cached (a random crop or flip changes the latents every epoch). The cache keeps
 the latent *distribution* (its moments), and the step samples from it with the step's own generator, so a
 cached run draws the same latents as an uncached one. Features are stored in the dtype the encoder ran in.
+FaceID runs also store each example's face embedding (``face``); faceid has no image features (its negative
+is the zero face), faceid-plus's are those of the aligned face crop.
 Files: ``index.json`` (what the cache was built from), ``negative.safetensors`` (the adapter's negative
 features), ``shard-NNNNN.safetensors`` (256 examples each, written whole or not at all).
 """
@@ -26,8 +28,12 @@ SHARD = 256
 VERSION = 1
 
 
+FIELDS = ("moments", "features", "face", "original_size", "crop_top_left")
+
+
 class FeatureCache:
-    """Per-example ``moments``, ``features``, ``original_size``, ``crop_top_left`` for a map-style source."""
+    """Per-example ``moments``, ``features``, ``face`` (FaceID), ``original_size``, ``crop_top_left`` for a
+    map-style source."""
 
     def __init__(self, folder: str | Path, fingerprint: dict[str, Any]) -> None:
         self.folder = Path(folder)
@@ -76,10 +82,8 @@ class FeatureCache:
             skipped = json.loads(f.metadata().get("skipped", "{}"))
             if str(i) in skipped:
                 return {"skipped": skipped[str(i)]}
-            return {
-                name: f.get_tensor(f"{i}.{name}")
-                for name in ("moments", "features", "original_size", "crop_top_left")
-            }
+            keys = set(f.keys())
+            return {name: f.get_tensor(f"{i}.{name}") for name in FIELDS if f"{i}.{name}" in keys}
 
 
 class CachedExamples(torch.utils.data.Dataset):
@@ -101,7 +105,7 @@ def fill_shards(
     cache: FeatureCache,
     source: Any,
     transform: Any,
-    encode: Callable[[dict[str, Any]], tuple[torch.Tensor, torch.Tensor]],
+    encode: Callable[[dict[str, Any]], tuple[torch.Tensor, torch.Tensor | None]],
     batch_size: int,
     rank: int = 0,
     world_size: int = 1,
@@ -109,7 +113,7 @@ def fill_shards(
     """Compute this process's share of the missing shards (every ``world_size``-th, from ``rank``).
 
     ``encode`` maps a collated batch of ``batch_size`` transformed examples to its latent moments and image
-    features; unreadable examples are recorded in their shard as skipped.
+    features (None: the adapter reads none); unreadable examples are recorded in their shard as skipped.
     """
     n = len(source)
     for shard in cache.missing_shards(n)[rank::world_size]:
@@ -130,7 +134,10 @@ def fill_shards(
                 moments, feats = encode(batch)
             for row, (i, _) in enumerate(good):
                 tensors[f"{i}.moments"] = moments[row].float()
-                tensors[f"{i}.features"] = feats[row]
+                if feats is not None:
+                    tensors[f"{i}.features"] = feats[row]
+                if "face" in batch:
+                    tensors[f"{i}.face"] = batch["face"][row]
                 tensors[f"{i}.original_size"] = batch["original_size"][row]
                 tensors[f"{i}.crop_top_left"] = batch["crop_top_left"][row]
         cache.write_shard(shard, tensors, skipped)

@@ -15,13 +15,16 @@ from typing import Any
 
 from ..errors import InputError
 
-VARIANTS = ("basic", "plus")
+VARIANTS = ("basic", "plus", "faceid", "faceid-plus")
+FACEID = ("faceid", "faceid-plus")  # read a precomputed face embedding per example (DESIGN.md §3.6)
+LORA_RANK = 128  # the FaceID UNet LoRA's rank in the official files
+PLUS_VERSIONS = ("v1", "v2")
 CONFIG = "train_config.json"
 
 # Fields that may change when a run is resumed (they do not change what the finished run computes).
 RESUMABLE_CHANGES = {"max_steps", "checkpoint_every", "keep_checkpoints", "validate_every", "validation_image",
-                     "validation_prompt", "num_workers", "report_to", "log_every", "resume", "export_dtype",
-                     "output", "base_config", "cache_dir", "deterministic"}  # fmt: skip
+                     "validation_face", "validation_prompt", "num_workers", "report_to", "log_every", "resume",
+                     "export_dtype", "output", "base_config", "cache_dir", "deterministic"}  # fmt: skip
 
 
 @dataclass
@@ -42,7 +45,9 @@ class TrainConfig:
     weight_decay: float = 0.01
     warmup_steps: int = 0
     max_steps: int = 1000
-    num_tokens: int | None = None  # default: 4 (basic), 16 (plus)
+    num_tokens: int | None = None  # default: 4 (basic, FaceID), 16 (plus)
+    lora_rank: int | None = None  # FaceID: the UNet LoRA's rank (default 128; 0: no LoRA)
+    plus_version: str = "v1"  # faceid-plus: v2 trains the shortcut (tokens = face tokens + resampler)
     drop_text: float = 0.05
     drop_image: float = 0.05
     drop_both: float = 0.05
@@ -55,10 +60,12 @@ class TrainConfig:
     cache_dir: str | None = None  # precomputed latents/features (centre crops only)
     image_column: str = "image"
     text_column: str = "text"
+    face_column: str = "face"  # FaceID: a face-embeddings file per example
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
     validate_every: int = 0
     validation_image: str | None = None
+    validation_face: str | None = None  # FaceID: the face-embeddings file validation images use
     validation_prompt: str = ""
     export_dtype: str = "float16"
     num_workers: int = 0
@@ -111,14 +118,58 @@ class TrainConfig:
             problems.append(
                 "a feature cache stores centre crops; it cannot be used with random crops or flips"
             )
-        if self.validate_every and not self.validation_image:
-            problems.append("validate_every is set but no validation image is given (--validation-image)")
+        problems += self._face_problems()
+        if self.validate_every and not (self.validation_face if self.faceid else self.validation_image):
+            given = (
+                "face file is given (--validation-face)"
+                if self.faceid
+                else "image is given (--validation-image)"
+            )
+            problems.append(f"validate_every is set but no validation {given}")
         if problems:
             raise InputError("; ".join(problems))
 
+    def _face_problems(self) -> list[str]:
+        """What only the FaceID variants take, given to another variant (or the other way round)."""
+        problems = []
+        if self.lora_rank is not None and not self.faceid:
+            problems.append(
+                f"--lora-rank applies to the FaceID variants (faceid, faceid-plus), not {self.variant}; drop it"
+            )
+        if self.lora_rank is not None and self.lora_rank < 0:
+            problems.append(f"lora_rank {self.lora_rank} must be >= 0 (0: no LoRA)")
+        if self.plus_version not in PLUS_VERSIONS:
+            problems.append(f"plus_version '{self.plus_version}' is not one of {', '.join(PLUS_VERSIONS)}")
+        elif self.plus_version != "v1" and self.variant != "faceid-plus":
+            problems.append(f"--plus-version applies to faceid-plus, not {self.variant}; drop it")
+        if self.faceid and self.validation_image:
+            problems.append(
+                f"a {self.variant} adapter validates with a face (--validation-face FILE), not --validation-image"
+            )
+        if not self.faceid and self.validation_face:
+            problems.append(f"--validation-face is for the FaceID variants; a {self.variant} adapter takes "
+                            "--validation-image")  # fmt: skip
+        if self.variant == "faceid" and self.image_encoder:
+            problems.append(
+                "a faceid adapter reads the face embedding only, no image features; drop --image-encoder"
+            )
+        return problems
+
+    @property
+    def faceid(self) -> bool:
+        """Whether the variant reads a face embedding per example (faceid, faceid-plus)."""
+        return self.variant in FACEID
+
+    @property
+    def lora(self) -> int:
+        """The UNet LoRA's rank (0: none; always 0 outside the FaceID variants)."""
+        if not self.faceid:
+            return 0
+        return LORA_RANK if self.lora_rank is None else self.lora_rank
+
     @property
     def tokens(self) -> int:
-        return self.num_tokens or (4 if self.variant == "basic" else 16)
+        return self.num_tokens or (16 if self.variant == "plus" else 4)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

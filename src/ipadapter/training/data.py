@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError, ModelNotAvailableError
+from .faces import folder_faces, manifest_face
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
@@ -33,13 +34,15 @@ class Sample:
     """One raw record, before decoding.
 
     ``image`` is a path, encoded bytes, a PIL image or None; ``error`` (when set) says why the record
-    can't be used, and the transform reports it as skipped.
+    can't be used, and the transform reports it as skipped. ``face`` (FaceID runs): a face-embeddings file path
+    or the embedding's values (:mod:`.faces`); None elsewhere.
     """
 
     key: str
     image: Any
     text: str
     error: str | None = None
+    face: Any = None
 
 
 class Source:
@@ -68,25 +71,33 @@ class Source:
 
 
 class _PairSource(Source):
-    """A folder of images with captions, or a manifest: a list of (key, image path, caption)."""
+    """A folder of images with captions, or a manifest: a list of (key, image path, caption), and for FaceID
+    runs each example's face file."""
 
     streaming = False
 
-    def __init__(self, spec: str, kind: str, pairs: list[tuple[str, Path, str | Path | None]]) -> None:
+    def __init__(
+        self,
+        spec: str,
+        kind: str,
+        pairs: list[tuple[str, Path, str | Path | None]],
+        faces: list[Path] | None = None,
+    ) -> None:
         # the caption is text (manifest), a caption file path (folder) or None (no caption)
-        self.spec, self.kind, self._pairs = spec, kind, pairs
+        self.spec, self.kind, self._pairs, self._faces = spec, kind, pairs, faces
 
     def __len__(self) -> int:
         return len(self._pairs)
 
     def __getitem__(self, i: int) -> Sample:
         key, image, caption = self._pairs[i]
+        face = self._faces[i] if self._faces is not None else None
         if isinstance(caption, Path):
             try:
                 caption = caption.read_text(encoding="utf-8", errors="replace").strip()
             except OSError as e:
-                return Sample(key, image, "", error=f"caption '{caption}' could not be read ({e})")
-        return Sample(key, image, caption or "")
+                return Sample(key, image, "", error=f"caption '{caption}' could not be read ({e})", face=face)
+        return Sample(key, image, caption or "", face=face)
 
 
 class _DiskDatasetSource(Source):
@@ -95,7 +106,15 @@ class _DiskDatasetSource(Source):
     streaming = False
     kind = "dataset"
 
-    def __init__(self, spec: str, dataset: Any, image_column: str, text_column: str, root: Path) -> None:
+    def __init__(
+        self,
+        spec: str,
+        dataset: Any,
+        image_column: str,
+        text_column: str,
+        root: Path,
+        face_column: str | None,
+    ) -> None:
         self.spec, self._ds, self._image, self._text, self._root = (
             spec,
             dataset,
@@ -103,6 +122,7 @@ class _DiskDatasetSource(Source):
             text_column,
             root,
         )
+        self._face = face_column
 
     def __len__(self) -> int:
         return len(self._ds)
@@ -112,7 +132,7 @@ class _DiskDatasetSource(Source):
             raise IndexError(i)
         i %= len(self)
         row = self._ds[i]
-        return _row_sample(f"{i}", row, self._image, self._text, self._root)
+        return _row_sample(f"{i}", row, self._image, self._text, self._root, self._face)
 
 
 class _HubSource(Source):
@@ -121,12 +141,15 @@ class _HubSource(Source):
     streaming = True
     kind = "hub"
 
-    def __init__(self, spec: str, dataset: Any, image_column: str, text_column: str) -> None:
+    def __init__(
+        self, spec: str, dataset: Any, image_column: str, text_column: str, face_column: str | None
+    ) -> None:
         self.spec, self._ds, self._image, self._text = spec, dataset, image_column, text_column
+        self._face = face_column
 
     def __iter__(self) -> Iterator[Sample]:
         for i, row in enumerate(self._ds):
-            yield _row_sample(f"{i}", row, self._image, self._text, None)
+            yield _row_sample(f"{i}", row, self._image, self._text, None, self._face)
 
 
 class _TarSource(Source):
@@ -191,45 +214,79 @@ class _TarSource(Source):
         return Sample(name, image, text, error=error)
 
 
-def _row_sample(key: str, row: dict, image_column: str, text_column: str, root: Path | None) -> Sample:
-    """A dataset row as a Sample: images as bytes, paths (relative to ``root`` if not found as given) or PIL."""
+def _rooted(value: Any, root: Path | None) -> Any:
+    """A relative path string found under ``root`` (the dataset's folder) rather than as given."""
+    if isinstance(value, str) and root is not None and not Path(value).is_absolute():
+        if not Path(value).exists() and (root / value).exists():
+            return str(root / value)
+    return value
+
+
+def _row_sample(
+    key: str,
+    row: dict,
+    image_column: str,
+    text_column: str,
+    root: Path | None,
+    face_column: str | None = None,
+) -> Sample:
+    """A dataset row as a Sample: images as bytes, paths (relative to ``root`` if not found as given) or PIL;
+    a face (``face_column``) as a file path (the same way) or the embedding's values."""
     image = row.get(image_column)
     if isinstance(image, dict):  # the datasets Image feature with decode=False
         image = image.get("bytes") or image.get("path")
-    if isinstance(image, str) and root is not None and not Path(image).is_absolute():
-        if not Path(image).exists() and (root / image).exists():
-            image = str(root / image)
+    image = _rooted(image, root)
     text = row.get(text_column)
     error = None if image is not None else f"row {key} has no '{image_column}' value"
-    return Sample(key, image, text if isinstance(text, str) else "", error=error)
+    face = _rooted(row.get(face_column), root) if face_column else None
+    if face_column and face is None and error is None:
+        error = f"row {key} has no '{face_column}' value (the face embedding a FaceID run reads)"
+    return Sample(key, image, text if isinstance(text, str) else "", error=error, face=face)
 
 
 # ------------------------------------------------------------------------------------------ open_source
 
 
 def open_source(
-    spec: str, *, image_column: str = "image", text_column: str = "text", split: str = "train"
+    spec: str,
+    *,
+    image_column: str = "image",
+    text_column: str = "text",
+    split: str = "train",
+    face_column: str | None = None,
+    face_crops: bool = False,
 ) -> Source:
     """The training data named by ``spec``, resolved and validated (cheap checks only).
 
     ``spec`` is a folder of images with same-name ``.txt`` captions; a ``.jsonl``/``.json`` manifest; a
     folder saved with ``datasets``' ``save_to_disk``; ``hf://owner/name`` (a hub dataset, streamed); or
     WebDataset tar shards (``data.tar``, ``shards/*.tar``, ``data-{000..009}.tar``).
+
+    ``face_column`` (FaceID runs): each example's face embedding (:mod:`.faces`): a manifest's or dataset's
+    column, or in a folder a same-name ``.safetensors`` / ``.npy`` beside each image; ``face_crops``: the
+    files must carry the aligned face crop too (faceid-plus). A folder's or manifest's face files are checked
+    (headers only) here.
     """
     spec = str(spec)
+    faces = (face_column, face_crops) if face_column else None
     if spec.startswith("hf://"):
-        return _open_hub(spec, image_column, text_column, split)
+        return _open_hub(spec, image_column, text_column, split, face_column)
     path = Path(spec).expanduser()
     if path.is_dir():
         if _is_saved_dataset(path):
-            return _open_disk_dataset(spec, path, image_column, text_column, split)
-        return _open_folder(spec, path)
+            return _open_disk_dataset(spec, path, image_column, text_column, split, face_column)
+        return _open_folder(spec, path, faces)
     lower = spec.lower()
     if path.is_file() and lower.endswith(".jsonl"):
-        return _open_manifest(spec, path, image_column, text_column, lines=True)
+        return _open_manifest(spec, path, image_column, text_column, lines=True, faces=faces)
     if path.is_file() and lower.endswith(".json"):
-        return _open_manifest(spec, path, image_column, text_column, lines=False)
+        return _open_manifest(spec, path, image_column, text_column, lines=False, faces=faces)
     if lower.endswith(TAR_SUFFIXES):
+        if face_column:
+            raise InputError(
+                f"tar shards '{spec}' carry no face embeddings a FaceID run can read; use a .jsonl manifest with "
+                f"a '{face_column}' column (a face-embeddings file per image), an image folder or a saved dataset"
+            )
         return _open_tar(spec, text_column)
     if lower.endswith((".jsonl", ".json")):
         raise InputError(
@@ -256,7 +313,7 @@ def _hidden(relative: Path) -> bool:
     return any(part.startswith(".") for part in relative.parts)
 
 
-def _open_folder(spec: str, folder: Path) -> Source:
+def _open_folder(spec: str, folder: Path, faces: tuple[str, bool] | None = None) -> Source:
     images = []
     for path in folder.rglob("*"):
         relative = path.relative_to(folder)
@@ -272,7 +329,14 @@ def _open_folder(spec: str, folder: Path) -> Source:
     for key, path in images:
         caption = path.with_suffix(".txt")
         pairs.append((key, path, caption if caption.is_file() else None))
-    return _PairSource(spec, "folder", pairs)
+    face_files, problems = (
+        folder_faces([(key, image) for key, image, _ in pairs], faces[1]) if faces else ([], [])
+    )
+    if problems:
+        what = " with the aligned face crop" if faces and faces[1] else ""
+        raise _problems(f"training folder '{spec}'", problems, f"a face-embeddings file{what} beside each "
+                        "image: its name with .safetensors or .npy (`ipadapter face-embed IMAGE --output FILE`)")  # fmt: skip
+    return _PairSource(spec, "folder", pairs, face_files if faces else None)
 
 
 def _problems(name: str, problems: list[str], expected: str) -> InputError:
@@ -282,11 +346,25 @@ def _problems(name: str, problems: list[str], expected: str) -> InputError:
     return InputError(f"{name}: {listed}{more} ({count}); expected {expected}; fix or remove those entries")
 
 
-def _open_manifest(spec: str, path: Path, image_column: str, text_column: str, lines: bool) -> Source:
+def _open_manifest(
+    spec: str,
+    path: Path,
+    image_column: str,
+    text_column: str,
+    lines: bool,
+    faces: tuple[str, bool] | None = None,
+) -> Source:
     kind = "jsonl" if lines else "json"
+    face_column, crops = faces or ("", False)
+    face_field = (
+        f", '{face_column}' (a face-embeddings file{' with the aligned face crop' if crops else ''}, relative "
+        "to the manifest's folder too)"
+        if faces
+        else ""
+    )
     expected = (
         f"{'one JSON object per line' if lines else 'a JSON list of objects'} with '{image_column}' "
-        f"(an image path, relative to the manifest's folder) and '{text_column}' (the caption)"
+        f"(an image path, relative to the manifest's folder){face_field} and '{text_column}' (the caption)"
     )
     try:
         content = path.read_text(encoding="utf-8")
@@ -314,8 +392,14 @@ def _open_manifest(spec: str, path: Path, image_column: str, text_column: str, l
         entries = [(f"entry {i}", entry) for i, entry in enumerate(data, start=1)]
     if not entries and not problems:
         raise InputError(f"manifest '{spec}' is empty; expected {expected}")
+    if faces and not any(isinstance(e, dict) and face_column in e for _, e in entries):
+        raise InputError(
+            f"manifest '{spec}': no entry has a '{face_column}' field; expected {expected}. If the face files are "
+            "under another name, pass it as --face-column"
+        )
     root = path.parent
     pairs: list[tuple[str, Path, str | Path | None]] = []
+    face_files: list[Path] = []
     has_text = False
     for where, entry in entries:
         if not isinstance(entry, dict):
@@ -338,6 +422,12 @@ def _open_manifest(spec: str, path: Path, image_column: str, text_column: str, l
         if not image_path.is_file():
             problems.append(f"{where}: image '{image}' not found")
             continue
+        if faces:
+            face = manifest_face(entry, face_column, root, crops)
+            if isinstance(face, str):
+                problems.append(f"{where}: {face}")
+                continue
+            face_files.append(face)
         pairs.append((f"{path.name}:{where.split()[-1]}", image_path, text or ""))
     if problems:
         raise _problems(spec, problems, expected)
@@ -346,17 +436,19 @@ def _open_manifest(spec: str, path: Path, image_column: str, text_column: str, l
             f"manifest '{spec}': no entry has a '{text_column}' field; expected {expected}. If the captions are "
             "under another name, pass that column name"
         )
-    return _PairSource(spec, kind, pairs)
+    return _PairSource(spec, kind, pairs, face_files if faces else None)
 
 
-def _check_columns(spec: str, columns: list[str] | None, image_column: str, text_column: str) -> None:
+def _check_columns(
+    spec: str, columns: list[str] | None, image_column: str, text_column: str, face_column: str | None = None
+) -> None:
     if columns is None:  # a streamed dataset without declared features: checked per row
         return
-    missing = [c for c in (image_column, text_column) if c not in columns]
+    missing = [c for c in (image_column, text_column, face_column) if c and c not in columns]
     if missing:
         raise InputError(
             f"dataset '{spec}' has no column {' or '.join(repr(c) for c in missing)}; its columns are "
-            f"{columns}; pass the image and caption column names"
+            f"{columns}; pass the image, caption{' and face' if face_column else ''} column names"
         )
 
 
@@ -370,7 +462,9 @@ def _undecoded(dataset: Any, image_column: str) -> Any:
     return dataset
 
 
-def _open_disk_dataset(spec: str, path: Path, image_column: str, text_column: str, split: str) -> Source:
+def _open_disk_dataset(
+    spec: str, path: Path, image_column: str, text_column: str, split: str, face_column: str | None = None
+) -> Source:
     import datasets  # optional dependency (the train extra), and heavy
 
     try:
@@ -384,15 +478,18 @@ def _open_disk_dataset(spec: str, path: Path, image_column: str, text_column: st
         if split not in dataset:
             raise InputError(f"dataset '{spec}' has no split '{split}'; its splits are {list(dataset)}")
         dataset = dataset[split]
-    _check_columns(spec, dataset.column_names, image_column, text_column)
+    _check_columns(spec, dataset.column_names, image_column, text_column, face_column)
     if len(dataset) == 0:
         raise InputError(
             f"dataset '{spec}' is empty; expected rows with '{image_column}' and '{text_column}'"
         )
-    return _DiskDatasetSource(spec, _undecoded(dataset, image_column), image_column, text_column, path)
+    undecoded = _undecoded(dataset, image_column)
+    return _DiskDatasetSource(spec, undecoded, image_column, text_column, path, face_column)
 
 
-def _open_hub(spec: str, image_column: str, text_column: str, split: str) -> Source:
+def _open_hub(
+    spec: str, image_column: str, text_column: str, split: str, face_column: str | None = None
+) -> Source:
     name = spec[len("hf://") :].strip("/")
     if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name):
         raise InputError(f"dataset '{spec}': expected hf://owner/name (a Hugging Face hub dataset id)")
@@ -411,8 +508,8 @@ def _open_hub(spec: str, image_column: str, text_column: str, split: str) -> Sou
             f"dataset '{name}' is not available: {reason}; check the name and your connection, or save it "
             "locally (datasets' save_to_disk) and pass that folder"
         ) from None
-    _check_columns(spec, dataset.column_names, image_column, text_column)
-    return _HubSource(spec, _undecoded(dataset, image_column), image_column, text_column)
+    _check_columns(spec, dataset.column_names, image_column, text_column, face_column)
+    return _HubSource(spec, _undecoded(dataset, image_column), image_column, text_column, face_column)
 
 
 def expand_braces(pattern: str) -> list[str]:

@@ -19,6 +19,7 @@ import torch
 
 from ..errors import InputError
 from .data import Sample, Source
+from .faces import decode_face
 from .seeds import epoch_order, example_generator, step_generator
 from .transform import Transform, decode_sample
 
@@ -170,10 +171,13 @@ def _clause(reason: str) -> str:
     return reason.split("; ")[0][:160]
 
 
-def first_usable(source: Source, batch_size: int, processes: int) -> list[Sample]:
+def first_usable(
+    source: Source, batch_size: int, processes: int, face_crops: bool | None = None
+) -> list[Sample]:
     """The first ``batch_size`` x ``processes`` readable samples of ``source`` (one batch of every process),
     read from its start: a healthy source costs one batch of decodes, a streamed one is read from its
-    beginning. A source with fewer (all of it read) is an :class:`InputError` saying what was found."""
+    beginning. A source with fewer (all of it read) is an :class:`InputError` saying what was found.
+    ``face_crops`` (FaceID runs; None elsewhere): each sample's face must be readable too (with its crop)."""
     needed = batch_size * processes
     usable: list[Sample] = []
     problems: list[tuple[str, str]] = []
@@ -181,6 +185,9 @@ def first_usable(source: Source, batch_size: int, processes: int) -> list[Sample
     for sample in source:
         read += 1
         image, reason = decode_sample(sample)
+        if image is not None and face_crops is not None:
+            face, reason = decode_face(sample.face, face_crops)
+            image = image if face is not None else None
         if image is None:
             unusable += 1
             if len(problems) < NAMED:

@@ -1,10 +1,11 @@
 """The paper's training recipe (Ye et al. 2023, DESIGN.md §3.4) on accelerate: the :class:`Trainer` and its loop.
 
 Frozen UNet, VAE, text and image encoders; trained: the image projection and every layer's ``to_k_ip`` /
-``to_v_ip`` (:mod:`.model`). Text, image or both are dropped at set rates (a dropped text is the empty string,
-a dropped image the adapter's own negative: a zero embedding for pooled features, the encoder on an all-zero
-input for hidden states), so the result supports classifier-free guidance. Loss: MSE to the noise (or the
-velocity, when the base predicts v).
+``to_v_ip`` (:mod:`.model`), and a FaceID adapter's UNet LoRA. Text, image or both are dropped at set rates (a
+dropped text is the empty string, a dropped image the adapter's own negative: a zero embedding for pooled
+features, the encoder on an all-zero input for hidden states; a dropped face: the zero face embedding, and for
+faceid-plus the encoder on an all-zero input for its crop), so the result supports classifier-free guidance.
+Loss: MSE to the noise (or the velocity, when the base predicts v).
 
 Every random choice of a step comes from a generator seeded by (seed, step, micro-batch, rank), and the data
 order from (seed, epoch) (:mod:`.seeds`): so a run resumed from a checkpoint (:mod:`.checkpoints`) repeats
@@ -43,6 +44,7 @@ from .config import CONFIG, TrainConfig
 from .data import open_source
 from .datasets import EpochIndexed, RankPositions, StreamingDataset, collate, first_usable
 from .engines import configure_engine, engine_of, load_optimizer, save_optimizer, whole_weights
+from .faces import validation_face
 from .model import (
     AdapterTrainModule,
     default_training_encoder,
@@ -96,13 +98,18 @@ class Trainer:
         # a resumed run's newest checkpoint is read whole now: a damaged one is refused before any work
         self.resume_from = resume_point(self.output) if c.resume else None
         self.report_to = self._report_to()
-        self.source = open_source(c.data, image_column=c.image_column, text_column=c.text_column)
+        crops = c.variant == "faceid-plus"  # FaceID-Plus also encodes each face's aligned crop
+        self.source = open_source(c.data, image_column=c.image_column, text_column=c.text_column,
+                                  face_column=c.face_column if c.faceid else None, face_crops=crops)  # fmt: skip
         if c.validation_image:
             self.validation_reference = load_image(c.validation_image, "validation image")
+        if c.validation_face:
+            self.validation_reference = validation_face(c.validation_face, crops)
         self._start_accelerator()
         configure_engine(c, self.accelerator)
         # at least one batch of every process must be readable (else a run "trains" on nothing)
-        self.usable = first_usable(self.source, c.batch_size, self.accelerator.num_processes)
+        faces = crops if c.faceid else None
+        self.usable = first_usable(self.source, c.batch_size, self.accelerator.num_processes, faces)
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
             c.mixed_precision, torch.float32
         )
@@ -150,26 +157,35 @@ class Trainer:
                 file=sys.stderr,
             )
 
-    def _load_models(self) -> str:
+    @property
+    def plus_version(self) -> str | None:
+        """faceid-plus: v1, or v2 (the shortcut); None for the other variants."""
+        return self.config.plus_version if self.config.variant == "faceid-plus" else None
+
+    def _load_models(self) -> str | None:
         """The base pipeline, image encoder and adapter (fresh or ``init_adapter``), all frozen but the adapter
-        and placed on the device; returns the image encoder's name."""
+        and placed on the device; returns the image encoder's name (None: faceid reads no image)."""
         # heavy: diffusers pipelines load with the models, after the run inputs are checked
         from ..pipelines import load_pipeline
 
         c = self.config
         pipe = load_pipeline(c.base, dtype=torch.float32, device="cpu", base_config=c.base_config)
         pipe.set_progress_bar_config(disable=True)
-        encoder_spec = c.image_encoder or default_training_encoder(pipe, c.variant)
-        encoder_model = load_image_encoder(encoder_spec)
-        spec = new_spec(c.variant, pipe.unet, encoder_model, c.tokens)
+        encoder_spec, encoder_model = None, None  # faceid reads the face embedding only
+        if c.variant != "faceid":
+            encoder_spec = c.image_encoder or default_training_encoder(pipe, c.variant)
+            encoder_model = load_image_encoder(encoder_spec)
+        spec = new_spec(c.variant, pipe.unet, encoder_model, c.tokens, c.lora)
         start = start_checkpoint(spec, pipe.unet, c.seed, c.init_adapter)
         # attach validates the layout against the UNet and the encoder before anything changes
-        handle = attach(pipe, start, encoder_model, scale=1.0, name="train")
+        handle = attach(pipe, start, encoder_model, scale=1.0, name="train", plus_version=self.plus_version)
         self.transform = Transform(
             resolution=c.resolution,
-            clip_size=int(encoder_model.config.image_size),
+            clip_size=int(encoder_model.config.image_size) if encoder_model is not None else 224,
             random_crop=c.random_crop,
             random_flip=c.random_flip,
+            faces=c.faceid,
+            face_crops=c.variant == "faceid-plus",
         )
         # Freeze everything, then unfreeze the adapter's weights (kept in float32).
         self.params = freeze(pipe, handle, encoder_model, self.accelerator.device, self.weight_dtype)
@@ -182,7 +198,8 @@ class Trainer:
     def _prepare(self) -> None:
         """The optimizer and lr schedule; the adapter wrapped for the engine; a resumed run's state restored."""
         c, acc, handle = self.config, self.accelerator, self.handle
-        module = AdapterTrainModule(self.pipe.unet, handle.projection, handle.name)
+        shortcut = self.plus_version == "v2"
+        module = AdapterTrainModule(self.pipe.unet, handle.projection, handle.name, handle.lora, shortcut)
         optimizer = torch.optim.AdamW(self.params, lr=c.lr, weight_decay=c.weight_decay)
         lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: min(1.0, (step + 1) / c.warmup_steps) if c.warmup_steps else 1.0
@@ -292,10 +309,14 @@ class Trainer:
             shift = getattr(self.pipe.vae.config, "shift_factor", None) or 0.0
             latents = ((latents - shift) * self.pipe.vae.config.scaling_factor).to(self.weight_dtype)
             text, pooled = self._encode_text(texts)
+            features, face = None, None
             if "features" in batch:
                 features = self._dropped(batch["features"].to(device), drop_image.to(device))
-            else:
+            elif "clip_pixel_values" in batch:  # faceid-plus: the face crop's pixels
                 features = self._features(batch["clip_pixel_values"].to(device), drop_image.to(device))
+            if "face" in batch:  # FaceID: a dropped face is the zero embedding (the reference's negative)
+                face = batch["face"].to(device)
+                face = torch.where(drop_image.to(device)[:, None], torch.zeros_like(face), face)
         noise = torch.randn(latents.shape, generator=gen).to(device=device, dtype=latents.dtype)
         steps = self.noise_scheduler.config.num_train_timesteps
         timesteps = torch.randint(0, steps, (n,), generator=gen).to(device)
@@ -310,11 +331,12 @@ class Trainer:
             time_ids = torch.cat([batch["original_size"], batch["crop_top_left"], target_size], dim=1)
             added = {"text_embeds": pooled, "time_ids": time_ids.to(device=device, dtype=text.dtype)}
         with self.accelerator.autocast():
-            pred = self.module(noisy, timesteps, text, features, added)
+            pred = self.module(noisy, timesteps, text, features, added, face)
         return F.mse_loss(pred.float(), target.float())
 
     def _raw_features(self, clip: torch.Tensor) -> torch.Tensor:
-        """Encoder features in the dtype the encoder runs in: pooled image_embeds or penultimate states."""
+        """Encoder features in the dtype the encoder runs in: pooled image_embeds or penultimate states
+        (faceid-plus: those of the face crops)."""
         model = self.encoder_model
         if self.spec.feature == "pooled":
             return model(pixel_values=clip.to(self.weight_dtype)).image_embeds
@@ -334,7 +356,7 @@ class Trainer:
         mask = dropped.view(-1, *([1] * (feats.ndim - 1)))
         return torch.where(mask, negative, feats).float()
 
-    def _build_cache(self, encoder_spec: str) -> None:
+    def _build_cache(self, encoder_spec: str | None) -> None:
         """Compute the missing cache shards (ranks share them), then read the negative features."""
         c, acc = self.config, self.accelerator
         if self.source.streaming:
@@ -352,13 +374,15 @@ class Trainer:
             "resolution": c.resolution,
             "dtype": str(self.weight_dtype),
         }
+        if c.faceid:  # the faces (and for faceid-plus the features of their crops) are cached too
+            fingerprint.update(variant=c.variant, face_column=c.face_column)
         cache = FeatureCache(c.cache_dir, fingerprint)
         if acc.is_main_process and not (cache.folder / "index.json").is_file():
-            size = int(self.encoder_model.config.image_size)
             with torch.no_grad():
-                if self.spec.feature == "pooled":
+                if self.spec.feature == "pooled" or self.encoder_model is None:  # faceid: the zero face
                     negative = torch.zeros(self.spec.feature_dim, dtype=self.weight_dtype)
                 else:
+                    size = int(self.encoder_model.config.image_size)
                     zeros = torch.zeros(1, 3, size, size, device=acc.device)
                     negative = self._raw_features(zeros)[0]
             cache.write_index(negative)  # first: shards are only ever read under a matching fingerprint
@@ -376,10 +400,13 @@ class Trainer:
         self.cache = cache
         self.negative = cache.negative()
 
-    def _encode_for_cache(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        """A collated batch's latent moments (B, 2C, h, w) and raw image features (what the cache stores)."""
+    def _encode_for_cache(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A collated batch's latent moments (B, 2C, h, w) and raw image features (what the cache stores;
+        None for faceid, which reads no image)."""
         device = self.accelerator.device
         moments = self.pipe.vae.encode(batch["pixel_values"].to(device)).latent_dist.parameters
+        if "clip_pixel_values" not in batch:
+            return moments, None
         return moments, self._raw_features(batch["clip_pixel_values"].to(device))
 
     # -- the loop ----------------------------------------------------------------------------------------
@@ -500,6 +527,8 @@ class Trainer:
             "ipadapter.steps": str(self.step),
             "ipadapter.num_tokens": str(c.tokens),
             "ipadapter.resolution": str(c.resolution),
+            **({"ipadapter.lora_rank": str(c.lora)} if c.faceid else {}),
+            **({"ipadapter.plus_version": c.plus_version} if self.plus_version else {}),
         }
 
     # -- validation and export ---------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from transformers import CLIPImageProcessorPil
 from ..errors import InputError
 from ..prompt.images import MAX_IMAGE_PIXELS, load_image
 from .data import Sample
+from .faces import decode_face
 
 _WHAT = "training image"
 
@@ -64,12 +65,18 @@ class Transform:
     ``pixel_values`` (3, R, R) in [-1, 1]; ``clip_pixel_values`` (3, S, S) from the original image with the
     inference encoder's preprocessing; ``original_size`` (h, w) before resizing and ``crop_top_left``
     (top, left) in the resized (and possibly flipped) image, as diffusers' SDXL training script records them.
+
+    ``faces`` (FaceID runs): also ``face`` (512,), the sample's face embedding; the CLIP pixels then come from
+    its aligned face crop when ``face_crops`` (faceid-plus), and there are none without (faceid reads no image
+    features). A sample whose face can't be read is skipped like an unreadable image.
     """
 
     resolution: int
     clip_size: int
     random_crop: bool = False
     random_flip: bool = False
+    faces: bool = False
+    face_crops: bool = False
     _processor: Any = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -91,7 +98,10 @@ class Transform:
     def __call__(self, sample: Sample, generator: torch.Generator | None = None) -> dict[str, Any]:
         """Decode and transform one sample, or return ``{"key", "skipped": reason}`` if it can't be used."""
         rgb, reason = decode_sample(sample)
-        if rgb is None:
+        face = None
+        if rgb is not None and self.faces:
+            face, reason = decode_face(sample.face, self.face_crops)
+        if rgb is None or (self.faces and face is None):
             return {"key": sample.key, "skipped": reason}
         width, height = rgb.size
         r = self.resolution
@@ -110,12 +120,19 @@ class Transform:
         pixels = (
             torch.from_numpy(np.asarray(crop, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1).contiguous()
         )
-        clip = self._processor(images=[rgb], return_tensors="pt").pixel_values[0].to(torch.float32)
-        return {
+        out = {
             "key": sample.key,
             "text": sample.text,
             "pixel_values": pixels,
-            "clip_pixel_values": clip,
             "original_size": torch.tensor([height, width]),
             "crop_top_left": torch.tensor([top, left]),
         }
+        if face is not None:
+            out["face"] = torch.as_tensor(face.embeds[0], dtype=torch.float32)  # (512,)
+        clip_image = rgb  # faceid-plus: the aligned face crop; faceid: no image features at all
+        if face is not None:
+            clip_image = face.crops[0] if self.face_crops else None
+        if clip_image is not None:
+            pixels = self._processor(images=[clip_image], return_tensors="pt").pixel_values[0]
+            out["clip_pixel_values"] = pixels.to(torch.float32)
+        return out
