@@ -102,6 +102,14 @@ def test_lora_strength_zero_is_the_adapter_without_lora_and_detach_restores(mode
     ip = ipadapter.attach(pipe, path, scale=0.8, lora_scale=0.0)
     face = _face(1)
     no_lora = np.asarray(ip(face, **CALL, generator=torch.Generator().manual_seed(0)).images)
+    # the same file without its LoRA tensors gives exactly the picture of LoRA strength 0
+    ckpt = ipadapter.load_checkpoint(path)
+    ckpt.ip_adapter = {k: v for k, v in ckpt.ip_adapter.items() if "_lora." not in k}
+    bare = ipadapter.attach(load_pipeline(models["sd15"]), ckpt, scale=0.8)
+    assert bare.lora is None
+    assert np.array_equal(
+        np.asarray(bare(face, **CALL, generator=torch.Generator().manual_seed(0)).images), no_lora
+    )
     ip.lora_scale = 1.0
     with_lora = np.asarray(ip(face, **CALL, generator=torch.Generator().manual_seed(0)).images)
     assert np.abs(with_lora - no_lora).max() > 3 * TOLERANCE

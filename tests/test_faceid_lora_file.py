@@ -342,3 +342,25 @@ def test_attach_with_a_separate_lora_file_gives_the_checkpoint_lora_picture(
         ip = ipadapter.attach(pipe, setup["faceid"], scale=0.7, lora_file=lora_file)
         images.append(np.asarray(ip(face, **CALL, generator=torch.Generator().manual_seed(0)).images))
     assert np.abs(images[0] - images[1]).max() <= 1e-5
+
+
+def test_cli_lora_file_replaces_the_adapter_lora(setup: dict, models: dict, tmp_path: Path) -> None:
+    """`generate --lora-file`: the checkpoint's LoRA scaled by alpha/rank = 1/2 through a kohya file gives the
+    picture of the checkpoint's own LoRA at strength 0.5."""
+    from helpers import png_pixels
+
+    from ipadapter.cli import main
+    from ipadapter.prompt.faces import save_face_embeds
+
+    face = save_face_embeds(tmp_path / "face.safetensors", np.ones((1, 512), np.float32) / 512**0.5)
+    rank = next(iter(_official(setup["faceid"]).values()))[0].shape[0]
+    halved = _save(
+        setup, "kohya_half.safetensors", _kohya(_official(setup["faceid"]), setup["unet"], alpha=rank / 2)
+    )
+    common = ["generate", "--base", str(models["sd15"]), "--adapter", str(setup["faceid"]), "--face-embeds",
+              str(face), "--prompt", "a cat", "--steps", "2", "--width", "32", "--height", "32", "--seed", "0"]  # fmt: skip
+    assert main([*common, "--lora-file", str(halved), "--output", str(tmp_path / "file.png")]) == 0
+    assert main([*common, "--lora-scale", "0.5", "--output", str(tmp_path / "half.png")]) == 0
+    assert main([*common, "--output", str(tmp_path / "full.png")]) == 0
+    file, half, full = (png_pixels(tmp_path / f"{n}.png") for n in ("file", "half", "full"))
+    assert np.abs(file - half).max() <= 1 and np.abs(file - full).max() > 2

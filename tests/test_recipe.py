@@ -202,7 +202,7 @@ def test_json_nan_refused(tmp_path: Path) -> None:
                 "adapter[0]",
                 "unknown key 'scal'",
                 "did you mean 'scale'",
-                "valid keys here: path, image_encoder, scale",
+                "valid keys here: path, image_encoder, lora_file, scale",
             ],
         ),
         (

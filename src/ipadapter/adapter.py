@@ -448,7 +448,9 @@ def apply(pipe: Any, recipe: Recipe) -> RecipeRun:
     try:
         for i, (entry, name) in enumerate(zip(recipe.adapters, names, strict=False)):
             scale = 1.0 if entry.scale is None else entry.scale
-            ip = attach(pipe, entry.path, entry.image_encoder, scale=scale, name=name)
+            ip = attach(
+                pipe, entry.path, entry.image_encoder, scale=scale, name=name, lora_file=entry.lora_file
+            )
             adapters.append(ip)
             prepared.append(prepare(ip, entry, f"adapter[{i}]."))
     except BaseException:

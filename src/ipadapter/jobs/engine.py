@@ -175,15 +175,18 @@ class Engine:
             cache[name] = loader(name, dtype=self.dtype, device=self.device)
         return cache[name]
 
-    def adapter(self, pipe: Any, path: str, image_encoder: str | None = None) -> Any:
+    def adapter(
+        self, pipe: Any, path: str, image_encoder: str | None = None, lora_file: str | None = None
+    ) -> Any:
         """Adapter ``path`` attached to ``pipe``'s denoiser (once per denoiser; its scale is given per call)."""
         from ..adapter import attach
         from ..calls import denoiser
 
-        key = (id(denoiser(pipe)), path, image_encoder)
+        key = (id(denoiser(pipe)), path, image_encoder, lora_file)
         ip = self._adapters.get(key)
         if ip is None or not ip.attached:
-            ip = attach(pipe, path, image_encoder, scale=1.0, name=f"engine{len(self._adapters)}")
+            name = f"engine{len(self._adapters)}"
+            ip = attach(pipe, path, image_encoder, scale=1.0, name=name, lora_file=lora_file)
             self._adapters[key] = ip
         return ip
 
@@ -223,7 +226,7 @@ class Engine:
                 f"most {most} steps"
             )
         entries = job.recipe.adapters if job.recipe is not None else []
-        adapters = [self.adapter(pipe, e.path, e.image_encoder) for e in entries]
+        adapters = [self.adapter(pipe, e.path, e.image_encoder, e.lora_file) for e in entries]
         if job.vae_slicing:
             pipe.vae.enable_slicing()
         if job.cpu_offload:

@@ -43,6 +43,9 @@ OPTIONS: dict[str, Option] = table(
            "adapter, recipe or image: the plain base model)"),
     Option("image_encoder", "model", "CLIP vision model folder or hub path (default: from the adapter's repo)",
            server=SET_BY_SERVER),
+    Option("lora_file", "file", "FaceID: the adapter's LoRA as a separate .safetensors (h94's *_lora files; "
+           "replaces the LoRA inside the adapter file)",
+           server="is not accepted by the server (a file on the server's side); serve an adapter file that holds its LoRA"),
     Option("recipe", "recipe", "a recipe (a .toml/.json file, or a table): adapters, references and their "
            "options; replaces adapter, image and the image prompt options"),
     # the image prompt of a single adapter
@@ -371,6 +374,7 @@ def recipe_from_options(options: dict[str, Any], where: str = "", spell: Spell =
     entry = AdapterRecipe(
         path=options["adapter"],
         image_encoder=options.get("image_encoder"),
+        lora_file=options.get("lora_file"),
         scale=1.0 if scale is None else scale,
         images=references,
         layer_weights=weights or None,

@@ -58,7 +58,13 @@ __all__ = ["COMBINE_MODES", "CROP_MODES", "AdapterRecipe", "Control", "Recipe", 
 
 # Keys of each table in a recipe file, in the order to_dict writes them.
 _REFERENCE_KEYS = ("path", "embeds", "face", "weight", "mask", "crop")
-_ADAPTER_KEYS = ("path", "image_encoder", *CONTROLS, "image")  # the per-call fields: prompt.controls
+_ADAPTER_KEYS = (
+    "path",
+    "image_encoder",
+    "lora_file",
+    *CONTROLS,
+    "image",
+)  # the per-call fields: prompt.controls
 _RECIPE_KEYS = ("adapter",)
 
 
@@ -225,16 +231,20 @@ class AdapterRecipe(Control):
     - ``path``: the adapter: a local file, a hub path (``owner/repo/file.safetensors``) or a name (e.g. ``mini``).
       A :class:`~pathlib.Path` is stored as str.
     - ``image_encoder``: the image encoder (local folder or hub path), or None to find it next to the adapter.
+    - ``lora_file``: a FaceID adapter's LoRA as a separate ``.safetensors`` (replaces the one in its file).
     - ``scale``: None means 1.0 when the adapter is attached.
     """
 
     path: str
     image_encoder: str | None = None
+    lora_file: str | None = None
 
     def _check_own(self, here: Where) -> None:
         self.path = str(as_file(self.path, here, "path"))
         if self.image_encoder is not None:
             self.image_encoder = str(as_file(self.image_encoder, here, "image_encoder"))
+        if self.lora_file is not None:
+            self.lora_file = str(as_file(self.lora_file, here, "lora_file"))
 
 
 @dataclass
