@@ -350,3 +350,32 @@ def test_cli_face_image_with_face_index_and_model_root(models: dict, tmp_path, m
         normed(LEFT)[None], **{**CALL, "output_type": "pil"}, generator=torch.Generator().manual_seed(0)
     ).images[0]
     assert np.abs(np.asarray(want, dtype=np.int16) - png_pixels(out)).max() <= 2
+
+
+def test_negative_face_and_batch_manifest(models: dict, tmp_path) -> None:  # noqa: ANN001
+    """A negative face replaces the zero embedding in the negative tokens; a batch manifest line with a face
+    gives the picture the handle makes."""
+    from helpers import png_pixels
+
+    from ipadapter.batch import run_batch
+    from ipadapter.prompt.faces import save_face_embeds
+
+    path = save_faceid(tmp_path, "faceid", "sd15", "safetensors")
+    ip = ipadapter.attach(load_pipeline(models["sd15"]), path, scale=0.7)
+    face, other = _face(7), _face(8)
+    pos, zero_neg = ip.face_tokens(face)
+    _, neg = ip.face_tokens(face, other)
+    other_pos, _ = ip.face_tokens(other)
+    assert torch.allclose(neg, other_pos) and not torch.allclose(neg, zero_neg)
+    assert torch.allclose(zero_neg, ip.face_tokens(np.zeros((1, 512), np.float32) + 1e-9)[0], atol=1e-4)
+
+    file = save_face_embeds(tmp_path / "face.safetensors", face.embeds)
+    line = {"base": str(models["sd15"]), "adapter": str(path), "face_embeds": str(file), "prompt": "a cat",
+            "negative_prompt": "blurry", "scale": 0.7, "steps": 2, "width": 32, "height": 32, "seed": 0}  # fmt: skip
+    manifest = tmp_path / "jobs.jsonl"
+    manifest.write_text(json.dumps(line))
+    report = run_batch(manifest, tmp_path / "out", device="cpu", quiet=True)
+    assert report is not None and report["counts"] == {"done": 1, "failed": 0, "skipped": 0}
+    want = ip(face, **{**CALL, "output_type": "pil"}, generator=torch.Generator().manual_seed(0)).images[0]
+    got = png_pixels(sorted((tmp_path / "out").glob("*.png"))[0])
+    assert np.abs(np.asarray(want, dtype=np.int16) - got).max() <= 2
