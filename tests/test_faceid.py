@@ -379,3 +379,28 @@ def test_negative_face_and_batch_manifest(models: dict, tmp_path) -> None:  # no
     want = ip(face, **{**CALL, "output_type": "pil"}, generator=torch.Generator().manual_seed(0)).images[0]
     got = png_pixels(sorted((tmp_path / "out").glob("*.png"))[0])
     assert np.abs(np.asarray(want, dtype=np.int16) - got).max() <= 2
+
+
+@pytest.mark.heavy
+def test_faceid_compiles_and_a_new_lora_strength_makes_no_new_graph(models: dict, tmp_path) -> None:  # noqa: ANN001
+    from torch._dynamo.utils import counters
+
+    path = save_faceid(tmp_path, "faceid-plus", "sd15", "safetensors", name="ip-adapter-faceid-plusv2_sd15")
+    pipe = load_pipeline(models["sd15"])
+    ip = ipadapter.attach(pipe, path, models["vit_h"], scale=0.7)
+
+    def run() -> np.ndarray:
+        return np.asarray(ip(_face(), **CALL, generator=torch.Generator().manual_seed(0)).images)
+
+    eager_full = run()
+    ip.lora_scale = 0.3
+    eager_weak = run()
+    ip.lora_scale = 1.0
+    pipe.unet = torch.compile(pipe.unet, fullgraph=True, backend="aot_eager")
+    full = run()
+    graphs = counters["stats"]["unique_graphs"]
+    ip.lora_scale = 0.3
+    weak = run()
+    assert counters["stats"]["unique_graphs"] == graphs  # the strength is a tensor the graph reads
+    assert np.abs(full - eager_full).max() <= 1e-3 and np.abs(weak - eager_weak).max() <= 1e-3
+    assert np.abs(full - weak).max() > 3 * TOLERANCE
