@@ -5,7 +5,7 @@ dicts load with ``strict=True``.
 Shapes: E = face embedding width (512), H = the MLP's hidden width (official: 2E), N = tokens per face,
 D = cross-attention dim, S / F = CLIP sequence length / hidden width, faces = face embeddings per sample.
 
-- FaceID, Portrait (:class:`FaceIDProjection`): per face ``t = LN(reshape(W2 GELU(W1 e + b1) + b2, (N, D)))``;
+- FaceID, Portrait (:class:`FaceIDProjection`; InstantX's Flux adapter has the same MLP over a SigLIP embedding): per face ``t = LN(reshape(W2 GELU(W1 e + b1) + b2, (N, D)))``;
   a portrait concatenates its faces' tokens: (B, faces, E) -> (B, faces*N, D). Reference: tencent-ailab/IP-Adapter
   ``ip_adapter/ip_adapter_faceid.py`` (``MLPProjModel``) and ``ip_adapter_faceid_separate.py`` (``get_image_embeds``
   folds (b, n, E) into b*n rows and back into (b, n*N, D)).

@@ -48,25 +48,6 @@ class MLPProjModel(nn.Module):
         return self.proj(image_embeds)
 
 
-class MLPTokensModel(nn.Module):
-    """instantx-flux: pooled embedding (B, F) -> (B, N, D) via Linear(F, 2F), GELU, Linear(2F, N*D), LayerNorm."""
-
-    def __init__(self, feature_dim: int, cross_attention_dim: int, num_tokens: int) -> None:
-        super().__init__()
-        self.num_tokens = num_tokens
-        self.cross_attention_dim = cross_attention_dim
-        self.proj = nn.Sequential(
-            nn.Linear(feature_dim, feature_dim * 2),
-            nn.GELU(),
-            nn.Linear(feature_dim * 2, cross_attention_dim * num_tokens),
-        )
-        self.norm = nn.LayerNorm(cross_attention_dim)
-
-    def forward(self, image_embeds: torch.Tensor) -> torch.Tensor:
-        tokens = self.proj(image_embeds).reshape(-1, self.num_tokens, self.cross_attention_dim)
-        return self.norm(tokens)  # (B, N, D)
-
-
 class PerceiverAttention(nn.Module):
     """Latents attend to [features; latents] (Flamingo's Perceiver Resampler, as IP-Adapter-Plus uses it)."""
 
@@ -174,15 +155,17 @@ def build_projection(spec: AdapterSpec) -> nn.Module:
     """An untrained projection model with the structure ``spec`` describes."""
     if spec.layout in ("basic", "xlabs-flux"):
         return ImageProjModel(spec.feature_dim, spec.cross_attention_dim, spec.num_tokens or 0)
-    if spec.layout == "instantx-flux":
-        return MLPTokensModel(spec.feature_dim, spec.cross_attention_dim, spec.num_tokens or 0)
     if spec.layout == "instantx-sd3" and spec.time_resampler is not None:
         return TimeResampler(spec.time_resampler)
     if spec.layout == "full-face":
         return MLPProjModel(spec.feature_dim, spec.cross_attention_dim)
     if spec.layout == "plus" and spec.resampler is not None:
         return Resampler(spec.resampler)
-    if spec.layout in ("faceid", "faceid-portrait") and spec.mlp_dim is not None and spec.num_tokens:
+    if (
+        spec.layout in ("faceid", "faceid-portrait", "instantx-flux")
+        and spec.mlp_dim is not None
+        and spec.num_tokens
+    ):
         return FaceIDProjection(spec.feature_dim, spec.mlp_dim, spec.cross_attention_dim, spec.num_tokens)
     if spec.layout == "faceid-plus" and spec.mlp_dim is not None and spec.resampler is not None:
         perceiver = FacePerceiver(spec.resampler)

@@ -273,13 +273,13 @@ def _portrait_unnorm(s: dict) -> dict:
 
 
 def _face_mlp(s: dict) -> dict:
-    """FaceID: face embedding (E) -> Linear(E, H), GELU, Linear(H, N*D) -> N tokens, LayerNorm(D)."""
+    """FaceID (and instantx-flux): embedding (E) -> Linear(E, H), GELU, Linear(H, N*D) -> N tokens, LayerNorm(D)."""
     mlp_dim, id_dim = _shape(s, "proj.0.weight", 2)
     rows, mlp_dim2 = _shape(s, "proj.2.weight", 2)
     (cross,) = _shape(s, "norm.weight", 1)
     if mlp_dim2 != mlp_dim or rows % cross:
         raise CheckpointError(
-            f"face MLP shapes do not chain: proj.0 {[mlp_dim, id_dim]}, proj.2 {[rows, mlp_dim2]}, norm "
+            f"MLP projection shapes do not chain: proj.0 {[mlp_dim, id_dim]}, proj.2 {[rows, mlp_dim2]}, norm "
             f"{[cross]} (proj.2's rows must be a multiple of the norm width)"
         )
     return dict(
@@ -321,18 +321,9 @@ def _reads_face(s: dict) -> bool:
 
 
 def _mlp_tokens(s: dict) -> dict:
-    """instantx-flux: pooled (B, F) -> Linear(F, 2F), GELU, Linear(2F, N*D), LayerNorm(D)."""
-    wide, feature_dim = _shape(s, "proj.0.weight", 2)
-    rows, wide2 = _shape(s, "proj.2.weight", 2)
-    (cross,) = _shape(s, "norm.weight", 1)
-    if wide2 != wide or rows % cross:
-        raise CheckpointError(
-            f"MLP projection shapes do not chain: proj.0 {[wide, feature_dim]}, proj.2 {[rows, wide2]}, "
-            f"norm {[cross]} (proj.2's rows must be a multiple of the norm width)"
-        )
-    return dict(
-        num_tokens=rows // cross, feature="pooled", feature_dim=feature_dim, cross_attention_dim=cross
-    )
+    """instantx-flux: the FaceID MLP's structure (Linear, GELU, Linear to N*D, LayerNorm) over the pooled
+    SigLIP output instead of a face embedding."""
+    return _face_mlp(s) | dict(feature="pooled")
 
 
 def _time_resampler(s: dict) -> dict:
@@ -348,6 +339,7 @@ def _time_resampler(s: dict) -> dict:
     )
 
 
+BASIC_KEYS = ("proj.weight", "proj.bias", "norm.weight")
 FACE_MLP_KEYS = ("proj.0.weight", "proj.2.weight", "norm.weight")
 RESAMPLER_KEYS = ("latents", "proj_in.weight", "proj_out.weight", "norm_out.weight")
 
@@ -357,7 +349,7 @@ RESAMPLER_KEYS = ("latents", "proj_in.weight", "proj_out.weight", "norm_out.weig
 LAYOUTS: tuple[Layout, ...] = (
     Layout(
         "xlabs-flux",
-        ("proj.weight", "proj.bias", "norm.weight"),
+        BASIC_KEYS,
         _basic,
         ip_signature=("0.to_k_ip.bias",),
         host="flux",
@@ -365,7 +357,7 @@ LAYOUTS: tuple[Layout, ...] = (
     ),
     Layout(
         "instantx-flux",
-        ("proj.0.weight", "proj.2.weight", "norm.weight"),
+        FACE_MLP_KEYS,
         _mlp_tokens,
         ip_signature=("0.to_k_ip.weight",),
         host="flux",
@@ -392,7 +384,7 @@ LAYOUTS: tuple[Layout, ...] = (
     Layout("faceid-portrait-unnorm", RESAMPLER_KEYS, _portrait_unnorm, accept=_reads_face),
     Layout("plus", RESAMPLER_KEYS, _plus),
     Layout("full-face", ("proj.0.weight", "proj.2.weight", "proj.3.weight"), _full_face),
-    Layout("basic", ("proj.weight", "proj.bias", "norm.weight"), _basic),
+    Layout("basic", BASIC_KEYS, _basic),
 )
 
 
