@@ -30,7 +30,7 @@ from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import FluxTransformer2DModel, _get_qkv_projections
 
 from ..prompt.blocks import Block
-from ..prompt.conditioning import ImagePrompt, Step, compiling
+from ..prompt.conditioning import ImagePrompt, Step, compiling, progress_of
 from .attention import BranchSlots, IPBranch, add_image_branches, compiled_regions
 from .base import Attachment, Host, HostLayer, install_processors
 
@@ -146,11 +146,12 @@ def _before_transformer(module: Any, args: tuple, kwargs: dict) -> tuple[tuple, 
     sigma = torch.as_tensor(timestep).flatten()[0]
     negative = prompt.negative_call(sigma)
     # compiled code reads tensors, never a per-call Python value (blocks compiled one by one: made here)
-    if compiling() or compiled_regions((*module.transformer_blocks, *module.single_transformer_blocks)):
-        progress: float | torch.Tensor = (1.0 - sigma.float()).clamp(0.0, 1.0)
+    as_tensor = compiling() or compiled_regions(
+        (*module.transformer_blocks, *module.single_transformer_blocks)
+    )
+    progress = progress_of(sigma, 1.0, as_tensor=as_tensor)  # the pipelines pass sigma in [0, 1]
+    if as_tensor:
         negative = torch.as_tensor(negative, device=sigma.device)
-    else:
-        progress = min(max(1.0 - float(sigma), 0.0), 1.0)
     # the VAE latent's size (regional masks): the transformer sees it packed 2x2, one token per 2x2 latents
     height, width = prompt.output_size or (0, 0)
     text = kwargs["encoder_hidden_states"] if "encoder_hidden_states" in kwargs else args[1]

@@ -23,7 +23,7 @@ from diffusers.models.transformers.transformer_sd3 import SD3Transformer2DModel
 from torch import nn
 
 from ..prompt.blocks import Block
-from ..prompt.conditioning import ImagePrompt, Step, compiling
+from ..prompt.conditioning import ImagePrompt, Step, compiling, progress_of
 from .attention import BranchSlots, PassThroughProcessor, _times, compiled_regions
 from .base import STATE_ATTR, Attachment, Host, HostLayer, install_processors
 
@@ -180,10 +180,8 @@ def _before_transformer(module: Any, args: tuple, kwargs: dict) -> tuple[tuple, 
     timestep = torch.as_tensor(timestep, device=sample.device)
     t = timestep.flatten()[0]
     # compiled code reads tensors, never a per-call Python value (blocks compiled one by one: made here)
-    if compiling() or compiled_regions(module.transformer_blocks):
-        progress: float | torch.Tensor = (1.0 - t.float() / prompt.train_timesteps).clamp(0.0, 1.0)
-    else:
-        progress = min(max(1.0 - float(t) / prompt.train_timesteps, 0.0), 1.0)
+    as_tensor = compiling() or compiled_regions(module.transformer_blocks)
+    progress = progress_of(t, prompt.train_timesteps, as_tensor=as_tensor)
     state: Attachment | None = getattr(module, STATE_ATTR, None)
     batch = sample.shape[0]
     tokens = {}

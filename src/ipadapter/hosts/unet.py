@@ -17,7 +17,7 @@ import torch
 
 from ..errors import IncompatibleModelError
 from ..prompt.blocks import Block
-from ..prompt.conditioning import ImagePrompt, Step, compiling
+from ..prompt.conditioning import ImagePrompt, Step, compiling, progress_of
 from .attention import IPAttnProcessor, PassThroughProcessor
 from .base import Attachment, Host, HostLayer, install_processors, original_processors
 
@@ -123,10 +123,7 @@ def _before_unet(module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] |
     sample = args[0] if args else kwargs["sample"]
     timestep = args[1] if len(args) > 1 else kwargs["timestep"]
     t = torch.as_tensor(timestep).flatten()[0]  # pipelines pass one timestep; training the batch's own
-    if compiling():
-        progress: float | torch.Tensor = (1.0 - t.float() / prompt.train_timesteps).clamp(0.0, 1.0)
-    else:
-        progress = min(max(1.0 - float(t) / prompt.train_timesteps, 0.0), 1.0)
+    progress = progress_of(t, prompt.train_timesteps, as_tensor=compiling())
     step = Step(progress, (sample.shape[-2], sample.shape[-1]))
     kwargs = {**kwargs, "cross_attention_kwargs": {**attention_kwargs, "image_prompt_step": step}}
     return args, kwargs

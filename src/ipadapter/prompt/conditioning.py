@@ -60,6 +60,15 @@ def compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
+def progress_of(remaining: torch.Tensor, total: float, *, as_tensor: bool) -> float | torch.Tensor:
+    """The denoising progress ``1 - remaining / total`` clamped to [0, 1], from a denoiser call's timestep
+    (``total``: the scheduler's training timesteps, or 1 for a flow-matching sigma). ``as_tensor``: for compiled
+    code, a 0-d tensor (no ``.item()``); else a Python float, read once per call."""
+    if as_tensor:
+        return (1.0 - remaining.float() / total).clamp(0.0, 1.0)
+    return min(max(1.0 - float(remaining) / total, 0.0), 1.0)
+
+
 @dataclass(eq=False)
 class BranchControl:
     """How one adapter's branch behaves in one call (all optional; defaults = the plain adapter).
