@@ -99,9 +99,6 @@ def test_round_trip_toml_and_json(tmp_path: Path) -> None:
     assert data["adapter"][1] == {
         "path": "mini",
         "combine": "average",
-        "start": 0.0,
-        "end": 1.0,
-        "composition_weight": 1.0,
         "image": [
             {"path": str(tmp_path / "c.png"), "weight": 1.0, "crop": "center"},
             {"path": str(tmp_path / "sub" / "d.png"), "weight": 2.0, "crop": "center"},

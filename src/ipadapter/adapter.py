@@ -41,7 +41,7 @@ from .prompt.encoder import ImageEncoder
 from .prompt.faces import FaceEmbeds, as_faces
 from .prompt.images import ImageInput, load_image
 from .prompt.recipe import Control, Recipe
-from .prompt.references import Prepared, control_tokens, prepare
+from .prompt.references import Prepared, prepare, prompt_of
 
 
 def _denoiser(pipe: Any) -> tuple[Host, Any]:
@@ -271,7 +271,9 @@ class IPAdapter:
         (default: the pipeline's own size; eager mode adapts to another, a compiled UNet needs it right).
         """
         if isinstance(images, Control):
-            prompt = _prompt([(self, prepare(self, images))], num_prompts)
+            prompt = prompt_of(
+                [(self, prepare(self, images))], num_prompts, images_per_prompt * (frames or 1)
+            )
         else:
             prompt = self._plain_prompt(images, num_prompts, frames)
         size = output_size or (native_size(self.pipe),) * 2
@@ -318,7 +320,7 @@ class IPAdapter:
         if isinstance(reference, Control):
             return run(self.pipe if pipeline is None else pipeline, [(self, reference)], **pipe_kwargs)
 
-        def build(num_prompts: int, frames: int | None) -> ImagePrompt:
+        def build(num_prompts: int, frames: int | None, _items: int) -> ImagePrompt:
             return self._plain_prompt(reference, num_prompts, frames)
 
         return _call(pipeline or self.pipe, [self], build, pipe_kwargs)
@@ -340,7 +342,9 @@ def run(pipe: Any, entries: Sequence[tuple[IPAdapter, Control]], /, **pipe_kwarg
     """
     prepared = [(ip, prepare(ip, control, f"adapter '{ip.name}' ")) for ip, control in entries]
     with _lora_strengths(prepared):
-        return _call(pipe, [ip for ip, _ in entries], lambda n, _frames: _prompt(prepared, n), pipe_kwargs)
+        return _call(
+            pipe, [ip for ip, _ in entries], lambda n, _f, items: prompt_of(prepared, n, items), pipe_kwargs
+        )
 
 
 @contextmanager
@@ -358,20 +362,6 @@ def _lora_strengths(prepared: Sequence[tuple[IPAdapter, Prepared]]) -> Iterator[
             ip.lora.set_strength(strength)
 
 
-def _prompt(prepared: Sequence[tuple[IPAdapter, Prepared]], num_prompts: int) -> ImagePrompt:
-    tokens, negative, controls = {}, {}, {}
-    for ip, ready in prepared:
-        pos, neg, control = control_tokens(ip, ready)  # (1, N, D)
-        if control.scale is None:
-            control.scale = ip.scale
-        if control.layer_scales is None:  # ones rather than None: adding weights later is no new graph
-            control.layer_scales = (1.0,) * len(ip.layer_names)
-        tokens[ip.name] = pos.expand(num_prompts, *pos.shape[1:])
-        negative[ip.name] = neg.expand(num_prompts, *neg.shape[1:]).contiguous()
-        controls[ip.name] = control
-    return ImagePrompt(tokens, negative, controls=controls)
-
-
 def _call(pipe: Any, adapters: Sequence[IPAdapter], build: Any, pipe_kwargs: dict[str, Any]) -> Any:
     """The one way a pipeline runs with image prompts: check, build the prompt, pass it, call."""
     for ip in adapters:
@@ -382,6 +372,12 @@ def _call(pipe: Any, adapters: Sequence[IPAdapter], build: Any, pipe_kwargs: dic
                 f"{type(pipe).__name__} does not share the {ip.host.noun} adapter '{ip.name}' is attached to (a video "
                 "pipeline builds its own); attach the adapter to the pipeline you call"
             )
+    recorder = pipe_kwargs.pop("influence", None)
+    if recorder is not None and adapters and _compiled(pipe, adapters[0]):
+        raise InputError(
+            "influence maps record inside the denoiser, which a torch.compile-d denoiser cannot do; generate "
+            "without --compile (or an uncompiled pipeline) to record them"
+        )
     frames = num_frames(pipe, pipe_kwargs)
     pipe_kwargs = check_call(pipe, pipe_kwargs)
     prompt = pipe_kwargs.get("prompt")
@@ -389,12 +385,31 @@ def _call(pipe: Any, adapters: Sequence[IPAdapter], build: Any, pipe_kwargs: dic
     num_prompts = len(prompt) if isinstance(prompt, list) else embeds.shape[0] if embeds is not None else 1
     copies = int(pipe_kwargs.get("num_images_per_prompt") or 1)
     image_prompt = _with_facts(
-        build(num_prompts, frames), pipe, copies, frames, output_size(pipe, pipe_kwargs)
+        build(num_prompts, frames, copies * (frames or 1)),
+        pipe,
+        copies,
+        frames,
+        output_size(pipe, pipe_kwargs),
     )
+    if recorder is not None:
+        image_prompt.recorder = recorder
+        blocks = {ip.name: [ip.blocks[n] for n in ip.layer_names] for ip in adapters}
+        recorder.begin(image_prompt, blocks, {ip.name: ip.name for ip in adapters})
     key = adapters[0].host.attention_kwargs if adapters else "cross_attention_kwargs"
     kwargs = dict(pipe_kwargs.pop(key, None) or {})
     kwargs["image_prompt"] = image_prompt
     return pipe(**{key: kwargs}, **pipe_kwargs)
+
+
+def _compiled(pipe: Any, ip: IPAdapter) -> bool:
+    """Whether ``pipe``'s denoiser, or any of its blocks, runs compiled."""
+    name = "unet" if ip.host.attention_kwargs == "cross_attention_kwargs" else "transformer"
+    if hasattr(getattr(pipe, name, None), "_orig_mod"):
+        return True
+    return any(
+        getattr(m, "_compiled_call_impl", None) is not None or hasattr(m, "_orig_mod")
+        for m in ip.denoiser.modules()
+    )
 
 
 def _with_facts(
@@ -424,7 +439,10 @@ class RecipeRun:
         pairs = list(zip(self.adapters, self._prepared, strict=True))
         with _lora_strengths(pairs):
             return _call(
-                pipeline or self.pipe, self.adapters, lambda n, _frames: _prompt(pairs, n), pipe_kwargs
+                pipeline or self.pipe,
+                self.adapters,
+                lambda n, _f, items: prompt_of(pairs, n, items),
+                pipe_kwargs,
             )
 
     def detach(self) -> None:

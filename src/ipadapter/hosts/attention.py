@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..prompt.conditioning import ImagePrompt, Step, compiling
+from ..prompt.recording import Contribution
 
 
 class IPBranch(nn.Module):
@@ -169,7 +170,14 @@ class IPAttnProcessor(BranchSlots):
 
         if image_prompt is not None and image_prompt_step is not None:
             out = add_image_branches(
-                out, query, image_prompt, image_prompt_step, self.layer, self.named_branches(), batch
+                out,
+                query,
+                image_prompt,
+                image_prompt_step,
+                self.layer,
+                self.named_branches(),
+                batch,
+                to_out=attn.to_out[0],
             )
 
         out = attn.to_out[0](out)
@@ -190,62 +198,113 @@ def add_image_branches(
     branches: list[tuple[str, IPBranch]],
     batch: int,
     text: int = 0,
+    to_out: Any = None,
+    base: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``out + sum_a weight_a * Attn(query, K_ip_a, V_ip_a)`` over ``branches`` (adapter name, branch).
 
     ``out``: (B, L, inner), the attention output before ``to_out``; ``query``: (B, heads, L, d), the query the
     image keys meet. ``text``: how many leading query positions are text tokens, not image ones (a Flux single
     block's joint sequence): a regional mask leaves them out. ``layer``: the host layer's index (per-layer
-    weights). A branch whose weight is 0 or whose
-    step window is closed is skipped (eager), so the output is exactly the model without it.
+    weights). ``to_out``: the layer's output projection (influence maps measure contributions through it; None:
+    they are measured as they are). A branch whose weight is 0 or whose step window is closed is skipped
+    (eager), so the output is exactly the model without it. Each adapter's branch serves every token set of it
+    (:meth:`ImagePrompt.sets`), each with its own control.
     """
     heads, inner = query.shape[1], out.shape[-1]
+    recorder = prompt.recorder
+    base = out if base is None else base  # the text branch's output: what influence maps compare against
     for name, branch in branches:
-        control = prompt.control(name)
-        values = prompt.values(name) if name in prompt.tokens else None
-        weight = None if values is None else control.weight(layer, step.progress, values)
-        if weight is None:
-            continue  # exactly the model without this adapter (at this layer / step)
+        for key in prompt.sets(name):
+            control = prompt.control(key)
+            values = prompt.values(key)
+            weight = control.weight(layer, step.progress, values)
+            if weight is None:
+                continue  # exactly the model without this adapter (at this layer / step)
+            swapped = control.swapped(layer)
 
-        def project(name: str = name, branch: IPBranch = branch) -> tuple[torch.Tensor, torch.Tensor]:
-            tokens = prompt.rows(name, batch, step)  # (B, N, D)
-            tokens = tokens.to(device=query.device, dtype=branch.to_k_ip.weight.dtype)
-            k_ip, v_ip = branch(tokens)
-            k_ip = _split_heads(k_ip, batch, heads)  # (B, heads, N, d)
-            v_ip = _split_heads(v_ip, batch, heads)
-            if branch.head_norm:
-                k_ip, v_ip = rms_norm(k_ip, 1e-5), rms_norm(v_ip, 1e-5)
-            weights = prompt.values(name).value_weights
-            if weights is not None:  # weighted references attended together: scale their values
-                v_ip = v_ip * weights.to(dtype=v_ip.dtype)[:, None]
-            return k_ip.to(query.dtype), v_ip.to(query.dtype)
+            def project(
+                key: str = key, branch: IPBranch = branch, swapped: bool = swapped
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+                tokens = prompt.rows(key, batch, step, swapped)  # (B, N, D)
+                tokens = tokens.to(device=query.device, dtype=branch.to_k_ip.weight.dtype)
+                k_ip, v_ip = branch(tokens)
+                k_ip = _split_heads(k_ip, batch, heads)  # (B, heads, N, d)
+                v_ip = _split_heads(v_ip, batch, heads)
+                if branch.head_norm:
+                    k_ip, v_ip = rms_norm(k_ip, 1e-5), rms_norm(v_ip, 1e-5)
+                weights = prompt.values(key).value_weights
+                if weights is not None:  # weighted references attended together: scale their values
+                    v_ip = v_ip * weights.to(dtype=v_ip.dtype)[:, None]
+                return k_ip.to(query.dtype), v_ip.to(query.dtype)
 
-        k_ip, v_ip = prompt.cached((layer, name, batch, step.negative is True), project)
-        if control.groups is None:
-            out = out + _times(weight, _attend(query, k_ip, v_ip, batch, inner))
-            continue
-        # One attention per reference, each on its own region (diffusers' ip_adapter_masks semantics)
-        start = 0
-        for group, count in enumerate(control.groups):
-            k_g, v_g = k_ip[:, :, start : start + count], v_ip[:, :, start : start + count]
-            start += count
-            part = _attend(query, k_g, v_g, batch, inner)  # (B, L, inner)
-            mask = prompt.mask_rows(name, group, part.shape[1] - text, step, part)
-            if mask is not None:
-                if text:  # text positions are not on the image: a region never covers them
-                    mask = torch.cat([mask.new_zeros(1, text, 1), mask], dim=1)
-                part = part * mask
-            group_weight = weight
-            if control.group_weights is not None:  # the reference's own weight
-                group_weight = weight * (
-                    values.group_weights[group] if compiling() else control.group_weights[group]
-                )
-            out = out + _times(group_weight, part)
+            k_ip, v_ip = prompt.cached((layer, key, batch, step.negative is True, swapped), project)
+            rows = prompt.row_weights(key, batch, step)  # one reference per batch item: its weight
+            if rows is not None:
+                weight = weight * rows.to(out.dtype)
+            row_mask = None
+            if control.row_masks is not None:
+                row_mask = prompt.row_masks(key, batch, out.shape[1] - text, step, out)
+                if row_mask is not None and text:
+                    row_mask = torch.cat([row_mask.new_zeros(batch, text, 1), row_mask], dim=1)
+            groups = control.groups or (k_ip.shape[2],)
+            start = 0
+            for group, count in enumerate(groups):
+                k_g, v_g = k_ip[:, :, start : start + count], v_ip[:, :, start : start + count]
+                start += count
+                group_weight = weight
+                if control.group_weights is not None:  # the reference's own weight
+                    group_weight = weight * (
+                        values.group_weights[group] if compiling() else control.group_weights[group]
+                    )
+                k_g, v_g, after = scaled_kv(k_g, v_g, group_weight, control.embeds_scaling, inner)
+                part = _attend(query, k_g, v_g, batch, inner)  # (B, L, inner)
+                mask = row_mask
+                if control.groups is not None:
+                    mask = prompt.mask_rows(key, group, part.shape[1] - text, step, part)
+                    if mask is not None and text:  # text positions are not on the image: never in a region
+                        mask = torch.cat([mask.new_zeros(1, text, 1), mask], dim=1)
+                if mask is not None:
+                    part = part * mask
+                part = _times(after, part)  # mask, then weight: diffusers' order of operations
+                if recorder is not None:
+                    where = Contribution(
+                        key, group if control.groups is not None else None, layer, text, to_out
+                    )
+                    recorder.add(prompt, step, where, part, base, (query, k_g, v_g, after, mask))
+                out = out + part
     return out
+
+
+_PENALTY_WIDTH = 1280.0  # ComfyUI's "C penalty" divides the layer's width by SDXL's widest (1280)
+
+
+def scaled_kv(
+    key: torch.Tensor, value: torch.Tensor, weight: float | torch.Tensor, how: str, inner: int
+) -> tuple[torch.Tensor, torch.Tensor, float | torch.Tensor]:
+    """The image keys and values with ``weight`` applied as ``how`` says, and the factor left for the output.
+
+    ComfyUI's embeds scaling (``C``: the layer's inner width): ``V only``: the output times w; ``K+V``: K and V
+    times w; ``K+V w/ C penalty``: K and V times w * C / 1280; ``K+mean(V) w/ C penalty``: K times w' = w * C /
+    1280, V's mean over the tokens times w' and its spread around the mean kept. ``weight``: a number, a 0-d
+    tensor or one per batch row ``(B, 1, 1)``.
+    """
+    if how == "V only":
+        return key, value, weight
+    w = weight * (inner / _PENALTY_WIDTH) if how.endswith("C penalty") else weight
+    if isinstance(w, torch.Tensor):
+        w = w.to(key.dtype)
+        w = w.reshape(-1, 1, 1, 1) if w.ndim == 3 else w
+    if how.startswith("K+mean(V)"):
+        mean = value.mean(dim=2, keepdim=True)  # over the tokens: (B, heads, 1, d)
+        return key * w, (value - mean) + mean * w, 1.0
+    return key * w, value * w, 1.0
 
 
 def _times(weight: float | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``weight * x`` in ``x``'s dtype (a tensor weight is float32: cast it, never promote ``x``)."""
+    if isinstance(weight, float | int) and weight == 1.0:
+        return x
     return (weight.to(x.dtype) if isinstance(weight, torch.Tensor) else weight) * x
 
 

@@ -124,13 +124,17 @@ class FluxAttnProcessor(BranchSlots):
             [encoder_hidden_states.shape[1], out.shape[1] - encoder_hidden_states.shape[1]], dim=1
         )
         if inside:
-            out = add_image_branches(out, ip_query, image_prompt, image_prompt_step, layer, inside, batch)
+            out = add_image_branches(
+                out, ip_query, image_prompt, image_prompt_step, layer, inside, batch, to_out=attn.to_out[0]
+            )
         out = attn.to_out[1](attn.to_out[0](out.contiguous()))
         text = attn.to_add_out(text.contiguous())
         if not after:
             return out, text
         zero = torch.zeros_like(out)
-        extra = add_image_branches(zero, ip_query, image_prompt, image_prompt_step, layer, after, batch)
+        extra = add_image_branches(
+            zero, ip_query, image_prompt, image_prompt_step, layer, after, batch, base=out
+        )
         if extra is zero and not compiling():
             return out, text  # every branch skipped: exactly the model without adapters
         return out, text, extra
@@ -157,6 +161,8 @@ def _before_transformer(module: Any, args: tuple, kwargs: dict) -> tuple[tuple, 
     text = kwargs["encoder_hidden_states"] if "encoder_hidden_states" in kwargs else args[1]
     latent = (height // prompt.vae_scale, width // prompt.vae_scale)
     step = Step(progress, latent, negative=negative, text_tokens=int(text.shape[1]))
+    if prompt.recorder is not None:
+        prompt.recorder.count(negative)
     kwargs = {**kwargs, "joint_attention_kwargs": {**attention_kwargs, "image_prompt_step": step}}
     return args, kwargs
 

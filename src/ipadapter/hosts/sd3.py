@@ -24,6 +24,7 @@ from torch import nn
 
 from ..prompt.blocks import Block
 from ..prompt.conditioning import ImagePrompt, Step, compiling, progress_of
+from ..prompt.recording import Contribution
 from .attention import BranchSlots, PassThroughProcessor, _times, compiled_regions
 from .base import STATE_ATTR, Attachment, Host, HostLayer, install_processors
 
@@ -143,14 +144,22 @@ class SD3AttnProcessor(BranchSlots):
             if not attn.context_pre_only:
                 text = attn.to_add_out(text)
         if image_prompt is not None and image_prompt_step is not None:
-            out = self._add_branches(out, raw, image_prompt, image_prompt_step, batch, heads)
+            out = self._add_branches(out, raw, image_prompt, image_prompt_step, batch, heads, attn.to_out[0])
         out = attn.to_out[1](attn.to_out[0](out))
         return out if text is None else (out, text)
 
     def _add_branches(
-        self, out: torch.Tensor, raw: tuple, prompt: ImagePrompt, step: Step, batch: int, heads: Any
+        self,
+        out: torch.Tensor,
+        raw: tuple,
+        prompt: ImagePrompt,
+        step: Step,
+        batch: int,
+        heads: Any,
+        to_out: Any = None,
     ) -> torch.Tensor:
         q_img, k_img, v_img = raw
+        base = out
         layer = self.layer_index if compiling() else self.layer
         for name, branch in self.named_branches():
             values = prompt.values(name) if name in prompt.tokens else None
@@ -165,7 +174,11 @@ class SD3AttnProcessor(BranchSlots):
                 branch.norm_q(q_img), keys, vals, dropout_p=0.0, is_causal=False
             )
             ip = ip.transpose(1, 2).reshape(batch, -1, out.shape[-1]).to(q_img.dtype)  # (B, L, inner)
-            out = out + _times(weight, ip)
+            part = _times(weight, ip)
+            if prompt.recorder is not None:
+                where = Contribution(name, None, layer, 0, to_out)
+                prompt.recorder.add(prompt, step, where, part, base)
+            out = out + part
         return out
 
 
@@ -193,6 +206,8 @@ def _before_transformer(module: Any, args: tuple, kwargs: dict) -> tuple[tuple, 
         times = timestep.reshape(-1).expand(batch) if timestep.numel() == 1 else timestep
         tokens[name] = handle.projection(rows.to(param.dtype), times.to(param.dtype))
     step = Step(progress, tuple(sample.shape[-2:]), tokens=tokens)
+    if prompt.recorder is not None:
+        prompt.recorder.count(None)
     kwargs = {**kwargs, "joint_attention_kwargs": {**attention_kwargs, "image_prompt_step": step}}
     return args, kwargs
 

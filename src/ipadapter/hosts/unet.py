@@ -125,6 +125,8 @@ def _before_unet(module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] |
     t = torch.as_tensor(timestep).flatten()[0]  # pipelines pass one timestep; training the batch's own
     progress = progress_of(t, prompt.train_timesteps, as_tensor=compiling())
     step = Step(progress, (sample.shape[-2], sample.shape[-1]))
+    if prompt.recorder is not None:
+        prompt.recorder.count(None)
     kwargs = {**kwargs, "cross_attention_kwargs": {**attention_kwargs, "image_prompt_step": step}}
     return args, kwargs
 

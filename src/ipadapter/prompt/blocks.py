@@ -18,7 +18,15 @@ from numbers import Real
 
 from ..errors import InputError
 
-PRESET_NAMES = ("style", "composition", "style+composition", "strong-style")
+PRESET_NAMES = (
+    "style",
+    "composition",
+    "style+composition",
+    "strong-style",
+    "strong-style+composition",
+    "style-precise",
+    "composition-precise",
+)
 CURVE_NAMES = (
     "ease-in",
     "ease-out",
@@ -33,6 +41,8 @@ CURVE_NAMES = (
 PART_NAMES = ("input", "middle", "output")
 # Block counts the presets are defined for (DESIGN.md §3.2)
 SD15_BLOCKS, SDXL_BLOCKS = 16, 11
+# The blocks that carry layout (composition), by host: what a composition image and the precise presets act on
+COMPOSITION_BLOCKS = {SDXL_BLOCKS: (3,), SD15_BLOCKS: (4, 5)}
 
 _LAYER_WEIGHTS_SYNTAX = 'expected comma-separated "t<index>=<weight>" entries, e.g. "t3=0.5,t6=1.0"'
 # Curves that scale whole UNet parts by 0.2: which parts each one weakens
@@ -163,6 +173,7 @@ def _preset_weights(preset: str, num_blocks: int, composition_weight: float, lay
             "composition": {3: 1.0},
             "style+composition": {3: c, 6: 1.0},
             "strong-style": {t: 1.0 for t in range(SDXL_BLOCKS) if t != 3},
+            "strong-style+composition": {**{t: 1.0 for t in range(SDXL_BLOCKS)}, 3: c},
         }
     elif num_blocks == SD15_BLOCKS:
         # SD1.5 has no single style block: community presets use the outer blocks for style, down_blocks.2 for layout
@@ -172,13 +183,42 @@ def _preset_weights(preset: str, num_blocks: int, composition_weight: float, lay
             "composition": {4: 0.25, 5: 1.0},
             "style+composition": {**style, 4: 0.25 * c, 5: c},
             "strong-style": {t: 1.0 for t in range(SD15_BLOCKS) if t not in (4, 5)},
+            "strong-style+composition": {**{t: 1.0 for t in range(SD15_BLOCKS)}, 4: c, 5: c},
         }
     else:
         raise InputError(
             f"preset {preset!r} needs an SD1.5 ({SD15_BLOCKS} transformer blocks) or SDXL ({SDXL_BLOCKS}) UNet, "
             f"this one has {num_blocks}{layout}; give per-block weights instead (layer_weights, e.g. 't0=1.0,t2=0.5')"
         )
+    if preset in PRECISE:
+        return {t: factor for t, (factor, _) in precise_blocks(preset, num_blocks)[0].items()}
     return table[preset]
+
+
+PRECISE = ("style-precise", "composition-precise")
+
+
+def precise_blocks(preset: str, num_blocks: int) -> tuple[dict[int, tuple[float, bool]], set[int]]:
+    """ComfyUI's precise presets: ``{t: (factor, boosted)}`` and the swapped blocks.
+
+    A block's weight is ``factor x scale``, or ``factor x boost`` for a boosted block when the boost is given
+    (style_boost / composition_boost, absolute as in ComfyUI). At a swapped block the reference's tokens go to the
+    negative half of classifier-free guidance and the positive half gets zero tokens, so that block is pushed
+    *away* from the reference: style-precise swaps the composition blocks (the style without the reference's
+    layout), composition-precise the others (its layout without its style).
+    """
+    layout = set(COMPOSITION_BLOCKS[num_blocks])
+    if num_blocks == SDXL_BLOCKS:
+        if preset == "style-precise":
+            return {3: (1.0, True), 6: (1.0, False)}, layout
+        others = {t: (0.1, True) for t in range(SDXL_BLOCKS)}
+        return {**others, 3: (1.0, False), 6: (1.0, True)}, set(range(SDXL_BLOCKS)) - layout
+    if preset == "style-precise":
+        outer = {t: (1.0, False) for t in (*range(0, 4), *range(9, 16))}
+        return {**outer, 4: (0.25, True), 5: (1.0, True)}, layout
+    blocks = {t: (1.0, True) for t in (*range(0, 4), *range(9, 16))}
+    blocks.update({t: (0.1, True) for t in (6, 7, 8)})
+    return {**blocks, 4: (0.25, False), 5: (1.0, False)}, set(range(SD15_BLOCKS)) - layout
 
 
 def _curve_factor(curve: str, t: int, n: int, part: str | None) -> float:
@@ -329,3 +369,88 @@ def layer_scales(
             )
         scales.append(weights[block_of[name].index])
     return tuple(scales)
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """Everything per cross-attention layer that a preset and the weights decide (one entry per layer).
+
+    ``scales``: multipliers of the adapter's scale (None: every layer at the scale). ``swaps``: layers where the
+    reference goes to the negative half of guidance (the precise presets). ``boosts``: absolute weights that
+    replace ``scale x scales`` (a precise preset's boost; None where the scale rules). ``composition``: the
+    layers of the composition blocks (where a composition image acts).
+    """
+
+    scales: tuple[float, ...] | None
+    swaps: tuple[bool, ...] | None = None
+    boosts: tuple[float | None, ...] | None = None
+    composition: tuple[bool, ...] | None = None
+
+
+def layer_plan(
+    block_of: Mapping[str, Block],
+    layer_names: Sequence[str],
+    *,
+    preset: str | None = None,
+    composition_weight: float = 1.0,
+    layer_weights: Mapping[str | int, float] | None = None,
+    curve: str | None = None,
+    style_boost: float | None = None,
+    composition_boost: float | None = None,
+    composition_image: bool = False,
+) -> LayerPlan:
+    """:func:`layer_scales` with what the precise presets and a composition image add (see :class:`LayerPlan`).
+
+    Raises InputError for a boost without its preset, and for a composition image on a denoiser without known
+    composition blocks (anything but SD1.5 / SDXL UNets).
+    """
+    for name, value, wanted in (
+        ("style_boost", style_boost, "style-precise"),
+        ("composition_boost", composition_boost, "composition-precise"),
+    ):
+        if value is not None and preset != wanted:
+            raise InputError(
+                f"{name} is the boost of preset '{wanted}', and the preset is {preset!r}; use preset "
+                f"'{wanted}' or drop {name}"
+            )
+    if composition_image and preset is None and layer_weights is None:
+        preset = "style+composition"  # two images: the style blocks from the references, the layout from one
+    scales = layer_scales(
+        block_of,
+        layer_names,
+        preset=preset,
+        composition_weight=composition_weight,
+        layer_weights=layer_weights,
+        curve=curve,
+    )
+    blocks = sorted(set(block_of.values()), key=lambda block: block.index)
+    count = len(blocks)
+    layer_block = [block_of[name].index for name in layer_names]
+    composition = None
+    if composition_image:
+        if count not in COMPOSITION_BLOCKS or any(block.part not in PART_NAMES for block in blocks):
+            raise InputError(
+                f"a composition image drives the composition blocks of an SD1.5 or SDXL UNet, and this denoiser "
+                f"has none ({describe_blocks(blocks)}); drop composition_image, or give a second adapter entry "
+                "with layer weights instead"
+            )
+        layout = COMPOSITION_BLOCKS[count]
+        composition = tuple(t in layout for t in layer_block)
+    if preset not in PRECISE:
+        return LayerPlan(scales, composition=composition)
+    table, swapped = precise_blocks(preset, count)
+    boost = style_boost if preset == "style-precise" else composition_boost
+    explicit = set(normalize_layer_weights(layer_weights)) if layer_weights is not None else set()
+    parts = [block.part for block in blocks]
+    per_block: list[float | None] = [None] * count
+    if boost is not None:
+        for t, (factor, boosted) in table.items():
+            if boosted and t not in explicit:
+                bend = 1.0 if curve is None else _curve_factor(curve, t, count, parts[t])
+                per_block[t] = factor * boost * bend
+    return LayerPlan(
+        scales,
+        swaps=tuple(t in swapped for t in layer_block),
+        boosts=tuple(per_block[t] for t in layer_block),
+        composition=composition,
+    )

@@ -81,6 +81,14 @@ class BranchControl:
     0.5) or a ready ``(H, W)`` float tensor at the output size, or None (the whole image); ``group_weights``:
     per group, a multiplier of its output. ``value_weights``: ``(N,)`` multipliers of the image values per
     token (weighted references attended together).
+
+    ``embeds_scaling``: how the weight enters the attention (:data:`~ipadapter.prompt.controls.EMBEDS_SCALINGS`).
+    ``swaps``: per layer, whether the reference goes to the negative half of guidance and the positive half gets
+    zero tokens there (the precise presets). ``boosts``: per layer, an absolute weight replacing
+    ``scale x layer_scales`` (None where the scale rules; the adapter still stops at scale 0). ``row_weights`` /
+    ``row_masks``: one reference per batch item (unfold): per item, a weight and a mask (None: everywhere), laid
+    out like the tokens. ``references``: token counts per reference attended together (influence maps split the
+    attention by them); ``labels``: a name per group (masked references) or per reference, for influence maps.
     """
 
     scale: float | None = None
@@ -90,10 +98,23 @@ class BranchControl:
     masks: tuple[Image.Image | torch.Tensor | None, ...] | None = None
     group_weights: tuple[float, ...] | None = None
     value_weights: torch.Tensor | None = None
+    embeds_scaling: str = "V only"
+    swaps: tuple[bool, ...] | None = None
+    boosts: tuple[float | None, ...] | None = None
+    row_weights: tuple[float, ...] | None = None
+    row_masks: tuple[Image.Image | torch.Tensor | None, ...] | None = None
+    references: tuple[int, ...] | None = None
+    labels: tuple[str, ...] | None = None
 
     def layer_scale(self, layer: int) -> float:
         scale = 1.0 if self.scale is None else self.scale
+        if self.boosts is not None and self.boosts[layer] is not None and scale != 0:
+            return self.boosts[layer]
         return scale if self.layer_scales is None else scale * self.layer_scales[layer]
+
+    def swapped(self, layer: int | torch.Tensor) -> bool:
+        """Whether the reference acts through the negative half at ``layer`` (a precise preset's swap)."""
+        return self.swaps is not None and not isinstance(layer, torch.Tensor) and self.swaps[layer]
 
     def active(self, progress: float) -> bool:
         start, end = self.window
@@ -122,12 +143,22 @@ class BranchControl:
         def put(values: Any) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.float32, device=device)
 
+        scale = 1.0 if self.scale is None else self.scale
+        layers = self.layer_scales
+        if self.boosts is not None:  # scale x (boost / scale) = the boost; nothing at scale 0
+            count = len(self.boosts)
+            relative = [1.0] * count if layers is None else list(layers)
+            layers = tuple(
+                (b / scale if scale else 0.0) if b is not None else relative[i]
+                for i, b in enumerate(self.boosts)
+            )
         return _Tensors(
-            scale=put(1.0 if self.scale is None else self.scale),
-            layers=None if self.layer_scales is None else put(self.layer_scales),
+            scale=put(scale),
+            layers=None if layers is None else put(layers),
             window=put(self.window),
             group_weights=None if self.group_weights is None else put(self.group_weights),
             value_weights=None if self.value_weights is None else self.value_weights.to(device),
+            row_weights=None if self.row_weights is None else put(self.row_weights),
         )
 
 
@@ -137,6 +168,7 @@ class _Tensors(NamedTuple):
     window: torch.Tensor  # (2,) start, end
     group_weights: torch.Tensor | None  # (groups,)
     value_weights: torch.Tensor | None  # (N,)
+    row_weights: torch.Tensor | None  # (R,): one reference per batch item
 
 
 PLAIN = BranchControl()
@@ -153,6 +185,10 @@ class ImagePrompt:
     ``(2 or 1) x prompts x images_per_prompt x frames``), ``images_per_prompt``, ``frames`` (1 for images),
     ``train_timesteps`` (the scheduler's ``num_train_timesteps``, for the step window), ``vae_scale`` (pixels
     per latent) and ``output_size`` (the ``(height, width)`` regional masks are prepared for).
+
+    A token set whose key is not an adapter's name is served by the branches of adapter ``branch_of[key]`` (e.g.
+    a composition image's tokens, with a control of their own). ``recorder``: an
+    :class:`~ipadapter.prompt.influence.InfluenceRecorder` the branches report to (None: nothing is recorded).
     """
 
     tokens: dict[str, torch.Tensor]
@@ -164,7 +200,10 @@ class ImagePrompt:
     train_timesteps: int = 1000
     vae_scale: int = 8
     output_size: tuple[int, int] | None = None
+    branch_of: dict[str, str] = field(default_factory=dict)
+    recorder: Any = None
     _values: dict[str, _Tensors] = field(default_factory=dict, repr=False)
+    _sets: dict[str, list[str]] = field(default_factory=dict, repr=False)
     _masks: dict[tuple[str, int, int, int], torch.Tensor] = field(default_factory=dict, repr=False)
     _cache: dict = field(default_factory=dict, repr=False)
     _last_t: float | None = field(default=None, repr=False)
@@ -189,10 +228,17 @@ class ImagePrompt:
         Run again after changing ``controls`` or ``output_size``; the handle does before every call.
         """
         self._values = {name: self.control(name).tensors(pos.device) for name, pos in self.tokens.items()}
+        self._sets = {}
+        for key in self.tokens:
+            self._sets.setdefault(self.branch_of.get(key, key), []).append(key)
         self._masks = {}
         if self.output_size is not None:
             for name, pos in self.tokens.items():
-                for group, mask in enumerate(self.control(name).masks or ()):
+                control = self.control(name)
+                kinds = [(group, control.masks) for group in range(len(control.masks or ()))]
+                kinds += [(("row", r), control.row_masks) for r in range(len(control.row_masks or ()))]
+                for group, masks in kinds:
+                    mask = masks[group if isinstance(group, int) else group[1]]
                     if isinstance(mask, torch.Tensor) and tuple(mask.shape[-2:]) != tuple(self.output_size):
                         continue  # a ready mask for another size: checked against the size the call makes
                     if mask is not None:
@@ -225,14 +271,24 @@ class ImagePrompt:
     def values(self, name: str) -> _Tensors:
         return self._values[name]
 
-    def rows(self, name: str, batch: int, step: Step | None = None) -> torch.Tensor | None:
+    def sets(self, name: str) -> list[str]:
+        """The token sets adapter ``name``'s branches serve: its own, then any ``branch_of`` names it."""
+        return self._sets.get(name, [])
+
+    def rows(
+        self, name: str, batch: int, step: Step | None = None, swapped: bool = False
+    ) -> torch.Tensor | None:
         """Tokens of adapter ``name`` laid out for a query batch of ``batch`` rows, or None if it has none.
 
         ``step``: the running call's :class:`Step`; tokens it made for this step win, and when it is the negative
-        call of a split guidance, the rows are the negative tokens.
+        call of a split guidance, the rows are the negative tokens. ``swapped``: the reference's tokens go to the
+        negative rows and the positive rows get zero tokens (a precise preset's swapped layer).
         """
         if step is not None and step.tokens is not None and name in step.tokens:
             return step.tokens[name][0]
+        if swapped:
+            pos = self.tokens[name]
+            return self._laid(name, batch, pos=torch.zeros_like(pos), neg=pos)
         if step is not None and step.negative is not None:
             neg = self._laid(name, batch, self.negative[name])
             if isinstance(step.negative, torch.Tensor):  # compiled: no branching on the value
@@ -241,9 +297,17 @@ class ImagePrompt:
                 return neg
         return self._laid(name, batch)
 
-    def _laid(self, name: str, batch: int, only: torch.Tensor | None = None) -> torch.Tensor | None:
-        """``rows`` from the stored tokens; ``only``: lay out this one half (a split guidance's call)."""
-        pos = self.tokens.get(name)
+    def _laid(
+        self,
+        name: str,
+        batch: int,
+        only: torch.Tensor | None = None,
+        pos: torch.Tensor | None = None,
+        neg: torch.Tensor | None = None,
+    ) -> torch.Tensor | None:
+        """``rows`` from the stored tokens; ``only``: lay out this one half (a split guidance's call);
+        ``pos`` / ``neg``: other tokens of the same shape in the two halves' places."""
+        pos = self.tokens.get(name) if pos is None else pos
         if pos is None:
             return None
         if only is not None:
@@ -253,7 +317,7 @@ class ImagePrompt:
             return only[:, None].expand(prompts, copies, refs, n, d).reshape(-1, n, d)
         prompts, refs, n, d = pos.shape
         halves = self._halves(name, batch, prompts, refs)
-        laid_halves = [self.negative[name], pos] if halves == 2 else [pos]
+        laid_halves = [self.negative[name] if neg is None else neg, pos] if halves == 2 else [pos]
         copies = batch // (halves * prompts * refs)  # num_images_per_prompt (a frame's references repeat)
         laid = [h[:, None].expand(prompts, copies, refs, n, d).reshape(-1, n, d) for h in laid_halves]
         return torch.cat(laid) if len(laid) > 1 else laid[0]  # (batch, N, D)
@@ -285,6 +349,58 @@ class ImagePrompt:
 
     def control(self, name: str) -> BranchControl:
         return self.controls.get(name, PLAIN)
+
+    def _per_row(self, name: str, batch: int, per_ref: torch.Tensor, step: Step | None) -> torch.Tensor:
+        """``per_ref`` (one entry per reference, ``(R, ...)``) laid out like the tokens: ``(batch, ...)``."""
+        prompts, refs = self.tokens[name].shape[:2]
+        split = step is not None and step.negative is not None
+        halves = 1 if split else self._halves(name, batch, prompts, refs)
+        copies = batch // (halves * prompts * refs)
+        rest = per_ref.shape[1:]
+        return per_ref[None, None].expand(halves * prompts, copies, *per_ref.shape).reshape(batch, *rest)
+
+    def row_weights(self, name: str, batch: int, step: Step | None = None) -> torch.Tensor | None:
+        """One reference per batch item (unfold): each row's weight, ``(batch, 1, 1)``; None without."""
+        weights = self._values[name].row_weights
+        if weights is None:
+            return None
+        return self._per_row(name, batch, weights, step)[:, None, None]
+
+    def row_masks(
+        self, name: str, batch: int, queries: int, step: Step, like: torch.Tensor
+    ) -> torch.Tensor | None:
+        """One reference per batch item (unfold): each row's mask on a layer grid of ``queries`` positions,
+        ``(batch, queries, 1)``; None when no reference has a mask."""
+        masks = self.control(name).row_masks
+        if masks is None or all(m is None for m in masks):
+            return None
+        size = (step.latent_size[0] * self.vae_scale, step.latent_size[1] * self.vae_scale)
+
+        def compute() -> torch.Tensor:
+            grid = _grid(step.latent_size, queries)
+            rows = []
+            for r, mask in enumerate(masks):
+                if mask is None:
+                    rows.append(torch.ones(queries, device=like.device, dtype=like.dtype))
+                    continue
+                full = self._masks.get((name, ("row", r), *size))
+                if full is None:
+                    full = self._mask_now(mask, size)
+                small = F.interpolate(full[None, None].to(like.device), size=grid, mode="bicubic")
+                rows.append(small.reshape(-1).to(dtype=like.dtype))
+            return self._per_row(name, batch, torch.stack(rows), step)[..., None]
+
+        return self.cached(
+            ("row-mask", name, batch, queries, size, like.dtype, step.negative is True), compute
+        )
+
+    def positive_rows(self, name: str, batch: int, step: Step) -> slice | None:
+        """The batch rows of the positive (conditional) half, or None when this call is all negative."""
+        if step.negative is not None:
+            return None if bool(step.negative) else slice(0, batch)
+        prompts, refs = self.tokens[name].shape[:2]
+        halves = self._halves(name, batch, prompts, refs)
+        return slice(batch // 2, batch) if halves == 2 else slice(0, batch)
 
     def mask_rows(
         self, name: str, group: int, queries: int, step: Step, like: torch.Tensor

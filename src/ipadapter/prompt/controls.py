@@ -15,6 +15,11 @@ MAX_SCALE = (
     5.0  # beyond this an image prompt only burns the picture (all black at 1e30): refused as a mistake
 )
 COMBINE_MODES = ("concat", "average", "norm-average", "add", "subtract")
+# How the branch's weight enters its attention (ComfyUI's names and formulas; ``C``: the layer's inner width):
+# V only: w * Attn(Q, K, V); K+V: Attn(Q, wK, wV); "w/ C penalty": w * C / 1280 instead of w; K+mean(V): the
+# values' mean over the tokens is scaled, their spread around it kept.
+EMBEDS_SCALINGS = ("V only", "K+V", "K+V w/ C penalty", "K+mean(V) w/ C penalty")
+NOISE_KINDS = ("fade", "dissolve", "gaussian", "shuffle")
 
 # The references of the single-adapter form (flags, batch keys, JSON); a recipe lists them as image tables.
 REFERENCES = table(
@@ -30,7 +35,8 @@ REFERENCES = table(
            "(pip install 'ipadapter[face]'); repeatable", many=True),
     Option("image_mask", "image", "regional mask per reference (white = where it acts), in the order of image, "
            "embeds, face_embeds, face_image", many=True),
-    Option("crop", "choice", "how a non-square reference is fitted", default="center", choices=CROP_MODES),
+    Option("crop", "choice", "how a non-square reference is fitted (tiled: split into square tiles, each acting "
+           "on its part of the picture)", default="center", choices=CROP_MODES),
 )  # fmt: skip
 
 # How one adapter uses its references; in recipe files' order (a recipe's [[adapter]] keys).
@@ -45,10 +51,37 @@ CONTROLS = table(
     Option("preset", "choice", "blocks for style / composition (SD1.5 and SDXL)", choices=PRESET_NAMES),
     Option("composition_weight", "number", "composition blocks' weight in style+composition", default=1.0,
            low=0, example="1.0"),
+    Option("composition_image", "image", "style and composition from two images: this image's layout drives the "
+           "composition blocks, the references the style (SD1.5 and SDXL; default preset style+composition)"),
+    Option("style_boost", "number", "style-precise: the composition blocks' weight, absolute as in ComfyUI "
+           "(default: the scale)", low=0, high=MAX_SCALE, example="1.0"),
+    Option("composition_boost", "number", "composition-precise: the style blocks' weight, absolute as in ComfyUI "
+           "(default: the scale)", low=0, high=MAX_SCALE, example="1.0"),
     Option("layer_weights", "weights", 'weight per transformer block, e.g. "t3=0.5,t6=1.0" (unlisted: 0)'),
     Option("curve", "choice", "weight curve over the transformer blocks", choices=CURVE_NAMES),
     Option("negative_image", "image", "image whose tokens replace the unconditional image tokens (FaceID: a face "
            "image)"),
+    Option("negative_noise", "choice", "make the negative image from noise (ComfyUI's IPAdapter Noise), over "
+           "negative_image if given, else black; deterministic from noise_seed", choices=NOISE_KINDS),
+    Option("negative_noise_strength", "number", "how much noise the negative image gets, 0 to 1", default=1.0,
+           low=0, high=1, example="0.6"),
+    Option("negative_noise_blur", "int", "blur of the noise negative in pixels (0 = none)", default=0, low=0,
+           high=32, example="0"),
+    Option("noise_seed", "int", "seed of the noise negative (default: the generation's seed, else 0)", low=0,
+           example="7"),
+    Option("embeds_scaling", "choice", "how the weight enters the image attention (ComfyUI's embeds scaling)",
+           default="V only", choices=EMBEDS_SCALINGS),
+    Option("unfold_batch", "bool", "spread the references one per generated image (or video frame) instead of "
+           "using all of them everywhere; a shorter list repeats its last reference", default=False),
+    Option("sharpening", "number", "tiled references: contrast-adaptive sharpening of the tiles, 0 to 1",
+           default=0.0, low=0, high=1, example="0.3"),
+    Option("enhance_tiles", "int", "ClipVision enhancer: also encode each reference as N x N tiles and merge "
+           "their features (1 = off)", default=1, low=1, high=16, example="2"),
+    Option("enhance_ratio", "number", "ClipVision enhancer: the whole image's share against the merged tiles",
+           default=1.0, low=0, high=1, example="0.5"),
+    Option("encode_batch_size", "int", "images per image-encoder call (0 = one at a time: each image's features "
+           "are then independent of the others; larger is faster on a GPU, equal within float rounding)",
+           default=0, low=0, example="16"),
     Option("lora_scale", "number", "FaceID: strength of the LoRA the adapter carries, 0 to 5 (default 1.0, as "
            "trained and as diffusers applies it)", low=0, high=MAX_SCALE, example="0.6"),
     Option("s_scale", "number", "FaceID-PlusV2: weight of the shortcut (ComfyUI's weight_faceidv2; default 1.0)",

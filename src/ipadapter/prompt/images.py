@@ -166,12 +166,13 @@ def image_key(img: Image.Image) -> str:
     return digest.hexdigest()
 
 
-CROP_MODES = ("center", "pad", "stretch")
+CROP_MODES = ("center", "pad", "stretch", "tiled")
 
 
 def fit_square(image: Image.Image, crop: str, size: int) -> Image.Image:
-    """``image`` prepared for a square encoder input by ``crop`` (center: left to CLIP's own centre crop)."""
-    if crop == "center":
+    """``image`` prepared for a square encoder input by ``crop`` (center: left to CLIP's own centre crop;
+    tiled: the reference was split into square tiles before, see :mod:`ipadapter.prompt.tiles`)."""
+    if crop in ("center", "tiled"):
         return image
     if crop == "stretch":
         return image.resize((size, size), Image.Resampling.BICUBIC)

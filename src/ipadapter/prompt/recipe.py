@@ -66,6 +66,9 @@ _ADAPTER_KEYS = (
     "image",
 )  # the per-call fields: prompt.controls
 _RECIPE_KEYS = ("adapter",)
+_IMAGE_CONTROLS = tuple(
+    name for name, option in CONTROLS.items() if option.kind == "image"
+)  # negative_image...
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -169,6 +172,18 @@ class Control:
       values finite >= 0. Indices are checked against the UNet when attached, not here.
     - ``curve``: a scale curve over the layers from :data:`ipadapter.prompt.blocks.CURVE_NAMES`, or None.
     - ``negative_image``: an image whose features replace the empty negative (file path or PIL image), or None.
+    - ``composition_image``: style and composition from two images: this image drives the composition blocks, the
+      references the others (SD1.5 / SDXL; the preset defaults to ``style+composition``).
+    - ``style_boost`` / ``composition_boost``: the boosts of the ``style-precise`` / ``composition-precise``
+      presets (absolute block weights, as in ComfyUI).
+    - ``negative_noise`` (``fade`` | ``dissolve`` | ``gaussian`` | ``shuffle``), ``negative_noise_strength``,
+      ``negative_noise_blur``, ``noise_seed``: a negative image made of noise (over ``negative_image`` if given).
+    - ``embeds_scaling``: ``V only`` (default) | ``K+V`` | ``K+V w/ C penalty`` | ``K+mean(V) w/ C penalty``.
+    - ``unfold_batch``: one reference per generated image / frame (a shorter list repeats its last one).
+    - ``sharpening``: tiled references' sharpening (0-1). ``enhance_tiles`` / ``enhance_ratio``: the ClipVision
+      enhancer (also encode N x N tiles of each reference and merge their features).
+    - ``encode_batch_size``: images per image-encoder call (0 = one at a time).
+    The fields' ranges and defaults are declared in :data:`ipadapter.prompt.controls.CONTROLS`.
     """
 
     images: list[Reference]
@@ -178,9 +193,22 @@ class Control:
     end: float = 1.0
     preset: str | None = None
     composition_weight: float = 1.0
+    composition_image: str | Path | Image.Image | None = None
+    style_boost: float | None = None
+    composition_boost: float | None = None
     layer_weights: dict[str, float] | None = None
     curve: str | None = None
     negative_image: str | Path | Image.Image | None = None
+    negative_noise: str | None = None
+    negative_noise_strength: float = 1.0
+    negative_noise_blur: int = 0
+    noise_seed: int | None = None
+    embeds_scaling: str = "V only"
+    unfold_batch: bool = False
+    sharpening: float = 0.0
+    enhance_tiles: int = 1
+    enhance_ratio: float = 1.0
+    encode_batch_size: int = 0
     lora_scale: float | None = None
     s_scale: float | None = None
     face_index: str | int | None = None
@@ -355,7 +383,8 @@ class Recipe:
     # -- writing and checking -----------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
-        """The file structure (``{"adapter": [...]}``); None fields are left out, paths become strings.
+        """The file structure (``{"adapter": [...]}``); None fields and controls at their declared defaults are
+        left out, paths become strings.
 
         :meth:`from_dict` of the result gives an equal recipe. Raises InputError for a PIL image or bytes,
         which cannot be written to a file.
@@ -366,11 +395,12 @@ class Recipe:
             out: dict[str, Any] = {"path": entry.path}
             for name in _ADAPTER_KEYS[1:-1]:
                 value = getattr(entry, name)
-                if name == "negative_image":
+                if name in _IMAGE_CONTROLS:
                     value = _writable(value, key_path(where, name))
                 elif name == "layer_weights" and value is not None:
                     value = dict(value)
-                if value is not None:
+                default = CONTROLS[name].default if name in CONTROLS else None
+                if value is not None and (default is None or value != default):
                     out[name] = value
             out["image"] = [
                 _reference_dict(ref, key_path(where, f"{key}[{j}]")) for j, ref in enumerate(entry.images)
@@ -389,7 +419,8 @@ class Recipe:
             for j, ref in enumerate(entry.images):
                 for name in ("path", "embeds", "mask"):
                     _check_file(getattr(ref, name), key_path(where, f"{key}[{j}].{name}"))
-            _check_file(entry.negative_image, key_path(where, "negative_image"))
+            for name in _IMAGE_CONTROLS:
+                _check_file(getattr(entry, name), key_path(where, name))
 
     def _where(self, i: int) -> tuple[str, str]:
         """The i-th adapter's place in messages, and the key of its image list."""
@@ -441,8 +472,9 @@ def _adapter_from_dict(entry: Any, where: str, base_dir: Path | None) -> Adapter
     kwargs["path"] = _resolve_if_exists(kwargs["path"], base_dir)
     if "image_encoder" in kwargs:
         kwargs["image_encoder"] = _resolve_if_exists(kwargs["image_encoder"], base_dir)
-    if "negative_image" in kwargs:
-        kwargs["negative_image"] = _resolve(kwargs["negative_image"], base_dir)
+    for name in _IMAGE_CONTROLS:
+        if name in kwargs:
+            kwargs[name] = _resolve(kwargs[name], base_dir)
     kwargs["images"] = _as_references(entry["image"], key_path(where, "image"), True, base_dir)
     with at(where, True):
         return AdapterRecipe(**kwargs)

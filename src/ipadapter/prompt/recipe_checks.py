@@ -138,6 +138,10 @@ def control_field(value: Any, option: Option, here: Where) -> Any:
         return as_optional_file(value, here, key, image=True)
     if option.kind == "model":
         return as_optional_file(value, here, key)
+    if option.kind == "bool":
+        if not isinstance(value, bool):
+            fail(key_path(here.where, key), f"got {value!r}; expected true or false")
+        return value
     if option.kind == "text":  # e.g. face_index: largest / score / all / 0 (checked where it is used)
         if isinstance(value, bool) or not isinstance(value, str | int):
             fail(
@@ -148,6 +152,10 @@ def control_field(value: Any, option: Option, here: Where) -> Any:
     if value is None:  # the scale: None means the adapter's own
         return None
     number = as_number(value, here, key, option.example)
+    if option.kind == "int":
+        if float(number) != int(number):
+            fail(key_path(here.where, key), f"got {value!r}; expected a whole number, e.g. {option.example}")
+        number = int(number)
     if (option.low is not None and number < option.low) or (option.high is not None and number > option.high):
         expected = option.expected()
         fail(
