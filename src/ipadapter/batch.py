@@ -18,6 +18,7 @@ lines and lines starting with ``#`` are skipped; line numbers count every line, 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -31,9 +32,12 @@ from .errors import InputError, IPAdapterError
 from .jobs.engine import Engine
 from .jobs.job import Result
 from .jobs.options import Limits, check_options, job_from_options, local_files, near
+from .prompt.influence_render import check_influence_path, write_influence
 
 BATCH_KEYS: dict[str, str] = {
     "output": "file name inside the output folder: .png (.gif or .mp4 for video); default LINE.png / LINE.gif",
+    "influence_map": "also write where each adapter / reference acted, inside the output folder: .png (overlaid "
+    "on the output) or .npy (the raw maps)",
 }
 _MODEL_KEYS = ("base", "base_config", "adapter", "image_encoder", "controlnet", "motion_adapter")
 _FAILURES = re.compile(r"failures(-\d+)?\.jsonl")
@@ -48,6 +52,7 @@ class Line:
     output: Path | None = None  # inside the output folder
     files: list[Path] = field(default_factory=list)  # what the job writes (numbered when several images)
     error: str | None = None
+    influence: Path | None = None  # the influence map's file, inside the output folder
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -111,31 +116,44 @@ def _parse_line(entry: Line, raw: str, output_dir: Path, limits: Limits) -> None
         )
     video = options.get("mode") == "video"
     name = _output_name(options.pop("output", None), entry.line, video, output_dir)
+    influence = options.pop("influence_map", None)
+    if influence is not None:
+        influence = _inside(influence, "influence_map", output_dir)
+        check_influence_path(influence)
     checked = check_options(options)  # every option's type and bounds, and the limits, before any model
     limits.check(checked)
     count = checked.get("num_images") or 1
     entry.options = options
     entry.output = output_dir / name
     entry.files = media.numbered(entry.output, 1 if video else count)
+    if influence is not None:
+        entry.influence = output_dir / influence
+        entry.files += media.numbered(entry.influence, 1 if video else count)
 
 
 def _output_name(value: Any, line: int, video: bool, output_dir: Path) -> Path:
     """The job's file name inside the output folder (subfolders allowed; nothing that leaves it)."""
     if value is None:
         return Path(f"{line:05d}{'.gif' if video else '.png'}")
+    path = _inside(value, "output", output_dir)
+    media.check_output(path, video, "'output'")
+    return path
+
+
+def _inside(value: Any, key: str, output_dir: Path) -> Path:
+    """A file name inside the output folder (subfolders allowed; nothing that leaves it)."""
     if not isinstance(value, str) or not value.strip():
-        raise InputError(f"'output' is {value!r}; expected a file name such as \"cat.png\"")
+        raise InputError(f"'{key}' is {value!r}; expected a file name such as \"cat.png\"")
     path = Path(value)
     inside = (output_dir / path).resolve().is_relative_to(output_dir.resolve())
     if path.is_absolute() or ".." in path.parts or not inside:
         raise InputError(
-            f"'output' '{value}' is outside the output folder; give a file name inside it (subfolders are "
+            f"'{key}' '{value}' is outside the output folder; give a file name inside it (subfolders are "
             "fine; absolute paths and '..' are not)"
         )
-    media.check_output(path, video, "'output'")
     if files.temp_target(path.name) is not None:
         raise InputError(
-            f"'output' '{value}' looks like a temporary file of this command; choose another name"
+            f"'{key}' '{value}' looks like a temporary file of this command; choose another name"
         )
     return Path(os.path.normpath(value))
 
@@ -172,9 +190,15 @@ def run_line(entry: Line, engine: Engine, manifest: Path, limits: Limits = Limit
         base_dir=base_dir,
         limits=limits,
     )
+    if entry.influence is not None:
+        job = dataclasses.replace(job, influence=True)
     result = engine.run(job)  # its parameters name files as the manifest wrote them
     params = {**result.params, "manifest": Path(manifest).name, "line": entry.line}
-    return _write(result, entry, job.fps, params)
+    written = _write(result, entry, job.fps, params)
+    if entry.influence is not None:
+        pictures = [result.images[len(result.images) // 2]] if result.video else result.images
+        written += write_influence(entry.influence, result.influence, pictures)
+    return written
 
 
 def _write(result: Result, entry: Line, fps: float, params: dict[str, Any]) -> list[Path]:

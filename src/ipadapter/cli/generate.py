@@ -9,6 +9,7 @@ output file, the device and ``--compile``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from ..jobs.engine import Engine
 from ..jobs.options import OPTIONS, PROMPT_KEYS, as_list, job_from_options, local_files
 from ..media import check_output, save_images, save_video
 from ..modes import COMMAND_OF, MODES
+from ..prompt.influence_render import check_influence_path, write_influence
 from .common import (
     add_compile_option,
     add_device,
@@ -67,6 +69,12 @@ def register(sub: Any) -> None:
             p.add_argument(
                 "--output", default="output.png", help="PNG path; with several images, -1, -2... are added"
             )
+        p.add_argument(
+            "--influence-map",
+            metavar="FILE",
+            help="also write where each adapter / reference acted: FILE.png (overlaid on the output, one panel "
+            "each, per block) or FILE.npy (the raw maps: panels x blocks x H x W, float32)",
+        )
         p.add_argument("--json", action="store_true", help="print the written files and parameters as JSON")
         p.set_defaults(run=cmd_generate, mode=mode)
 
@@ -149,6 +157,9 @@ def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
     output = Path(args.output)
     check_output_folder(args.output)
     check_output(output, video)
+    if args.influence_map:
+        check_output_folder(args.influence_map)
+        check_influence_path(args.influence_map)
     locate, resolve_file = local_files()
     job = job_from_options(
         options_from_args(args),
@@ -158,6 +169,8 @@ def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
         notice=lambda note: print(f"ipadapter: note: {note}", file=sys.stderr),
         limits=limits_from(args),
     )
+    if args.influence_map:
+        job = dataclasses.replace(job, influence=True)
     # Every input is usable: now the heavy libraries.
     if args.quiet:
         quiet_libraries()
@@ -168,7 +181,13 @@ def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
         written = [save_video(result.images, output, job.fps, params)]
     else:
         written = save_images(result.images, output, params)
+    out: dict[str, Any] = {"outputs": [str(p) for p in written], "parameters": params}
+    if args.influence_map:
+        pictures = [result.images[len(result.images) // 2]] if video else result.images  # a video: its middle
+        maps = write_influence(args.influence_map, result.influence, pictures)
+        written = [*written, *maps]
+        out["influence_maps"] = [str(p) for p in maps]
     if not args.json:
         for path in written:
             print(f"wrote {path}")
-    return {"outputs": [str(p) for p in written], "parameters": params}
+    return out

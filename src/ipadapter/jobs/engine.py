@@ -22,6 +22,8 @@ from PIL import Image
 from .. import __version__
 from ..errors import InputError
 from ..modes import STRENGTH
+from ..prompt.influence import InfluenceMaps
+from ..prompt.recipe import AdapterRecipe
 from ..schedulers import set_scheduler
 from .job import Job, ProgressCallback, Result
 
@@ -236,26 +238,40 @@ class Engine:
         seed = secrets.randbelow(2**31) if job.seed is None else job.seed
         from ..pipelines import family_of
 
-        images = []
+        images, maps = [], []
         chunks = _chunks(1 if job.mode == "video" else job.num_images, self.batch_size)
         for index, (first, count) in enumerate(chunks):
             call = self._call(
                 job, seed, first, count, _progress_of(progress, index, len(chunks)), family_of(pipe)
             )
-            out = self._generate(pipe, job, adapters, call)
+            if job.influence:
+                from ..prompt.recording import InfluenceRecorder  # torch: once a job runs
+
+                call["influence"] = InfluenceRecorder()
+            out = self._generate(pipe, job, adapters, call, seed, first, count)
             images.extend(out.frames[0] if job.mode == "video" else out.images)
+            if job.influence:
+                maps.append(call["influence"].maps())
         done = time.perf_counter()
         params = self._params(job, pipe, adapters, seed, images)
         seconds = {"load": round(loaded - started, 3), "generate": round(done - loaded, 3)}
-        return Result(images, params, seed, seconds, video=job.mode == "video")
+        influence = InfluenceMaps.join(maps) if maps else None
+        return Result(images, params, seed, seconds, video=job.mode == "video", influence=influence)
 
     @staticmethod
-    def _generate(pipe: Any, job: Job, adapters: list[Any], call: dict) -> Any:
-        """One pipeline call: the plain base model, one reference per frame, or the recipe's adapters."""
+    def _generate(
+        pipe: Any, job: Job, adapters: list[Any], call: dict, seed: int = 0, first: int = 0, count: int = 1
+    ) -> Any:
+        """One pipeline call: the plain base model, one reference per frame, or the recipe's adapters.
+
+        ``seed``: the job's (a noise negative without a seed of its own takes it); ``first`` / ``count``: the
+        images this call makes (unfolded references are picked for them).
+        """
         from ..adapter import run as run_adapters
         from ..calls import check_call
 
-        entries = job.recipe.adapters if job.recipe is not None else []
+        span = None if job.mode == "video" else (first, count)  # a video's frames: one call, all references
+        entries = [_for_call(e, seed, span) for e in (job.recipe.adapters if job.recipe is not None else [])]
         if job.recipe is None:  # the plain base model (adapters attached by earlier jobs stay idle)
             return pipe(**check_call(pipe, call))
         if job.per_frame:
@@ -363,3 +379,16 @@ class Engine:
             params.update(motion_adapter=job.motion_adapter, frames=job.frames)
         params.update(job.record)  # the inputs as the user named them (job_from_options)
         return params
+
+
+def _for_call(entry: AdapterRecipe, seed: int, span: tuple[int, int] | None) -> AdapterRecipe:
+    """``entry`` for the pipeline call making images ``span`` = (first, count): its noise negative seeded by the
+    job (unless it has a seed), and unfolded references picked for those images (the last one repeats)."""
+    changes: dict[str, Any] = {}
+    if entry.negative_noise is not None and entry.noise_seed is None:
+        changes["noise_seed"] = seed % 2**63
+    first, count = span or (0, len(entry.images))
+    if entry.unfold_batch and (first or count < len(entry.images)):
+        last = len(entry.images) - 1
+        changes["images"] = [entry.images[min(first + i, last)] for i in range(count)]
+    return dataclasses.replace(entry, **changes) if changes else entry

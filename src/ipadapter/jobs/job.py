@@ -15,6 +15,7 @@ from PIL import Image
 
 from ..errors import InputError
 from ..modes import MODES
+from ..prompt.influence import InfluenceMaps
 from ..prompt.recipe import Recipe
 
 
@@ -31,6 +32,7 @@ class Job:
     video, the recipe's single adapter lists one reference per frame (or one for all) instead of references
     to combine. ``control_images``: one per ControlNet (for a video: one image or a list of frames each).
     ``seed`` None: the engine picks one and reports it. ``fps``: a video's frames per second (for the file).
+    ``influence``: record influence maps (where each adapter and reference acted; the result's ``influence``).
     ``record``: what the result's parameters record besides the engine's (the inputs as the user named them;
     :func:`~ipadapter.jobs.options.job_from_options` fills it).
     """
@@ -62,6 +64,7 @@ class Job:
     fps: float = 8.0
     vae_slicing: bool = False
     cpu_offload: bool = False
+    influence: bool = False
     record: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -78,6 +81,11 @@ class Job:
                 f"{len(self.controlnets)} ControlNets but {len(self.control_images)} control images; give one "
                 "control image per ControlNet, in the same order"
             )
+        if self.influence and self.recipe is None:
+            raise InputError(
+                "influence maps show where an image prompt acted, and this job has none (no adapter or recipe); "
+                "give an adapter and a reference, or drop the influence map"
+            )
         if self.per_frame and (self.mode != "video" or self.recipe is None or len(self.recipe.adapters) != 1):
             raise InputError("one reference per frame needs a video and a single adapter")
 
@@ -91,6 +99,7 @@ class Result:
     seed: int
     seconds: dict[str, float]
     video: bool = False
+    influence: InfluenceMaps | None = None  # when the job asked for influence maps
 
 
 ProgressCallback = Callable[[int, int], None]  # (steps done, steps in all); may raise Cancelled

@@ -43,6 +43,7 @@ from ..errors import IPAdapterError
 from ..jobs.engine import Engine
 from ..jobs.job import Result
 from ..media import save_video
+from ..prompt.influence_render import overlay, render_influence
 from .bodies import (
     MAX_FRAMES,
     MAX_IMAGES,
@@ -170,8 +171,29 @@ def encode_result(result: Result, prepared: Prepared) -> dict[str, Any]:
             images=[png_base64(img, {**params, "index": i}) for i, img in enumerate(result.images)],
             mime="image/png",
         )
+    if result.influence is not None:
+        out["influence"] = influence_json(result)
     out["seconds"] = {**result.seconds, "encode": round(time.perf_counter() - started, 3)}
     return out
+
+
+def influence_json(result: Result) -> dict[str, Any]:
+    """A result's influence maps for a client: labels, a figure per picture (all panels and blocks) and, per
+    picture and panel, the whole denoiser's influence overlaid on the picture (one colour scale per picture)."""
+    maps = result.influence
+    pictures = [result.images[len(result.images) // 2]] if result.video else result.images
+    total = maps.total()  # (images, panels, H, W)
+    overlays = []
+    for i, picture in enumerate(pictures):
+        top = float(total[i].max())
+        overlays.append([png_base64(overlay(picture, heat, top), {}) for heat in total[i]])
+    return {
+        "panels": maps.panels,
+        "blocks": maps.blocks,
+        "figures": [png_base64(render_influence(maps, i, pic), {}) for i, pic in enumerate(pictures)],
+        "overlays": overlays,
+        "max": [float(total[i].max()) for i in range(len(pictures))],
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------

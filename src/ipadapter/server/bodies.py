@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import io
 import json
 import re
@@ -75,6 +76,13 @@ def _schema(option: Option) -> dict[str, Any]:
 # key -> JSON schema of its value: every option of the table the server accepts.
 FIELDS: dict[str, dict[str, Any]] = {
     name: _schema(option) for name, option in OPTIONS.items() if option.server is None
+}
+# What only the server takes: the result's extras
+FIELDS["influence_map"] = {
+    "type": "boolean",
+    "default": False,
+    "description": "also return influence maps (where each adapter / reference acted): per image a figure, and "
+    "an overlay on the image per adapter / reference (the response's 'influence')",
 }
 REFUSED = {name: option.server for name, option in OPTIONS.items() if option.server is not None}
 SERVER_KEYS = tuple(k for k, why in REFUSED.items() if why == SET_BY_SERVER)  # filled by the server
@@ -241,6 +249,7 @@ def options_from_body(body: dict[str, Any], served: Served) -> dict[str, Any]:
         _served_name(options["adapter"], config.adapters, "adapter", "adapter")
         options["image_encoder"] = config.image_encoder
     _check_controlnets(body, config)
+    options.pop("influence_map", None)  # the result's extra: build_request reads it
     options.update(base=config.base, base_config=config.base_config)
     if mode == "video":
         options["motion_adapter"] = config.motion_adapter
@@ -263,5 +272,10 @@ def build_request(body: dict[str, Any], served: Served) -> Prepared:
         raise_with=" on this server",
         side=served.native_size,
     )
+    influence = body.get("influence_map", False)
+    if not isinstance(influence, bool):
+        raise InputError(f"influence_map: got {influence!r}; expected true or false")
     job = job_from_options(options_from_body(body, served), locate=locate, record_paths=False, limits=limits)
+    if influence:
+        job = dataclasses.replace(job, influence=True)
     return Prepared(job, job.fps)
