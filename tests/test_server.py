@@ -22,7 +22,7 @@ from ipadapter.jobs.engine import Engine
 from ipadapter.jobs.options import OPTIONS
 from ipadapter.server import ServerConfig, create_app
 from ipadapter.server.app import serve_in_thread
-from ipadapter.server.bodies import FIELDS, REFUSED
+from ipadapter.server.bodies import FIELDS, REFUSED, RESULT_FIELDS
 
 TOKEN = "s3cret-token"
 BASIC = {"prompt": "a cat", "negative_prompt": "blurry", "scale": 0.7, "steps": 2, "seed": 0, "width": 32,
@@ -217,7 +217,8 @@ def test_models_health_docs_and_page(client: TestClient, config: ServerConfig) -
 
 
 def test_every_generation_option_is_accepted_or_refused_on_purpose() -> None:
-    assert set(FIELDS) | set(REFUSED) == set(OPTIONS) and not set(FIELDS) & set(REFUSED)
+    options = set(FIELDS) - set(RESULT_FIELDS)  # the result's extras (influence maps) are not job options
+    assert options | set(REFUSED) == set(OPTIONS) and not set(FIELDS) & set(REFUSED)
 
 
 def test_cli_flags_openapi_schema_and_batch_keys_are_one_set(client: TestClient, tmp_path: Path) -> None:
@@ -228,6 +229,7 @@ def test_cli_flags_openapi_schema_and_batch_keys_are_one_set(client: TestClient,
     from ipadapter.modes import COMMAND_OF
 
     front_end = {"help", "dtype", "device", "compile", "output", "json", "run", "mode", "debug", "command"}
+    front_end |= {"influence_map"}  # what the result also holds: a flag, a manifest key and a server field
     front_end |= {
         "max_pixels",
         "max_images",
@@ -251,8 +253,9 @@ def test_cli_flags_openapi_schema_and_batch_keys_are_one_set(client: TestClient,
     )
     every_key, bogus = read_manifest(manifest, tmp_path)
     assert every_key.error is None and "unknown key(s) bogus" in bogus.error
-    assert flags | {"mode"} == set(OPTIONS) == set(schema["properties"]) | set(REFUSED)
-    assert set(BATCH_KEYS) == {"output"}  # the one key a manifest line adds: where its result goes
+    assert flags | {"mode"} == set(OPTIONS) == set(schema["properties"]) - set(RESULT_FIELDS) | set(REFUSED)
+    # what a manifest line adds: where its result goes, and the result's extras (as the server's RESULT_FIELDS)
+    assert set(BATCH_KEYS) == {"output", *RESULT_FIELDS}
 
 
 # -- bad requests: each the right 4xx with a clear one-line message ---------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import difflib
 import io
 import json
 import re
@@ -77,7 +78,8 @@ def _schema(option: Option) -> dict[str, Any]:
 FIELDS: dict[str, dict[str, Any]] = {
     name: _schema(option) for name, option in OPTIONS.items() if option.server is None
 }
-# What only the server takes: the result's extras
+# What a request asks of its result besides the images (the command line's --influence-map, a manifest's key)
+RESULT_FIELDS = ("influence_map",)
 FIELDS["influence_map"] = {
     "type": "boolean",
     "default": False,
@@ -195,8 +197,11 @@ def _check_keys(body: dict[str, Any]) -> None:
             raise InputError(f"'{key}' {REFUSED[key]}")
     unknown = sorted(set(body) - set(FIELDS))
     if unknown:
+        near = [m for key in unknown for m in difflib.get_close_matches(str(key), FIELDS, n=1)]
+        hint = f" (did you mean {', '.join(map(repr, near))}?)" if near else ""
         raise InputError(
-            f"unknown key(s) {', '.join(map(repr, unknown))}; expected some of: {', '.join(FIELDS)}"
+            f"unknown key(s) {', '.join(map(repr, unknown))}{hint}; the fields are listed in GET /openapi.json "
+            "(e.g. prompt, image, scale, steps, seed)"
         )
 
 
