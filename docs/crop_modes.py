@@ -3,7 +3,8 @@
     python docs/crop_modes.py
 
 The encoder's input is made by the library's own preparation (``fit_square``, then CLIP's resize and centre
-crop), un-normalised for display.
+crop), un-normalised for display. ``tiled`` shows its square tiles side by side, each outlined: every tile is
+encoded on its own and acts on its part of the picture.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from PIL import Image, ImageDraw
 from transformers import CLIPImageProcessorPil
 
 from ipadapter.prompt.images import CROP_MODES, fit_square
+from ipadapter.prompt.tiles import tile_reference
 
 SIZE = 160  # encoder input side drawn (224 for ViT-H; smaller keeps the figure small)
 
@@ -40,19 +42,33 @@ def encoder_view(image: Image.Image, crop: str) -> Image.Image:
     return Image.fromarray(rgb)
 
 
+def tiles_view(image: Image.Image) -> Image.Image:
+    """The tiles of ``--crop tiled`` in a row, at a quarter of SIZE each (outlined)."""
+    tiles = [tile for tile, _ in tile_reference(image)]
+    side = SIZE // 2
+    row = Image.new("RGB", (len(tiles) * (side + 4), side), "white")
+    for i, tile in enumerate(tiles):
+        small = tile.resize((side, side), Image.Resampling.BICUBIC)
+        ImageDraw.Draw(small).rectangle((0, 0, side - 1, side - 1), outline="black")
+        row.paste(small, (i * (side + 4), 0))
+    return row
+
+
 def figure() -> Image.Image:
     ref = wide_reference()
     pad, label_h = 12, 22
-    width = ref.width + len(CROP_MODES) * (SIZE + pad) + 2 * pad
+    tiled = tiles_view(ref)
+    width = ref.width + (len(CROP_MODES) - 1) * (SIZE + pad) + tiled.width + 3 * pad
     sheet = Image.new("RGB", (width, SIZE + label_h + 2 * pad), "white")
     draw = ImageDraw.Draw(sheet)
     sheet.paste(ref, (pad, pad + label_h + (SIZE - ref.height) // 2))
     draw.text((pad, pad), "reference (480x160)", fill="black")
     x = ref.width + 2 * pad
     for crop in CROP_MODES:
-        sheet.paste(encoder_view(ref, crop), (x, pad + label_h))
+        view = tiled if crop == "tiled" else encoder_view(ref, crop)
+        sheet.paste(view, (x, pad + label_h + (SIZE - view.height) // 2))
         draw.text((x, pad), f"--crop={crop}", fill="black")
-        x += SIZE + pad
+        x += view.width + pad
     return sheet
 
 
