@@ -128,7 +128,13 @@ def _parse_line(entry: Line, raw: str, output_dir: Path, limits: Limits) -> None
     entry.files = media.numbered(entry.output, 1 if video else count)
     if influence is not None:
         entry.influence = output_dir / influence
-        entry.files += media.numbered(entry.influence, 1 if video else count)
+        maps = media.numbered(entry.influence, 1 if video else count)
+        if set(maps) & set(entry.files):
+            raise InputError(
+                f"'influence_map' '{influence}' would overwrite the line's own output; give it another name, e.g. "
+                f'"{entry.influence.stem}-influence{entry.influence.suffix}"'
+            )
+        entry.files += maps
 
 
 def _output_name(value: Any, line: int, video: bool, output_dir: Path) -> Path:

@@ -18,7 +18,7 @@ from ..errors import InputError
 from ..fields import Option
 from ..jobs.engine import Engine
 from ..jobs.options import OPTIONS, PROMPT_KEYS, as_list, job_from_options, local_files
-from ..media import check_output, save_images, save_video
+from ..media import check_output, numbered, save_images, save_video
 from ..modes import COMMAND_OF, MODES
 from ..prompt.influence_render import check_influence_path, write_influence
 from .common import (
@@ -150,6 +150,24 @@ def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
     return options
 
 
+def check_influence_target(path: str, output: Path, args: argparse.Namespace) -> None:
+    """``--influence-map``: a .png / .npy whose files are not the output's, and an uncompiled denoiser."""
+    check_output_folder(path)
+    check_influence_path(path)
+    count = 1 if args.mode == "video" else max(int(getattr(args, "num_images", None) or 1), 1)
+    clash = set(numbered(Path(path), count)) & set(numbered(output, count))
+    if clash:
+        raise InputError(
+            f"influence map '{path}' would overwrite the output '{sorted(clash)[0]}'; give it another name, e.g. "
+            f"'{Path(path).stem}-influence{Path(path).suffix}'"
+        )
+    if args.compile:
+        raise InputError(
+            "--influence-map records inside the denoiser, which a compiled one (--compile) cannot do; drop one "
+            "of the two"
+        )
+
+
 def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
     """generate / img2img / inpaint / video: one flow; the mode picks the pipeline and its inputs."""
     video = args.mode == "video"
@@ -158,8 +176,7 @@ def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
     check_output_folder(args.output)
     check_output(output, video)
     if args.influence_map:
-        check_output_folder(args.influence_map)
-        check_influence_path(args.influence_map)
+        check_influence_target(args.influence_map, output, args)
     locate, resolve_file = local_files()
     job = job_from_options(
         options_from_args(args),

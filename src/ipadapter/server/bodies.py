@@ -280,6 +280,11 @@ def build_request(body: dict[str, Any], served: Served) -> Prepared:
     influence = body.get("influence_map", False)
     if not isinstance(influence, bool):
         raise InputError(f"influence_map: got {influence!r}; expected true or false")
+    if influence and served.config.compile:
+        raise InputError(
+            "influence_map: this server runs a compiled denoiser (started with --compile), which cannot record "
+            "influence maps; leave influence_map out, or use a server started without --compile"
+        )
     job = job_from_options(options_from_body(body, served), locate=locate, record_paths=False, limits=limits)
     if influence:
         job = dataclasses.replace(job, influence=True)
