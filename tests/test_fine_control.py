@@ -26,6 +26,7 @@ from ipadapter.prompt.conditioning import BranchControl, ImagePrompt, Step
 from ipadapter.prompt.controls import EMBEDS_SCALINGS
 from ipadapter.prompt.noise import noise_image
 from ipadapter.prompt.recipe import Control, Reference
+from ipadapter.prompt.recording import InfluenceRecorder
 from ipadapter.prompt.tiles import tile_reference
 
 TOL = 2 / 255
@@ -242,7 +243,13 @@ def test_style_and_composition_from_two_images(models: dict, sd15_16: tuple) -> 
     style, layout = reference_image(), reference_image(seed=9)
     ip = attach(pipe, path, models["vit_h"], name="one")
     try:
-        got = run(ip, Control(images=[style], composition_image=layout, composition_weight=0.7, scale=0.9))
+        recorder = InfluenceRecorder()
+        control = Control(images=[style], composition_image=layout, composition_weight=0.7, scale=0.9)
+        got = run(ip, control, influence=recorder)
+        maps = recorder.maps()  # the composition image's panel acts in the composition blocks only
+        assert maps.panels == ["ip-adapter_16", "ip-adapter_16 · composition"]
+        per_block = maps.norms[0].sum(axis=(2, 3))  # (panels, blocks)
+        assert set(np.flatnonzero(per_block[1])) == {4, 5} and per_block[0, 4:6].sum() == 0
         alone = run(
             ip, Control(images=[style], preset="style+composition", composition_weight=0.7, scale=0.9)
         )

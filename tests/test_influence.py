@@ -10,6 +10,7 @@ import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -54,12 +55,13 @@ def test_a_masked_reference_acts_inside_its_mask(ip: Any) -> None:
     )
 
 
-def test_recording_changes_nothing_and_labels_blocks(ip: Any) -> None:
+def test_recording_changes_nothing_and_labels_blocks(ip: Any, models: dict) -> None:
     control = Control(images=[reference_image(), reference_image(seed=4)], scale=0.6)
     images, maps = _record(ip, control, num_images_per_prompt=2)
     assert np.array_equal(images, run(ip, control, num_images_per_prompt=2))
     assert maps.norms.shape[:3] == (2, 2, 7)
-    assert maps.panels == ["default · reference 0", "default · reference 1"]
+    stem = Path(ckpt(models, "sd15")).stem  # panels are named by the adapter's file
+    assert maps.panels == [f"{stem} · reference 0", f"{stem} · reference 1"]
     assert maps.blocks[0] == "t0 down_blocks.0.attentions.0" and maps.blocks[2].startswith("t2 mid_block")
     assert (maps.ratios > 0).any() and np.isfinite(maps.ratios).all()
 
@@ -79,15 +81,16 @@ def test_weights_scale_and_windows_are_applied_before_recording(ip: Any) -> None
     assert weak.norms[0, 0, 0].any() and not weak.norms[0, 0, 1:].any()  # only block t0 ran
 
 
-def test_tiles_act_on_their_own_regions(ip: Any) -> None:
+def test_tiles_act_on_their_own_regions(ip: Any, models: dict) -> None:
     wide = reference_image(seed=5, size=(200, 48))
     _, maps = _record(ip, Control(images=[Reference(wide, crop="tiled")]))
-    assert maps.panels == [f"default · reference 0 tile {i}" for i in range(4)]
+    stem = Path(ckpt(models, "sd15")).stem
+    assert maps.panels == [f"{stem} · reference 0 tile {i}" for i in range(4)]
     total = maps.total()[0]
     assert _share_left(total[0]) > 0.8 and _share_left(total[3]) < 0.2
 
 
-def test_two_adapters_and_a_composition_image_get_panels_of_their_own(models: dict) -> None:
+def test_two_adapters_get_panels_of_their_own(models: dict) -> None:
     pipe = load_pipe(models, "sd15")
     a = attach(pipe, ckpt(models, "sd15"), name="a")
     b = attach(pipe, ckpt(models, "plus_sd15"), name="b")
@@ -103,7 +106,8 @@ def test_two_adapters_and_a_composition_image_get_panels_of_their_own(models: di
             **{**CALL, "generator": torch.Generator("cpu").manual_seed(0)},
         )
         maps = recorder.maps()
-        assert maps.panels == ["a", "b"] and out.images.shape[0] == 1
+        names = [Path(ckpt(models, v)).stem for v in ("sd15", "plus_sd15")]
+        assert maps.panels == names and out.images.shape[0] == 1
         assert maps.total()[0, 0].sum() > 0 and maps.total()[0, 1].sum() > 0
     finally:
         a.detach()

@@ -39,7 +39,8 @@ _LAZY = {
     "load_checkpoint": "adapters.checkpoint", "save_checkpoint": "adapters.checkpoint",
     "ImagePrompt": "prompt.conditioning", "ImageEncoder": "prompt.encoder", "load_image": "prompt.images",
     "load_mask": "prompt.images", "AdapterSpec": "adapters.variants", "ResamplerConfig": "adapters.variants",
-    "detect": "adapters.variants",
+    "detect": "adapters.variants", "InfluenceRecorder": "prompt.recording", "InfluenceMaps": "prompt.influence",
+    "write_influence": "prompt.influence_render",
 }  # fmt: skip
 
 if TYPE_CHECKING:
@@ -52,7 +53,10 @@ if TYPE_CHECKING:
     from .prompt.conditioning import ImagePrompt
     from .prompt.encoder import ImageEncoder
     from .prompt.images import load_image, load_mask
+    from .prompt.influence import InfluenceMaps
+    from .prompt.influence_render import write_influence
     from .prompt.recipe import AdapterRecipe, Control, Recipe, Reference
+    from .prompt.recording import InfluenceRecorder
 
 
 def __getattr__(name: str) -> Any:
@@ -80,6 +84,8 @@ __all__ = [
     "ImageEncoder",
     "ImagePrompt",
     "IncompatibleModelError",
+    "InfluenceMaps",
+    "InfluenceRecorder",
     "InputError",
     "IPAdapter",
     "IPAdapterError",
@@ -100,4 +106,5 @@ __all__ = [
     "load_mask",
     "run",
     "save_checkpoint",
+    "write_influence",
 ]

@@ -20,7 +20,7 @@ from .adapters.checkpoint import Checkpoint
 from .adapters.checks import problems
 from .adapters.projection import build_projection
 from .adapters.variants import AdapterSpec, detect, plus_version_hint
-from .calls import check_call, native_size, num_frames, output_size, vae_factor
+from .calls import check_call, compiled, native_size, num_frames, output_size, vae_factor
 from .errors import CheckpointError, InputError
 from .fitting import (
     build_lora,
@@ -41,6 +41,7 @@ from .prompt.encoder import ImageEncoder
 from .prompt.faces import FaceEmbeds, as_faces
 from .prompt.images import ImageInput, load_image
 from .prompt.recipe import Control, Recipe
+from .prompt.recording import panel_names
 from .prompt.references import Prepared, prepare, prompt_of
 
 
@@ -315,7 +316,9 @@ class IPAdapter:
         per frame), or a :class:`~ipadapter.prompt.recipe.Control` (several weighted references, masks, a step
         window, layer weights...). It is positional so that the pipeline's own ``image`` (init or control
         image) passes through. ``pipeline``: another pipeline sharing this adapter's UNet (e.g. made with
-        ``from_pipe`` for another mode); by default the one the adapter was attached to.
+        ``from_pipe`` for another mode); by default the one the adapter was attached to. ``influence=`` an
+        :class:`~ipadapter.prompt.recording.InfluenceRecorder` records where each adapter and reference acted
+        (its ``maps()`` after the call; not with a compiled denoiser); :func:`run` and a recipe run take it too.
         """
         if isinstance(reference, Control):
             return run(self.pipe if pipeline is None else pipeline, [(self, reference)], **pipe_kwargs)
@@ -373,7 +376,7 @@ def _call(pipe: Any, adapters: Sequence[IPAdapter], build: Any, pipe_kwargs: dic
                 "pipeline builds its own); attach the adapter to the pipeline you call"
             )
     recorder = pipe_kwargs.pop("influence", None)
-    if recorder is not None and adapters and _compiled(pipe, adapters[0]):
+    if recorder is not None and adapters and compiled(pipe, adapters[0].denoiser):
         raise InputError(
             "influence maps record inside the denoiser, which a torch.compile-d denoiser cannot do; generate "
             "without --compile (or an uncompiled pipeline) to record them"
@@ -394,22 +397,11 @@ def _call(pipe: Any, adapters: Sequence[IPAdapter], build: Any, pipe_kwargs: dic
     if recorder is not None:
         image_prompt.recorder = recorder
         blocks = {ip.name: [ip.blocks[n] for n in ip.layer_names] for ip in adapters}
-        recorder.begin(image_prompt, blocks, {ip.name: ip.name for ip in adapters})
+        recorder.begin(image_prompt, blocks, panel_names({ip.name: str(ip.source) for ip in adapters}))
     key = adapters[0].host.attention_kwargs if adapters else "cross_attention_kwargs"
     kwargs = dict(pipe_kwargs.pop(key, None) or {})
     kwargs["image_prompt"] = image_prompt
     return pipe(**{key: kwargs}, **pipe_kwargs)
-
-
-def _compiled(pipe: Any, ip: IPAdapter) -> bool:
-    """Whether ``pipe``'s denoiser, or any of its blocks, runs compiled."""
-    name = "unet" if ip.host.attention_kwargs == "cross_attention_kwargs" else "transformer"
-    if hasattr(getattr(pipe, name, None), "_orig_mod"):
-        return True
-    return any(
-        getattr(m, "_compiled_call_impl", None) is not None or hasattr(m, "_orig_mod")
-        for m in ip.denoiser.modules()
-    )
 
 
 def _with_facts(

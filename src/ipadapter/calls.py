@@ -128,3 +128,14 @@ def check_call(pipe: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
             warnings.warn(note, stacklevel=3)
         kwargs = {**kwargs, "mask_image": mask}
     return kwargs
+
+
+def compiled(pipe: Any, denoiser: Any) -> bool:
+    """Whether ``pipe`` runs ``denoiser`` compiled: wrapped by ``torch.compile``, or any of its blocks compiled."""
+    for name in ("unet", "transformer"):
+        if getattr(getattr(pipe, name, None), "_orig_mod", None) is denoiser:
+            return True
+    return any(
+        getattr(m, "_compiled_call_impl", None) is not None or hasattr(m, "_orig_mod")
+        for m in denoiser.modules()
+    )

@@ -387,7 +387,10 @@ _FONT: ImageFont.ImageFont | ImageFont.FreeTypeFont | None = None
 def _font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     global _FONT
     if _FONT is None:
-        _FONT = ImageFont.load_default()
+        try:  # Pillow's bundled FreeType font, a little larger than its default 10 px: readable word gaps
+            _FONT = ImageFont.load_default(size=13)
+        except (TypeError, ImportError, OSError):  # no FreeType: the bitmap font
+            _FONT = ImageFont.load_default()
     return _FONT
 
 

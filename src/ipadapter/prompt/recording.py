@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -24,6 +25,14 @@ class Contribution(NamedTuple):
     layer: int
     text: int
     to_out: Any
+
+
+def panel_names(sources: dict[str, str]) -> dict[str, str]:
+    """How influence maps name each adapter (``sources``: name -> its file): the file's name, and the adapter's
+    own name where two share a file."""
+    stems = {name: Path(source).stem or name for name, source in sources.items()}
+    counts = list(stems.values())
+    return {name: stem if counts.count(stem) == 1 else f"{stem} ({name})" for name, stem in stems.items()}
 
 
 class InfluenceRecorder:
