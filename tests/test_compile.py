@@ -411,3 +411,41 @@ def test_presets_and_curves_change_block_weights_without_a_new_graph(models: dic
         ],
     )
     assert np.abs(got[0] - got[2]).max() > 1e-4  # the weights did reach the compiled graph
+
+
+def test_issue_20_controls_compile_and_new_values_make_no_new_graph(models: dict, tmp_path: Path) -> None:
+    """Embeds scaling, a precise preset with its boost, a composition image and unfolded references, each a
+    structure of its own: compiled equals eager, and other values of that structure reuse the graph."""
+    pipe = load_pipe(models, "sd15")
+    torch.manual_seed(0)
+    pipe.unet = UNet2DConditionModel(
+        block_out_channels=(32, 32, 32, 32), layers_per_block=2, sample_size=16, cross_attention_dim=tm.SD15_CROSS,
+        attention_head_dim=8, norm_num_groups=32, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    ).eval()  # fmt: skip
+    hidden = tuple(layer.hidden_size for layer in cross_attention_layers(pipe.unet))
+    path = save_checkpoint(tm.make_checkpoint("sd15", hidden=hidden), tmp_path / "ip-adapter_16.safetensors")
+    ip = attach(pipe, path, models["vit_h"])
+    a, b = reference_image(), reference_image(seed=4)
+    structures = [
+        [
+            lambda: run(ip, Control(images=[a], embeds_scaling="K+mean(V) w/ C penalty", scale=0.8)),
+            lambda: run(ip, Control(images=[b], embeds_scaling="K+mean(V) w/ C penalty", scale=0.5)),
+        ],
+        [
+            lambda: run(ip, Control(images=[a], preset="style-precise", style_boost=1.0)),
+            lambda: run(ip, Control(images=[b], preset="style-precise", style_boost=2.0, scale=0.6)),
+        ],
+        [
+            lambda: run(ip, Control(images=[a], composition_image=b, composition_weight=0.7)),
+            lambda: run(ip, Control(images=[b], composition_image=a, composition_weight=0.3)),
+        ],
+        [
+            lambda: run(ip, Control(images=[a, Reference(b, weight=0.5)], unfold_batch=True), num_images_per_prompt=2),
+            lambda: run(ip, Control(images=[Reference(b, weight=0.3), a], unfold_batch=True), num_images_per_prompt=2),
+        ],
+    ]  # fmt: skip
+    for calls in structures:
+        pipe.unet = ip.denoiser  # the plain UNet again: each structure compiles afresh
+        got = check_compiled(pipe, calls)
+        assert np.abs(got[0] - got[1]).max() > 1e-4  # the new values reached the compiled graph
