@@ -398,3 +398,36 @@ def test_controls_a_family_cannot_use_are_refused_by_name(models: dict, ip: Any,
         run(ip, Control(images=[Reference(embeds=emb, crop="tiled")]))
     with pytest.raises(InputError, match="enhance_tiles encodes tiles"):
         run(ip, Control(images=[Reference(embeds=emb)], enhance_tiles=2))
+
+
+def test_dit_hosts_take_what_their_math_allows(dit: dict) -> None:
+    from ipadapter.pipelines import load_pipeline
+
+    call = dict(prompt="a red cube", height=32, width=32, num_inference_steps=2, max_sequence_length=16)
+    flux = load_pipeline(dit["flux"])
+    flux.set_progress_bar_config(disable=True)
+    ip = attach(flux, dit["xlabs"], dit["clip"], scale=0.8)
+    ref = reference_image()
+
+    def image(control: Control) -> np.ndarray:
+        out = ip(control, generator=torch.Generator().manual_seed(0), output_type="np", **call)
+        return out.images
+
+    plain = image(Control(images=[ref]))
+    assert np.abs(image(Control(images=[ref], embeds_scaling="K+V")) - plain).max() > 1e-3
+    assert np.abs(image(Control(images=[Reference(ref, crop="tiled")])) - plain).max() > 1e-3
+    with pytest.raises(InputError, match="1280, SDXL's widest UNet layer"):
+        image(Control(images=[ref], embeds_scaling="K+V w/ C penalty"))
+    with pytest.raises(InputError, match="preset 'style-precise' is defined for SD1.5 / SDXL UNet blocks"):
+        image(Control(images=[ref], preset="style-precise"))
+    with pytest.raises(InputError, match="composition_image"):
+        image(Control(images=[ref], composition_image=ref))
+    sd3 = load_pipeline(dit["sd3"])
+    other = attach(sd3, dit["instantx_sd3"], dit["siglip"])
+    for control, word in (
+        (Control(images=[ref], unfold_batch=True), "unfold_batch"),
+        (Control(images=[Reference(ref, crop="tiled")]), "crop 'tiled'"),
+        (Control(images=[ref], embeds_scaling="K+V"), "embeds_scaling"),
+    ):
+        with pytest.raises(InputError, match=word):
+            other(control, **call)

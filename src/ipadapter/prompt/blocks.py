@@ -413,6 +413,16 @@ def layer_plan(
                 f"{name} is the boost of preset '{wanted}', and the preset is {preset!r}; use preset "
                 f"'{wanted}' or drop {name}"
             )
+    blocks = sorted(set(block_of.values()), key=lambda block: block.index)
+    count = len(blocks)
+    if composition_image and (
+        count not in COMPOSITION_BLOCKS or any(b.part not in PART_NAMES for b in blocks)
+    ):
+        raise InputError(
+            f"a composition image drives the composition blocks of an SD1.5 or SDXL UNet, and this denoiser "
+            f"has none ({describe_blocks(blocks)}); drop composition_image, or give a second adapter entry "
+            "with layer weights instead"
+        )
     if composition_image and preset is None and layer_weights is None:
         preset = "style+composition"  # two images: the style blocks from the references, the layout from one
     scales = layer_scales(
@@ -423,17 +433,9 @@ def layer_plan(
         layer_weights=layer_weights,
         curve=curve,
     )
-    blocks = sorted(set(block_of.values()), key=lambda block: block.index)
-    count = len(blocks)
     layer_block = [block_of[name].index for name in layer_names]
     composition = None
     if composition_image:
-        if count not in COMPOSITION_BLOCKS or any(block.part not in PART_NAMES for block in blocks):
-            raise InputError(
-                f"a composition image drives the composition blocks of an SD1.5 or SDXL UNet, and this denoiser "
-                f"has none ({describe_blocks(blocks)}); drop composition_image, or give a second adapter entry "
-                "with layer weights instead"
-            )
         layout = COMPOSITION_BLOCKS[count]
         composition = tuple(t in layout for t in layer_block)
     if preset not in PRECISE:

@@ -238,12 +238,13 @@ def _check_host_controls(spec: AdapterSpec, control: Control, items: list[Item],
         for name, used in (
             ("embeds_scaling", control.embeds_scaling != "V only"),
             ("unfold_batch", control.unfold_batch),
+            ("crop 'tiled'", any(ref.crop == "tiled" for ref in control.images)),
         ):
             if used:
                 raise InputError(
                     f"{where}{name} needs image tokens of their own per reference and an attention of their "
                     f"own, and the {family} adapter's resampler reads every reference with the picture's "
-                    f"tokens together; drop {name}"
+                    f"tokens together; drop {name.split()[0]}"
                 )
     if spec.time_resampler is not None and any(item.mask is not None for item in items):
         raise InputError(
