@@ -431,3 +431,35 @@ def test_dit_hosts_take_what_their_math_allows(dit: dict) -> None:
     ):
         with pytest.raises(InputError, match=word):
             other(control, **call)
+
+
+def test_image_options_are_decoded_and_recorded_by_hash_like_the_negative_image(tmp_path: Path) -> None:
+    """A composition image reaches the engine decoded (the server sends base64) and is recorded by its hash."""
+    import io
+
+    from ipadapter.jobs.options import job_from_options
+
+    def png(seed: int) -> bytes:
+        buffer = io.BytesIO()
+        reference_image(seed=seed).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    data = {"ref": png(1), "layout": png(2), "neg": png(3)}
+    options = {"base": "b", "adapter": "a", "image": "ref", "composition_image": "layout", "negative_image": "neg",
+               "negative_noise": "dissolve", "embeds_scaling": "K+V", "unfold_batch": True, "enhance_tiles": 2}  # fmt: skip
+    job = job_from_options(options, locate=lambda value, what: data[value], record_paths=False)
+    entry = job.recipe.adapters[0]
+    assert entry.composition_image.size == entry.negative_image.size == (56, 40)
+    recorded = job.record["recipe"]["adapter"][0]
+    assert recorded["composition_image"].startswith("sha1:") and recorded["negative_image"].startswith(
+        "sha1:"
+    )
+    assert (recorded["embeds_scaling"], recorded["unfold_batch"], recorded["enhance_tiles"]) == (
+        "K+V",
+        True,
+        2,
+    )
+    with pytest.raises(InputError, match="unfold_batch"):
+        job_from_options({**options, "unfold_batch": "yes"}, locate=lambda value, what: data[value])
+    with pytest.raises(InputError, match="enhance_tiles"):
+        job_from_options({**options, "enhance_tiles": 2.5}, locate=lambda value, what: data[value])

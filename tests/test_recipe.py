@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -418,3 +419,41 @@ def test_python_context_does_not_leak_after_file_error() -> None:
     error_of(minimal(scale="x"))
     with pytest.raises(InputError, match=r"^Reference\.weight"):
         Reference("a.png", weight=-1)
+
+
+def test_issue_20_keys_in_a_recipe_file(tmp_path: Path) -> None:
+    text = """
+[[adapter]]
+path = "mini"
+preset = "style+composition"
+composition_image = "layout.png"
+embeds_scaling = "K+mean(V) w/ C penalty"
+unfold_batch = true
+negative_noise = "shuffle"
+negative_noise_strength = 0.4
+enhance_tiles = 2
+encode_batch_size = 8
+  [[adapter.image]]
+  path = "wide.png"
+  crop = "tiled"
+"""
+    recipe = Recipe.load(write(tmp_path, "ip.toml", text))
+    entry = recipe.adapters[0]
+    assert entry.composition_image == str(tmp_path / "layout.png")  # relative to the recipe, as images
+    assert (entry.embeds_scaling, entry.unfold_batch, entry.enhance_tiles) == (
+        "K+mean(V) w/ C penalty",
+        True,
+        2,
+    )
+    assert entry.images[0].crop == "tiled" and entry.negative_noise_strength == 0.4
+    assert Recipe.from_dict(recipe.to_dict()) == recipe
+    for bad, words in (
+        ("unfold_batch = 1", "adapter[0].unfold_batch: got 1; expected true or false"),
+        ("enhance_tiles = 2.5", "adapter[0].enhance_tiles: got 2.5; expected a whole number"),
+        ('embeds_scaling = "KV"', "adapter[0].embeds_scaling"),
+        ("enhance_tiles = 17", "adapter[0].enhance_tiles"),
+    ):
+        key = bad.split(" = ")[0]
+        line = next(x for x in text.splitlines() if x.startswith(key))
+        with pytest.raises(InputError, match=re.escape(words)):
+            Recipe.load(write(tmp_path, "bad.toml", text.replace(line, bad)))

@@ -24,7 +24,7 @@ from ..errors import InputError
 from ..fields import Option, quoted, table
 from ..modes import IMAGE_MODES, INIT_MODES, MODES, STRENGTH
 from ..prompt.blocks import parse_layer_weights
-from ..prompt.controls import CONTROLS, REFERENCES
+from ..prompt.controls import CONTROLS, IMAGE_CONTROLS, REFERENCES
 from ..prompt.images import image_key, load_image, load_mask
 from ..prompt.recipe import AdapterRecipe, Recipe, Reference
 from ..schedulers import SCHEDULERS
@@ -523,7 +523,7 @@ def recorded_recipe(recipe: Recipe) -> dict[str, Any]:
                 dataclasses.replace(r, path=named(r.path), face=named(r.face), mask=named(r.mask))
                 for r in entry.images
             ],
-            negative_image=named(entry.negative_image),
+            **{name: named(getattr(entry, name)) for name in IMAGE_CONTROLS},
         )
         for entry in recipe.adapters
     ]
@@ -565,9 +565,10 @@ def load_recipe_inputs(
                 changes["mask"], _ = load_mask(locate(str(ref.mask), "mask"))
             refs.append(dataclasses.replace(ref, **changes) if changes else ref)
         changes = {"images": refs}
-        if isinstance(entry.negative_image, str) or hasattr(entry.negative_image, "__fspath__"):
-            changes["negative_image"] = load_image(
-                locate(str(entry.negative_image), "negative image"), f"{at}negative image"
-            )
+        for name in IMAGE_CONTROLS:  # negative_image, composition_image
+            value = getattr(entry, name)
+            if isinstance(value, str) or hasattr(value, "__fspath__"):
+                what = name.replace("_", " ")
+                changes[name] = load_image(locate(str(value), what), f"{at}{what}")
         entries.append(dataclasses.replace(entry, **changes))
     return Recipe(entries)

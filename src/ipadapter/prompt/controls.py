@@ -93,3 +93,7 @@ CONTROLS = table(
     Option("plus_version", "choice", "FaceID-Plus: v1 or v2 (keys cannot tell them apart; default: the file "
            "name's hint, else v1)", choices=("v1", "v2")),
 )  # fmt: skip
+
+IMAGE_CONTROLS = tuple(
+    name for name, option in CONTROLS.items() if option.kind == "image"
+)  # negative_image...

@@ -30,7 +30,7 @@ from typing import Any
 
 from PIL import Image
 
-from .controls import COMBINE_MODES, CONTROLS
+from .controls import COMBINE_MODES, CONTROLS, IMAGE_CONTROLS
 from .images import CROP_MODES
 from .recipe_checks import (
     Where,
@@ -66,9 +66,6 @@ _ADAPTER_KEYS = (
     "image",
 )  # the per-call fields: prompt.controls
 _RECIPE_KEYS = ("adapter",)
-_IMAGE_CONTROLS = tuple(
-    name for name, option in CONTROLS.items() if option.kind == "image"
-)  # negative_image...
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -395,7 +392,7 @@ class Recipe:
             out: dict[str, Any] = {"path": entry.path}
             for name in _ADAPTER_KEYS[1:-1]:
                 value = getattr(entry, name)
-                if name in _IMAGE_CONTROLS:
+                if name in IMAGE_CONTROLS:
                     value = _writable(value, key_path(where, name))
                 elif name == "layer_weights" and value is not None:
                     value = dict(value)
@@ -419,7 +416,7 @@ class Recipe:
             for j, ref in enumerate(entry.images):
                 for name in ("path", "embeds", "mask"):
                     _check_file(getattr(ref, name), key_path(where, f"{key}[{j}].{name}"))
-            for name in _IMAGE_CONTROLS:
+            for name in IMAGE_CONTROLS:
                 _check_file(getattr(entry, name), key_path(where, name))
 
     def _where(self, i: int) -> tuple[str, str]:
@@ -472,7 +469,7 @@ def _adapter_from_dict(entry: Any, where: str, base_dir: Path | None) -> Adapter
     kwargs["path"] = _resolve_if_exists(kwargs["path"], base_dir)
     if "image_encoder" in kwargs:
         kwargs["image_encoder"] = _resolve_if_exists(kwargs["image_encoder"], base_dir)
-    for name in _IMAGE_CONTROLS:
+    for name in IMAGE_CONTROLS:
         if name in kwargs:
             kwargs[name] = _resolve(kwargs[name], base_dir)
     kwargs["images"] = _as_references(entry["image"], key_path(where, "image"), True, base_dir)

@@ -38,8 +38,8 @@ _SERVER_HELP = {
     "adapter": "a served adapter's name (GET /v1/models); default: the first",
     "controlnet": "served ControlNet name(s), one control image each",
     "image": "reference image(s): base64 data, each optionally ending in :WEIGHT; one, or a list",
-    "recipe": "a whole recipe (recipe files' schema); every image, mask and negative_image path holds base64 "
-    "data, every adapter path a served adapter's name",
+    "recipe": "a whole recipe (recipe files' schema); every image, mask, negative_image and composition_image "
+    "path holds base64 data, every adapter path a served adapter's name",
 }
 
 
