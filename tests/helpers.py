@@ -127,3 +127,23 @@ def mode_setup(models: dict, base: str, mode: str) -> tuple[Any, dict[str, Any]]
         extra["num_frames"] = 2
     pipe.set_progress_bar_config(disable=True)
     return pipe, extra
+
+
+def sixteen_block_pipe(models: dict, folder: Path) -> tuple[StableDiffusionPipeline, Path]:
+    """The tiny SD1.5 pipeline with a UNet of SD1.5's topology (16 transformer blocks: what the presets are
+    defined for), and an adapter checkpoint that fits it, saved in ``folder``."""
+    from diffusers import UNet2DConditionModel
+
+    from ipadapter import cross_attention_layers, save_checkpoint
+
+    pipe = load_pipe(models, "sd15")
+    torch.manual_seed(0)
+    pipe.unet = UNet2DConditionModel(
+        block_out_channels=(32, 32, 32, 32), layers_per_block=2, sample_size=16, cross_attention_dim=tm.SD15_CROSS,
+        attention_head_dim=8, norm_num_groups=32, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    ).eval()  # fmt: skip
+    hidden = tuple(layer.hidden_size for layer in cross_attention_layers(pipe.unet))
+    assert len(hidden) == 16
+    path = save_checkpoint(tm.make_checkpoint("sd15", hidden=hidden), folder / "ip-adapter_16.safetensors")
+    return pipe, path

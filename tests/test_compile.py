@@ -16,15 +16,13 @@ from typing import Any
 
 import numpy as np
 import pytest
-import tiny_models as tm
 import torch
-from diffusers import UNet2DConditionModel
 from fastapi.testclient import TestClient
-from helpers import b64_png, ckpt, half_mask, load_pipe, mode_setup, reference_image, run
+from helpers import b64_png, ckpt, half_mask, load_pipe, mode_setup, reference_image, run, sixteen_block_pipe
 from PIL import Image
 from torch._dynamo.utils import counters
 
-from ipadapter import InputError, attach, cross_attention_layers, save_checkpoint
+from ipadapter import InputError, attach
 from ipadapter.adapter import run as run_adapters
 from ipadapter.batch import run_batch
 from ipadapter.cli import main
@@ -389,16 +387,7 @@ def test_the_server_warms_the_compiled_denoiser_up_at_start(
 
 def test_presets_and_curves_change_block_weights_without_a_new_graph(models: dict, tmp_path: Path) -> None:
     """Presets need SD1.5's 16 transformer blocks: a tiny UNet of that topology, with an adapter that fits it."""
-    pipe = load_pipe(models, "sd15")
-    torch.manual_seed(0)
-    pipe.unet = UNet2DConditionModel(
-        block_out_channels=(32, 32, 32, 32), layers_per_block=2, sample_size=16, cross_attention_dim=tm.SD15_CROSS,
-        attention_head_dim=8, norm_num_groups=32, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    ).eval()  # fmt: skip
-    hidden = tuple(layer.hidden_size for layer in cross_attention_layers(pipe.unet))
-    assert len(hidden) == 16
-    path = save_checkpoint(tm.make_checkpoint("sd15", hidden=hidden), tmp_path / "ip-adapter_16.safetensors")
+    pipe, path = sixteen_block_pipe(models, tmp_path)
     ip = attach(pipe, path, models["vit_h"])
     a, b = reference_image(), reference_image(seed=4)
     got = check_compiled(
@@ -416,15 +405,7 @@ def test_presets_and_curves_change_block_weights_without_a_new_graph(models: dic
 def test_issue_20_controls_compile_and_new_values_make_no_new_graph(models: dict, tmp_path: Path) -> None:
     """Embeds scaling, a precise preset with its boost, a composition image and unfolded references, each a
     structure of its own: compiled equals eager, and other values of that structure reuse the graph."""
-    pipe = load_pipe(models, "sd15")
-    torch.manual_seed(0)
-    pipe.unet = UNet2DConditionModel(
-        block_out_channels=(32, 32, 32, 32), layers_per_block=2, sample_size=16, cross_attention_dim=tm.SD15_CROSS,
-        attention_head_dim=8, norm_num_groups=32, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    ).eval()  # fmt: skip
-    hidden = tuple(layer.hidden_size for layer in cross_attention_layers(pipe.unet))
-    path = save_checkpoint(tm.make_checkpoint("sd15", hidden=hidden), tmp_path / "ip-adapter_16.safetensors")
+    pipe, path = sixteen_block_pipe(models, tmp_path)
     ip = attach(pipe, path, models["vit_h"])
     a, b = reference_image(), reference_image(seed=4)
     structures = [

@@ -9,16 +9,14 @@ from typing import Any
 
 import numpy as np
 import pytest
-import tiny_models as tm
 import torch
 import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention
-from helpers import ckpt, load_pipe, reference_image, run
+from helpers import ckpt, load_pipe, reference_image, run, sixteen_block_pipe
 
 from ipadapter import InputError, attach
 from ipadapter.adapter import run as run_adapters
-from ipadapter.adapters.checkpoint import save_checkpoint
 from ipadapter.hosts.attention import IPAttnProcessor, IPBranch
 from ipadapter.hosts.unet import block_map, cross_attention_layers
 from ipadapter.prompt.blocks import layer_plan
@@ -223,16 +221,7 @@ def test_boosts_need_their_preset_and_a_composition_image_needs_composition_bloc
 
 @pytest.fixture(scope="module")
 def sd15_16(models: dict, tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, str]:
-    pipe = load_pipe(models, "sd15")
-    torch.manual_seed(0)
-    pipe.unet = UNet2DConditionModel(
-        block_out_channels=(32, 32, 32, 32), layers_per_block=2, sample_size=16, cross_attention_dim=tm.SD15_CROSS,
-        attention_head_dim=8, norm_num_groups=32, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    ).eval()  # fmt: skip
-    hidden = tuple(layer.hidden_size for layer in cross_attention_layers(pipe.unet))
-    folder = tmp_path_factory.mktemp("sd15_16")
-    path = save_checkpoint(tm.make_checkpoint("sd15", hidden=hidden), folder / "ip-adapter_16.safetensors")
+    pipe, path = sixteen_block_pipe(models, tmp_path_factory.mktemp("sd15_16"))
     return pipe, str(path)
 
 

@@ -377,7 +377,7 @@ class ImagePrompt:
         size = (step.latent_size[0] * self.vae_scale, step.latent_size[1] * self.vae_scale)
 
         def compute() -> torch.Tensor:
-            grid = _grid(step.latent_size, queries)
+            grid = layer_grid(step.latent_size, queries)
             rows = []
             for r, mask in enumerate(masks):
                 if mask is None:
@@ -420,7 +420,7 @@ class ImagePrompt:
             full = self._masks.get((name, group, *size))
             if full is None:
                 full = self._mask_now(masks[group], size)
-            grid = _grid(step.latent_size, queries)
+            grid = layer_grid(step.latent_size, queries)
             small = F.interpolate(full[None, None], size=grid, mode="bicubic")
             return small.reshape(1, -1, 1).to(device=like.device, dtype=like.dtype)
 
@@ -463,13 +463,15 @@ class ImagePrompt:
         return self._cache[key]
 
 
-def _grid(latent_size: tuple[int, int], queries: int) -> tuple[int, int]:
-    """The ``(h, w)`` of the layer grid with ``queries`` positions for a UNet input of ``latent_size``."""
+def layer_grid(latent_size: tuple[int, int], queries: int) -> tuple[int, int]:
+    """The ``(h, w)`` of the layer grid with ``queries`` positions for a denoiser input of ``latent_size``: each
+    down stage halves it, rounding up (a Flux transformer's packed tokens: one halving)."""
     h, w = latent_size
     while h * w > queries and (h > 1 or w > 1):
         h, w = -(-h // 2), -(-w // 2)
     if h * w != queries:
         raise InputError(
-            f"cannot place a regional mask on a layer of {queries} positions for a {latent_size} latent"
+            f"cannot map a layer of {queries} positions onto a {latent_size} latent (regional masks and "
+            "influence maps need its grid)"
         )
     return h, w

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from ..errors import InputError
 from .blocks import Block
+from .conditioning import layer_grid
 from .influence import InfluenceMaps
 
 
@@ -192,14 +193,3 @@ def _upsampled(grid: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
     """``(images, h, w)`` -> ``(images, H, W)`` float32 numpy (bilinear)."""
     big = F.interpolate(grid[:, None].float(), size=size, mode="bilinear", align_corners=False)
     return big[:, 0].cpu().numpy().astype(np.float32)
-
-
-def layer_grid(latent_size: tuple[int, int], queries: int) -> tuple[int, int]:
-    """The ``(h, w)`` of a layer grid with ``queries`` positions for a denoiser input of ``latent_size``: each
-    down stage halves it, rounding up (a Flux transformer's packed tokens: one halving)."""
-    h, w = latent_size
-    while h * w > queries and (h > 1 or w > 1):
-        h, w = -(-h // 2), -(-w // 2)
-    if h * w != queries:
-        raise InputError(f"cannot place {queries} positions on a grid for a {latent_size} latent")
-    return h, w
