@@ -452,3 +452,33 @@ def test_image_options_are_decoded_and_recorded_by_hash_like_the_negative_image(
         job_from_options({**options, "unfold_batch": "yes"}, locate=lambda value, what: data[value])
     with pytest.raises(InputError, match="enhance_tiles"):
         job_from_options({**options, "enhance_tiles": 2.5}, locate=lambda value, what: data[value])
+
+
+def test_unfold_spreads_references_over_video_frames(models: dict) -> None:
+    """A video's frames take one reference each, as the per-frame list does (a shorter list repeats its last)."""
+    from helpers import mode_setup
+
+    pipe, extra = mode_setup(models, "sd15", "video")
+    ip = attach(pipe, ckpt(models, "sd15"), scale=0.8)
+    a, b = reference_image(), reference_image(seed=4)
+    unfolded = run(ip, Control(images=[a, b], unfold_batch=True), **extra)
+    per_frame = run(ip, [a, b], **extra)  # the plain API's one reference per frame
+    assert np.abs(unfolded - per_frame).max() <= 1e-5
+    repeated = run(ip, Control(images=[a], unfold_batch=True), **extra)
+    assert np.abs(repeated - run(ip, a, **extra)).max() <= 1e-5
+
+
+def test_a_job_seeds_its_noise_negative_and_picks_unfolded_references_per_chunk() -> None:
+    from ipadapter.jobs.engine import _for_call
+    from ipadapter.prompt.recipe import AdapterRecipe
+
+    refs = [reference_image(seed=s) for s in range(2)]
+    entry = AdapterRecipe(path="a", images=refs, negative_noise="fade", unfold_batch=True)
+    first = _for_call(entry, seed=42, span=(0, 1))
+    assert first.noise_seed == 42 and first.images == [entry.images[0]]
+    later = _for_call(entry, seed=42, span=(1, 2))  # images 1 and 2: the last reference repeats
+    assert later.images == [entry.images[1], entry.images[1]]
+    own = _for_call(
+        AdapterRecipe(path="a", images=refs, negative_noise="fade", noise_seed=3), seed=42, span=None
+    )
+    assert own.noise_seed == 3 and [r.path for r in own.images] == refs
