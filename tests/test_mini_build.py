@@ -17,8 +17,9 @@ from ipadapter.mini.build import STAGES, BuildConfig, build
 @pytest.fixture(scope="module")
 def toy_build(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("mini")
-    config = BuildConfig(out=str(out), train_images=32, eval_images=8, clip_steps=2, clip_batch=8, vae_steps=2,
-                         vae_batch=4, unet_steps=2, unet_batch=4, adapter_steps=2, adapter_batch=4, threads=1,
+    config = BuildConfig(out=str(out), train_images=32, eval_images=8, drawn_images=4, clip_steps=2, clip_batch=8,
+                         vision_steps=2, vision_batch=8, vision_drawn=8, vision_unnamed=8, vae_steps=2, vae_batch=4,
+                         unet_steps=2, unet_batch=4, adapter_steps=2, adapter_batch=4, threads=1,
                          log=lambda _: None)  # fmt: skip
     return build(config)
 
@@ -27,6 +28,8 @@ def test_every_stage_is_recorded_and_a_rerun_skips_them(toy_build: Path) -> None
     record = json.loads((toy_build / "build_record.json").read_text())
     assert list(record["stages"]) == list(STAGES)
     assert record["stages"]["clip"]["loss"] and record["stages"]["vae"]["scaling_factor"] > 0
+    zero_shot = record["stages"]["vision"]["zero_shot"]  # measured on both held-out sets
+    assert set(zero_shot) == {"eval", "drawn"} and zero_shot["drawn"]["n"] == 4
     said: list[str] = []
     build(BuildConfig(out=str(toy_build), log=said.append))
     assert all("already done" in line for line in said) and len(said) == len(STAGES)

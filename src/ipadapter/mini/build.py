@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import ast
 import json
-import math
 import shutil
 import time
 from collections.abc import Callable
@@ -36,10 +35,12 @@ from PIL import Image
 
 from ..files import atomic_path
 from ..training.config import TrainConfig
+from .drawn import write_drawn
+from .loop import loss_curve, read_rows, say, train_loop, uniform
 from .shapes import write_dataset
 from .shipped import MODEL_DIR
 
-STAGES = ("data", "clip", "vae", "unet", "pipeline", "adapters")
+STAGES = ("data", "clip", "vision", "vae", "unet", "pipeline", "adapters")
 RECORD = "build_record.json"
 
 
@@ -61,6 +62,14 @@ class BuildConfig:
     unet_channels: tuple[int, ...] = (64, 128)
     clip_steps: int = 1200
     clip_batch: int = 128
+    drawn_images: int = 300  # held-out references drawn differently (data/drawn)
+    vision_steps: int = 0  # vision tower retrained against the frozen text tower (0: keep the joint one)
+    vision_batch: int = 128
+    vision_lr: float = 1e-3
+    vision_aux: float = 2.0  # weight of the attribute heads' loss
+    vision_drawn: int = 12000  # extra training pictures drawn turned / resized / moved (training pairings)
+    vision_unnamed: int = 12000  # ... and drawn in colours no caption names (shape without a colour prior)
+    vision_text: str = ""  # a CLIPModel folder whose text tower is the target ("": this build's clip stage)
     vae_steps: int = 2000
     vae_batch: int = 32
     unet_steps: int = 2500
@@ -76,10 +85,6 @@ class BuildConfig:
     lr: float = 1e-3
     threads: int = 2
     log: Callable[[str], None] | None = field(default=None, repr=False, compare=False)
-
-
-def _say(config: BuildConfig, text: str) -> None:
-    (config.log or print)(text)
 
 
 def _record(out: Path) -> dict[str, Any]:
@@ -98,14 +103,6 @@ def _finish(out: Path, stage: str, info: dict[str, Any]) -> None:
     _write_record(out, record)
 
 
-def _losses(history: list[float], points: int = 20) -> list[float]:
-    """A short loss curve for the record: means over ``points`` equal spans."""
-    if not history:
-        return []
-    spans = np.array_split(np.asarray(history, dtype=np.float64), min(points, len(history)))
-    return [round(float(s.mean()), 5) for s in spans]
-
-
 # -- data ----------------------------------------------------------------------------------------------------
 def stage_data(c: BuildConfig, out: Path) -> dict[str, Any]:
     write_dataset(
@@ -114,16 +111,13 @@ def stage_data(c: BuildConfig, out: Path) -> dict[str, Any]:
     write_dataset(
         out / "data" / "eval", c.eval_images, seed=c.seed + 1, size=c.size, split="eval", overwrite=True
     )
-    return {"train": c.train_images, "eval": c.eval_images}
-
-
-def _rows(folder: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines() if line.strip()]
+    write_drawn(out / "data" / "drawn", c.drawn_images, seed=c.seed + 1, split="eval")
+    return {"train": c.train_images, "eval": c.eval_images, "drawn": c.drawn_images}
 
 
 def _load_pairs(folder: Path) -> tuple[torch.Tensor, list[str]]:
     """All images of a shapes folder as a (N, 3, S, S) tensor in [-1, 1], and their captions."""
-    rows = _rows(folder)
+    rows = read_rows(folder)
     images = np.stack([np.asarray(Image.open(folder / r["image"]).convert("RGB")) for r in rows])
     pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     return pixels, [r["text"] for r in rows]
@@ -177,23 +171,18 @@ def stage_clip(c: BuildConfig, out: Path) -> dict[str, Any]:
     ) / std  # CLIP normalisation (the encoder's processor does the same)
     optimizer = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=0.01)
     gen = torch.Generator().manual_seed(c.seed)
-    history = _train_loop(
+    history = train_loop(
         c.clip_steps,
         optimizer,
         gen,
-        _grouped(_rows(out / "data" / "train"), c.clip_batch, c.clip_group),
+        _grouped(read_rows(out / "data" / "train"), c.clip_batch, c.clip_group),
         lambda idx: model(input_ids=ids[idx], pixel_values=clip_pixels[idx], return_loss=True).loss,
         c.log,
         "clip",
     )
     model.save_pretrained(out / "clip")
     tok.save_pretrained(out / "clip")
-    return {"steps": c.clip_steps, "loss": _losses(history)}
-
-
-def _uniform(n: int, batch: int) -> Callable[[torch.Generator], torch.Tensor]:
-    """Batches of ``batch`` indices drawn uniformly from ``range(n)``."""
-    return lambda gen: torch.randint(0, n, (min(batch, n),), generator=gen)
+    return {"steps": c.clip_steps, "loss": loss_curve(history)}
 
 
 def _grouped(rows: list[dict[str, Any]], batch: int, group: int) -> Callable[[torch.Generator], torch.Tensor]:
@@ -216,34 +205,6 @@ def _grouped(rows: list[dict[str, Any]], batch: int, group: int) -> Callable[[to
         return torch.cat(picks)
 
     return sample
-
-
-def _train_loop(
-    steps: int,
-    optimizer: Any,
-    gen: torch.Generator,
-    sample: Callable[[torch.Generator], torch.Tensor],
-    loss_fn: Callable[[torch.Tensor], torch.Tensor],
-    log: Callable[[str], None] | None = None,
-    name: str = "",
-) -> list[float]:
-    """Minibatch AdamW over ``sample(gen)`` index batches with a cosine learning-rate decay; returns the losses."""
-    base = [g["lr"] for g in optimizer.param_groups]
-    history = []
-    started = time.perf_counter()
-    for step in range(steps):
-        if log and step and step % max(1, steps // 10) == 0:
-            recent = float(np.mean(history[-max(1, steps // 10) :]))
-            log(f"  {name} step {step}/{steps}: loss {recent:.4f}, {time.perf_counter() - started:.0f} s")
-        for g, lr in zip(optimizer.param_groups, base, strict=True):
-            g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / max(1, steps)))
-        loss = loss_fn(sample(gen))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 1.0)
-        optimizer.step()
-        history.append(loss.item())
-    return history
 
 
 # -- VAE -----------------------------------------------------------------------------------------------------
@@ -276,15 +237,15 @@ def stage_vae(c: BuildConfig, out: Path) -> dict[str, Any]:
         recon = vae.decode(posterior.sample(generator=gen)).sample
         return F.mse_loss(recon, x) + 1e-6 * posterior.kl().mean()
 
-    history = _train_loop(
-        c.vae_steps, optimizer, gen, _uniform(len(pixels), c.vae_batch), loss_fn, c.log, "vae"
+    history = train_loop(
+        c.vae_steps, optimizer, gen, uniform(len(pixels), c.vae_batch), loss_fn, c.log, "vae"
     )
     with torch.no_grad():
         sample = pixels[: min(512, len(pixels))]
         std = float(vae.encode(sample).latent_dist.mode().std())
     vae.register_to_config(scaling_factor=1.0 / std)
     vae.save_pretrained(out / "vae")
-    return {"steps": c.vae_steps, "loss": _losses(history), "scaling_factor": 1.0 / std}
+    return {"steps": c.vae_steps, "loss": loss_curve(history), "scaling_factor": 1.0 / std}
 
 
 # -- UNet ----------------------------------------------------------------------------------------------------
@@ -351,12 +312,12 @@ def stage_unet(c: BuildConfig, out: Path) -> dict[str, Any]:
         pred = unet(scheduler.add_noise(x0, noise, t), t, encoder_hidden_states=cond).sample
         return F.mse_loss(pred, noise)
 
-    history = _train_loop(
-        c.unet_steps, optimizer, gen, _uniform(len(latents), c.unet_batch), loss_fn, c.log, "unet"
+    history = train_loop(
+        c.unet_steps, optimizer, gen, uniform(len(latents), c.unet_batch), loss_fn, c.log, "unet"
     )
     unet.save_pretrained(out / "unet")
     scheduler.save_pretrained(out / "scheduler")
-    return {"steps": c.unet_steps, "loss": _losses(history)}
+    return {"steps": c.unet_steps, "loss": loss_curve(history)}
 
 
 # -- assembly and adapters -----------------------------------------------------------------------------------
@@ -402,7 +363,7 @@ def _adapter_manifest(c: BuildConfig, folder: Path) -> Path:
     """
     rng = np.random.default_rng([c.seed, 5])
     lines = []
-    for row in _rows(folder):
+    for row in read_rows(folder):
         text = row["text"]
         if rng.random() < c.adapter_scene_only:
             text = _phrases(text)[1]
@@ -445,12 +406,22 @@ def stage_adapters(c: BuildConfig, out: Path) -> dict[str, Any]:
         final = trainer.train()
         target = out / "models" / f"{name}.safetensors"
         target.write_bytes(final.read_bytes())
-        info[variant] = {"steps": trainer.step, "loss": _losses(trainer.losses)}
+        info[variant] = {"steps": trainer.step, "loss": loss_curve(trainer.losses)}
     return info
 
 
-RUNNERS = {"data": stage_data, "clip": stage_clip, "vae": stage_vae, "unet": stage_unet,
-           "pipeline": stage_pipeline, "adapters": stage_adapters}  # fmt: skip
+def stage_vision(c: BuildConfig, out: Path) -> dict[str, Any]:
+    """The vision tower retrained against the frozen text tower (see :mod:`.vision`); skipped at 0 steps."""
+    if c.vision_steps <= 0:
+        return {"steps": 0}
+    # heavy: only the stage that uses it pays for it (importing this module stays torch-only)
+    from .vision import stage_vision as run
+
+    return run(c, out)
+
+
+RUNNERS = {"data": stage_data, "clip": stage_clip, "vision": stage_vision, "vae": stage_vae,
+           "unet": stage_unet, "pipeline": stage_pipeline, "adapters": stage_adapters}  # fmt: skip
 
 
 def build(config: BuildConfig, stages: tuple[str, ...] = STAGES) -> Path:
@@ -473,14 +444,14 @@ def _run_stages(config: BuildConfig, out: Path, stages: tuple[str, ...]) -> None
     _write_record(out, record)
     for stage in stages:
         if stage in _record(out)["stages"]:
-            _say(config, f"mini build: {stage} already done")
+            say(config, f"mini build: {stage} already done")
             continue
-        _say(config, f"mini build: {stage}...")
+        say(config, f"mini build: {stage}...")
         started = time.perf_counter()
         info = RUNNERS[stage](config, out)
         info["seconds"] = round(time.perf_counter() - started, 1)
         _finish(out, stage, info)
-        _say(config, f"mini build: {stage} done in {info['seconds']} s")
+        say(config, f"mini build: {stage} done in {info['seconds']} s")
 
 
 SHIPPED = ("pipeline", "models", "clip", RECORD)  # what the package carries; data, runs and caches stay out
