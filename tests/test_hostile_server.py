@@ -265,6 +265,12 @@ def _line(stream: Any, timeout: float) -> str:
     return stream.readline()
 
 
+def _sigint_default() -> None:
+    """In the child: Ctrl-C's default action, even when this test runs from a shell that ignores SIGINT (a
+    background job): an ignored SIGINT is inherited, and the server would then stop without the interrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_the_serve_command_listens_when_it_says_so_and_stops_on_sigint_with_json_503(
     models: dict, body: dict[str, Any], tmp_path: Path
 ) -> None:
@@ -274,7 +280,14 @@ def test_the_serve_command_listens_when_it_says_so_and_stops_on_sigint_with_json
     argv = [sys.executable, "-m", "ipadapter.cli", "serve", "--base", str(models["sd15"]), "--adapter",
             str(models["ckpt"]["sd15", "safetensors"]), "--port", str(port)]  # fmt: skip
     with log.open("w") as err:
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err, text=True, env={**os.environ})
+        proc = subprocess.Popen(
+            argv,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+            env={**os.environ},
+            preexec_fn=_sigint_default,
+        )
     try:
         line = _line(proc.stdout, 180)
         assert line.startswith("ipadapter: serving ") and f"http://127.0.0.1:{port}/" in line, line
