@@ -20,7 +20,6 @@ other sizes as the "drawn" evaluation set, reported beside the generator's own h
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -36,6 +35,7 @@ from .shapes import (
     _texture_mask,
     caption_for,
     texture_color,
+    write_examples,
 )
 
 MARGIN = 0.06  # least distance from the turned figure to the image edge, as a fraction of the side
@@ -151,14 +151,5 @@ def write_drawn(
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / "metadata.jsonl", "w", encoding="utf-8") as meta:
-        for i in range(count):
-            example = draw_example(seed, i, split, sizes)
-            name = f"{i:06d}"
-            example.image.save(folder / f"{name}.png", compress_level=1)
-            (folder / f"{name}.txt").write_text(example.caption + "\n", encoding="utf-8")
-            record = {"image": f"{name}.png", "text": example.caption, "shape": example.shape,
-                      "color": example.color, "background": example.background, "texture": example.texture,
-                      "box": list(example.box), "split": split, "drawn": True}  # fmt: skip
-            meta.write(json.dumps(record) + "\n")
-    return folder
+    examples = (draw_example(seed, i, split, sizes) for i in range(count))
+    return write_examples(folder, examples, split, drawn=True)

@@ -48,6 +48,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -324,9 +325,14 @@ def write_dataset(
             )
         for path in existing:
             path.unlink()
+    return write_examples(folder, (make_example(seed, i, size, split) for i in range(count)), split)
+
+
+def write_examples(folder: Path, examples: Iterable[Example], split: str, **extra: Any) -> Path:
+    """Write ``examples`` into ``folder`` as ``NNNNNN.png`` + ``NNNNNN.txt`` pairs and ``metadata.jsonl`` (the
+    layout :func:`write_dataset` documents); ``extra`` keys go into every metadata row."""
     with open(folder / "metadata.jsonl", "w", encoding="utf-8") as meta:
-        for i in range(count):
-            example = make_example(seed, i, size, split)
+        for i, example in enumerate(examples):
             name = f"{i:06d}"
             example.image.save(folder / f"{name}.png", compress_level=1)
             (folder / f"{name}.txt").write_text(example.caption + "\n", encoding="utf-8")
@@ -339,6 +345,7 @@ def write_dataset(
                 "texture": example.texture,
                 "box": list(example.box),
                 "split": split,
+                **extra,
             }
             meta.write(json.dumps(record) + "\n")
     return folder
