@@ -19,6 +19,7 @@ from diffusers import FluxTransformer2DModel
 from PIL import Image
 
 from .errors import InputError
+from .hosts.attention import compiled_regions
 from .prompt.images import load_mask
 
 
@@ -135,7 +136,4 @@ def compiled(pipe: Any, denoiser: Any) -> bool:
     for name in ("unet", "transformer"):
         if getattr(getattr(pipe, name, None), "_orig_mod", None) is denoiser:
             return True
-    return any(
-        getattr(m, "_compiled_call_impl", None) is not None or hasattr(m, "_orig_mod")
-        for m in denoiser.modules()
-    )
+    return compiled_regions(denoiser.modules())
