@@ -235,10 +235,9 @@ class ImagePrompt:
         if self.output_size is not None:
             for name, pos in self.tokens.items():
                 control = self.control(name)
-                kinds = [(group, control.masks) for group in range(len(control.masks or ()))]
-                kinds += [(("row", r), control.row_masks) for r in range(len(control.row_masks or ()))]
-                for group, masks in kinds:
-                    mask = masks[group if isinstance(group, int) else group[1]]
+                keyed = list(enumerate(control.masks or ()))  # per group; unfolded: per row, keyed ("row", r)
+                keyed += [(("row", r), mask) for r, mask in enumerate(control.row_masks or ())]
+                for group, mask in keyed:
                     if isinstance(mask, torch.Tensor) and tuple(mask.shape[-2:]) != tuple(self.output_size):
                         continue  # a ready mask for another size: checked against the size the call makes
                     if mask is not None:
