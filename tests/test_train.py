@@ -627,3 +627,35 @@ def test_fsdp1_trains_the_plain_runs_weights_and_size_based_wrapping_is_refused(
     lines = _error_lines(sized_out)
     assert len(lines) == 1 and "SIZE_BASED_WRAP" in lines[0] and "TRANSFORMER_BASED_WRAP" in lines[0]
     assert not (tmp_path / "sized").exists()  # refused before anything is written
+
+
+def test_reference_pictures_are_what_the_encoder_reads(models: dict, pairs: Path, tmp_path: Path) -> None:
+    """A manifest's ``reference`` field: example i is encoded from another picture; its target stays its own."""
+    from ipadapter.training.cache import FeatureCache
+
+    own = tmp_path / "own.jsonl"
+    own.write_text(
+        "\n".join(json.dumps({"image": str(pairs / f"img{i}.png"), "text": f"t{i}"}) for i in range(8))
+    )
+    swapped = tmp_path / "swapped.jsonl"
+    swapped.write_text("\n".join(json.dumps({"image": str(pairs / f"img{i}.png"), "text": f"t{i}",
+                                             "reference": str(pairs / f"img{(i + 1) % 8}.png")})
+                                 for i in range(8)))  # fmt: skip
+    common = dict(max_steps=1, variant="plus", batch_size=2, export_dtype="float32")
+    runs = {}
+    for name, data in (("own", own), ("swapped", swapped)):
+        trainer = Trainer(
+            config(models, data, tmp_path / name, cache_dir=str(tmp_path / f"cache-{name}"), **common)
+        )
+        trainer.setup()
+        runs[name] = FeatureCache(
+            tmp_path / f"cache-{name}", json.loads((tmp_path / f"cache-{name}" / "index.json").read_text())
+        )
+    for i in range(8):
+        a, b = runs["own"].example((i + 1) % 8), runs["swapped"].example(i)
+        assert torch.allclose(a["features"], b["features"])  # the reference's features
+        assert torch.equal(runs["own"].example(i)["moments"], b["moments"])  # the example's own target
+    with pytest.raises(InputError, match="built for other settings.*reference_column"):
+        Trainer(
+            config(models, swapped, tmp_path / "x", cache_dir=str(tmp_path / "cache-own"), **common)
+        ).setup()

@@ -386,3 +386,52 @@ def test_streaming_too_small_stream(tmp_path: Path) -> None:
     assert next(iter(StreamingDataset(source, transform, rank=0, world_size=2)))["text"] == "one"
     with pytest.raises(InputError, match="fewer than the 2 training processes"):
         next(iter(StreamingDataset(source, transform, rank=1, world_size=2)))
+
+
+def test_manifest_reference_pictures_feed_the_image_encoder(folder: Path, tmp_path: Path) -> None:
+    from transformers import CLIPImageProcessorPil
+
+    manifest = tmp_path / "pairs.jsonl"
+    rows = [
+        {"image": "images/img0.png", "text": "zero", "reference": "images/img1.png"},
+        {"image": "images/img2.png", "text": "two"},  # no reference: its own image, as before
+    ]
+    manifest.write_text("\n".join(json.dumps(r) for r in rows))
+    source = open_source(str(manifest), reference_column="reference")
+    assert source.has_references and Path(source[0].reference) == tmp_path / "images" / "img1.png"
+    assert source[1].reference is None
+    assert not open_source(str(manifest)).has_references  # the field is read only when asked for
+    transform = Transform(resolution=R, clip_size=24)
+    processor = CLIPImageProcessorPil(size={"shortest_edge": 24}, crop_size={"height": 24, "width": 24})
+
+    def clip(name: str) -> torch.Tensor:
+        with Image.open(tmp_path / "images" / name) as img:
+            return processor(images=[img.convert("RGB")], return_tensors="pt").pixel_values[0]
+
+    first, second = transform(source[0]), transform(source[1])
+    assert torch.equal(first["clip_pixel_values"], clip("img1.png"))  # the encoder sees the reference
+    assert torch.equal(
+        first["pixel_values"], transform(Sample("x", tmp_path / "images" / "img0.png", ""))["pixel_values"]
+    )
+    assert torch.equal(second["clip_pixel_values"], clip("img2.png"))
+
+
+def test_manifest_reference_problems(folder: Path, tmp_path: Path) -> None:
+    manifest = tmp_path / "pairs.jsonl"
+    rows = [
+        {"image": "images/img0.png", "text": "a", "reference": "images/nothing.png"},
+        {"image": "images/img0.png", "text": "b", "reference": 3},
+    ]
+    manifest.write_text("\n".join(json.dumps(r) for r in rows))
+    with pytest.raises(InputError) as err:
+        open_source(str(manifest), reference_column="reference")
+    message = str(err.value)
+    assert "line 1: reference 'images/nothing.png' not found" in message
+    assert "line 2: 'reference' is not a path" in message and "\n" not in message
+
+
+def test_an_unreadable_reference_skips_its_example(folder: Path, tmp_path: Path) -> None:
+    (tmp_path / "broken.png").write_bytes(corrupt_bytes())
+    sample = Sample("k", tmp_path / "images" / "img0.png", "t", reference=tmp_path / "broken.png")
+    out = Transform(resolution=R, clip_size=24)(sample)
+    assert out["key"] == "k" and out["skipped"].startswith("reference image")

@@ -328,4 +328,7 @@ def test_bad_face_data_is_refused_in_one_line(models: dict, faces: Path, tmp_pat
     fails(capsys, _argv(models, faces / "train.jsonl", tmp_path / "a", "--validate-every", "1",
                         "--validation-face", str(data / "bare.npy"), "--variant", "faceid-plus",
                         "--image-encoder", str(models["vit_h"])), "--validation-face", "no aligned face crop")  # fmt: skip
+    referenced = manifest("ref.jsonl", lambda r, i: {**r, "ref": r["image"]} if i == 1 else r)
+    fails(capsys, _argv(models, referenced, tmp_path / "a", "--reference-column", "ref"),
+          "line 2: 'ref' names a reference picture", "FaceID runs read the face file")  # fmt: skip
     assert not (tmp_path / "a").exists()  # refused before anything was written

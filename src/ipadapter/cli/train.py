@@ -39,6 +39,11 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
         "(default face); in an image folder: the same-name .safetensors/.npy beside each image",
     )
     p.add_argument(
+        "--reference-column",
+        help="manifest field naming the picture the image encoder sees for an example instead of its image "
+        "(relative to the manifest like images; optional per entry) (default reference)",
+    )
+    p.add_argument(
         "--lora-rank",
         type=int,
         help="faceid/faceid-plus: rank of the UNet LoRA trained with the adapter (default 128, as the official "

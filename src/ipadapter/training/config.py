@@ -61,6 +61,7 @@ class TrainConfig:
     image_column: str = "image"
     text_column: str = "text"
     face_column: str = "face"  # FaceID: a face-embeddings file per example
+    reference_column: str = "reference"  # manifests: the picture the encoder sees instead of the image
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
     validate_every: int = 0

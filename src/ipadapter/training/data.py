@@ -35,7 +35,9 @@ class Sample:
 
     ``image`` is a path, encoded bytes, a PIL image or None; ``error`` (when set) says why the record
     can't be used, and the transform reports it as skipped. ``face`` (FaceID runs): a face-embeddings file path
-    or the embedding's values (:mod:`.faces`); None elsewhere.
+    or the embedding's values (:mod:`.faces`); None elsewhere. ``reference``: the picture the image encoder
+    sees instead of ``image`` (a path or bytes, from a manifest's or dataset's reference column); None: the
+    example's own image, as in the paper's training.
     """
 
     key: str
@@ -43,6 +45,7 @@ class Sample:
     text: str
     error: str | None = None
     face: Any = None
+    reference: Any = None
 
 
 class Source:
@@ -51,6 +54,7 @@ class Source:
     spec: str
     streaming: bool
     kind: str  # "folder", "jsonl", "json", "dataset", "hub" or "tar"
+    has_references: bool = False  # some examples name a reference picture for the image encoder
 
     def __len__(self) -> int:
         raise TypeError(f"dataset '{self.spec}' is streamed ({self.kind}); it has no length")
@@ -82,9 +86,12 @@ class _PairSource(Source):
         kind: str,
         pairs: list[tuple[str, Path, str | Path | None]],
         faces: list[Path] | None = None,
+        references: list[Path | None] | None = None,
     ) -> None:
         # the caption is text (manifest), a caption file path (folder) or None (no caption)
         self.spec, self.kind, self._pairs, self._faces = spec, kind, pairs, faces
+        self._references = references
+        self.has_references = references is not None
 
     def __len__(self) -> int:
         return len(self._pairs)
@@ -92,12 +99,13 @@ class _PairSource(Source):
     def __getitem__(self, i: int) -> Sample:
         key, image, caption = self._pairs[i]
         face = self._faces[i] if self._faces is not None else None
+        reference = self._references[i] if self._references is not None else None
         if isinstance(caption, Path):
             try:
                 caption = caption.read_text(encoding="utf-8", errors="replace").strip()
             except OSError as e:
                 return Sample(key, image, "", error=f"caption '{caption}' could not be read ({e})", face=face)
-        return Sample(key, image, caption or "", face=face)
+        return Sample(key, image, caption or "", face=face, reference=reference)
 
 
 class _DiskDatasetSource(Source):
@@ -255,6 +263,7 @@ def open_source(
     split: str = "train",
     face_column: str | None = None,
     face_crops: bool = False,
+    reference_column: str | None = None,
 ) -> Source:
     """The training data named by ``spec``, resolved and validated (cheap checks only).
 
@@ -266,6 +275,11 @@ def open_source(
     column, or in a folder a same-name ``.safetensors`` / ``.npy`` beside each image; ``face_crops``: the
     files must carry the aligned face crop too (faceid-plus). A folder's or manifest's face files are checked
     (headers only) here.
+
+    ``reference_column``: in a manifest, an entry's optional field naming the picture the image encoder sees
+    for it (relative to the manifest's folder like images); the example's own image where absent. The
+    adapter then learns to carry what reference and target share (the same object on another background, a
+    subject in another pose). Other kinds of data have no such field.
     """
     spec = str(spec)
     faces = (face_column, face_crops) if face_column else None
@@ -278,9 +292,9 @@ def open_source(
         return _open_folder(spec, path, faces)
     lower = spec.lower()
     if path.is_file() and lower.endswith(".jsonl"):
-        return _open_manifest(spec, path, image_column, text_column, lines=True, faces=faces)
+        return _open_manifest(spec, path, image_column, text_column, True, faces, reference_column)
     if path.is_file() and lower.endswith(".json"):
-        return _open_manifest(spec, path, image_column, text_column, lines=False, faces=faces)
+        return _open_manifest(spec, path, image_column, text_column, False, faces, reference_column)
     if lower.endswith(TAR_SUFFIXES):
         if face_column:
             raise InputError(
@@ -353,6 +367,7 @@ def _open_manifest(
     text_column: str,
     lines: bool,
     faces: tuple[str, bool] | None = None,
+    reference_column: str | None = None,
 ) -> Source:
     kind = "jsonl" if lines else "json"
     face_column, crops = faces or ("", False)
@@ -400,6 +415,7 @@ def _open_manifest(
     root = path.parent
     pairs: list[tuple[str, Path, str | Path | None]] = []
     face_files: list[Path] = []
+    references: list[Path | None] = []
     has_text = False
     for where, entry in entries:
         if not isinstance(entry, dict):
@@ -422,6 +438,11 @@ def _open_manifest(
         if not image_path.is_file():
             problems.append(f"{where}: image '{image}' not found")
             continue
+        reference = _manifest_reference(entry, reference_column, root, bool(faces))
+        if isinstance(reference, str):
+            problems.append(f"{where}: {reference}")
+            continue
+        references.append(reference)
         if faces:
             face = manifest_face(entry, face_column, root, crops)
             if isinstance(face, str):
@@ -436,7 +457,25 @@ def _open_manifest(
             f"manifest '{spec}': no entry has a '{text_column}' field; expected {expected}. If the captions are "
             "under another name, pass that column name"
         )
-    return _PairSource(spec, kind, pairs, face_files if faces else None)
+    used = references if any(r is not None for r in references) else None
+    return _PairSource(spec, kind, pairs, face_files if faces else None, used)
+
+
+def _manifest_reference(entry: dict, column: str | None, root: Path, faces: bool) -> Path | None | str:
+    """An entry's reference picture (a path), None when it names none, or what is wrong with it (a str)."""
+    if not column or column not in entry:
+        return None
+    value = entry[column]
+    if faces:
+        return (
+            f"'{column}' names a reference picture, but FaceID runs read the face file's crop; drop the field "
+            "or train another variant"
+        )
+    if not isinstance(value, str) or not value:
+        return f"'{column}' is not a path (the picture the image encoder sees for this example)"
+    reference = Path(value).expanduser()
+    reference = reference if reference.is_absolute() else root / reference
+    return reference if reference.is_file() else f"reference '{value}' not found"
 
 
 def _check_columns(

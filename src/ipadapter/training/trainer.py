@@ -100,7 +100,8 @@ class Trainer:
         self.report_to = self._report_to()
         crops = c.variant == "faceid-plus"  # FaceID-Plus also encodes each face's aligned crop
         self.source = open_source(c.data, image_column=c.image_column, text_column=c.text_column,
-                                  face_column=c.face_column if c.faceid else None, face_crops=crops)  # fmt: skip
+                                  face_column=c.face_column if c.faceid else None, face_crops=crops,
+                                  reference_column=c.reference_column)  # fmt: skip
         if c.validation_image:
             self.validation_reference = load_image(c.validation_image, "validation image")
         if c.validation_face:
@@ -376,6 +377,8 @@ class Trainer:
         }
         if c.faceid:  # the faces (and for faceid-plus the features of their crops) are cached too
             fingerprint.update(variant=c.variant, face_column=c.face_column)
+        if self.source.has_references:  # the features are the references', not the images'
+            fingerprint.update(reference_column=c.reference_column)
         cache = FeatureCache(c.cache_dir, fingerprint)
         if acc.is_main_process and not (cache.folder / "index.json").is_file():
             with torch.no_grad():

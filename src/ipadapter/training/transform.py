@@ -25,45 +25,49 @@ from .faces import decode_face
 _WHAT = "training image"
 
 
-def _decode(image: Any) -> Image.Image:
+def _decode(image: Any, what: str = _WHAT) -> Image.Image:
     """A sample's image as RGB, with the same guards as :func:`ipadapter.prompt.images.load_image`."""
     if image is None:
-        raise InputError(f"{_WHAT}: missing")
+        raise InputError(f"{what}: missing")
     if isinstance(image, Image.Image):
         if image.width * image.height > MAX_IMAGE_PIXELS:
             raise InputError(
-                f"{_WHAT} is too large ({image.width}x{image.height}); the limit is {MAX_IMAGE_PIXELS:,} pixels"
+                f"{what} is too large ({image.width}x{image.height}); the limit is {MAX_IMAGE_PIXELS:,} pixels"
             )
-        return load_image(image, _WHAT)
+        return load_image(image, what)
     if not isinstance(image, str | Path | bytes | bytearray | memoryview):
         raise InputError(
-            f"{_WHAT}: unsupported value of type {type(image).__name__}; expected a path or bytes"
+            f"{what}: unsupported value of type {type(image).__name__}; expected a path or bytes"
         )
-    return load_image(image, _WHAT)  # paths and encoded bytes: the same guards either way
+    return load_image(image, what)  # paths and encoded bytes: the same guards either way
 
 
 def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
-def decode_sample(sample: Sample) -> tuple[Image.Image | None, str]:
-    """A sample's image as RGB and ``""``, or None and the one-line reason it can't be used (then skipped)."""
+def decode_sample(sample: Sample, reference: bool = False) -> tuple[Image.Image | None, str]:
+    """A sample's image as RGB and ``""``, or None and the one-line reason it can't be used (then skipped).
+
+    ``reference``: its reference picture instead (the sample must name one).
+    """
     if sample.error:
         return None, _one_line(sample.error)
+    what = "reference image" if reference else _WHAT
     try:
-        return _decode(sample.image), ""
+        return _decode(sample.reference if reference else sample.image, what), ""
     except InputError as e:
         return None, _one_line(str(e))
     except Exception as e:  # a decoder bug must not end a long training run
-        return None, _one_line(f"{_WHAT}: could not be read ({type(e).__name__}: {e})")
+        return None, _one_line(f"{what}: could not be read ({type(e).__name__}: {e})")
 
 
 @dataclass
 class Transform:
     """Sample -> training tensors: VAE pixels (resize shortest side, crop, optional flip) and CLIP pixels.
 
-    ``pixel_values`` (3, R, R) in [-1, 1]; ``clip_pixel_values`` (3, S, S) from the original image with the
-    inference encoder's preprocessing; ``original_size`` (h, w) before resizing and ``crop_top_left``
+    ``pixel_values`` (3, R, R) in [-1, 1]; ``clip_pixel_values`` (3, S, S) from the original image (or the
+    sample's reference picture when it names one) with the inference encoder's preprocessing; ``original_size`` (h, w) before resizing and ``crop_top_left``
     (top, left) in the resized (and possibly flipped) image, as diffusers' SDXL training script records them.
 
     ``faces`` (FaceID runs): also ``face`` (512,), the sample's face embedding; the CLIP pixels then come from
@@ -101,7 +105,10 @@ class Transform:
         face = None
         if rgb is not None and self.faces:
             face, reason = decode_face(sample.face, self.face_crops)
-        if rgb is None or (self.faces and face is None):
+        seen = rgb  # what the image encoder reads
+        if rgb is not None and sample.reference is not None:
+            seen, reason = decode_sample(sample, reference=True)
+        if rgb is None or seen is None or (self.faces and face is None):
             return {"key": sample.key, "skipped": reason}
         width, height = rgb.size
         r = self.resolution
@@ -129,7 +136,7 @@ class Transform:
         }
         if face is not None:
             out["face"] = torch.as_tensor(face.embeds[0], dtype=torch.float32)  # (512,)
-        clip_image = rgb  # faceid-plus: the aligned face crop; faceid: no image features at all
+        clip_image = seen  # faceid-plus: the aligned face crop; faceid: no image features at all
         if face is not None:
             clip_image = face.crops[0] if self.face_crops else None
         if clip_image is not None:
