@@ -10,7 +10,15 @@ import torch
 
 from ipadapter.mini.drawn import MARGIN, draw_example, write_drawn
 from ipadapter.mini.shapes import NAMED_COLORS, is_held_out
-from ipadapter.mini.vision import ATTRIBUTES, _labels, caption_grid, factorised_targets
+from ipadapter.mini.vision import (
+    ATTRIBUTES,
+    _joined,
+    _labels,
+    _vision_tower,
+    augment,
+    caption_grid,
+    factorised_targets,
+)
 
 
 def test_drawn_examples_are_deterministic_and_follow_the_split() -> None:
@@ -78,3 +86,72 @@ def test_factorised_targets_classify_their_captions() -> None:
     )
     embeds = vectors[ids].sum(dim=1) + bias
     assert ((embeds @ table.T).argmax(dim=1) == torch.arange(len(combos))).float().mean() > 0.9
+
+
+def _batch(count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    examples = [draw_example(4, i, "train", (32,)) for i in range(count)]
+    pixels = torch.from_numpy(np.stack([np.asarray(e.image) for e in examples])).permute(0, 3, 1, 2)
+    rows = [{a: getattr(e, a) for a in ATTRIBUTES} for e in examples]
+    return pixels, _labels(rows, {})
+
+
+def test_augment_turns_a_batch_without_changing_what_it_shows() -> None:
+    pixels, labels = _batch(6)
+    changed = 0
+    for seed in range(6):
+        moved, kept = augment(pixels, labels, torch.Generator().manual_seed(seed), recolour=0.0)
+        assert torch.equal(kept, labels)
+        for before, after in zip(pixels, moved, strict=True):  # a quarter turn or mirror: same pixels, moved
+            assert torch.equal(before.flatten(1).sort(dim=1).values, after.flatten(1).sort(dim=1).values)
+        changed += not torch.equal(moved, pixels)
+    assert changed >= 3  # the identity is one of 8 poses
+
+
+def test_recoloured_pictures_keep_their_outline_and_lose_their_colour_names() -> None:
+    pixels, labels = _batch(8)
+    moved, kept = augment(pixels, labels, torch.Generator().manual_seed(1), recolour=1.0)
+    assert (kept[:, [0, 2, 3]] == -1).all()  # no caption, colour or background to learn from
+    assert torch.equal(kept[:, [1, 4]], labels[:, [1, 4]])  # shape and texture stay known
+
+    def regions(x: torch.Tensor) -> torch.Tensor:  # (S, S): which pixels share a colour, as ids
+        return torch.unique(x.flatten(1).T, dim=0, return_inverse=True)[1].view(x.shape[1:])
+
+    for before, after in zip(pixels, moved, strict=True):
+        # channels reordered and some inverted (a one-to-one map of colours): the same regions, turned
+        ids, seen = regions(before), regions(after)
+        poses = [p for k in range(4) for p in (torch.rot90(ids, k), torch.rot90(ids, k).flip(1))]
+        pairs = [len(torch.unique(torch.stack([p.flatten(), seen.flatten()]), dim=1).T) for p in poses]
+        assert int(ids.max()) + 1 in pairs and int(seen.max()) == int(ids.max())
+    changed = (moved.float().mean(dim=(2, 3)) - pixels.float().mean(dim=(2, 3))).abs().amax(dim=1)
+    assert (changed > 1).float().mean() > 0.5  # most pictures really change colour
+
+
+def test_a_new_vision_tower_joins_the_text_tower_it_was_trained_against() -> None:
+    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
+
+    torch.manual_seed(0)
+    text = CLIPTextConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                          num_attention_heads=2, max_position_embeddings=77, projection_dim=16)  # fmt: skip
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                              image_size=32, patch_size=4, projection_dim=16)  # fmt: skip
+    clip = CLIPModel(
+        CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=16)
+    )
+    tower = _vision_tower(clip, patch=8, width=48, layers=2)
+    assert (tower.config.patch_size, tower.config.hidden_size, tower.config.num_hidden_layers) == (8, 48, 2)
+    assert tower.config.projection_dim == 16 and tower.config.image_size == 32
+    copy = _vision_tower(clip)  # no patch: the joint tower itself
+    joined = _joined(clip, tower)
+    pixels, ids = torch.randn(2, 3, 32, 32), torch.randint(2, 300, (2, 9))
+
+    def tensor(x: object) -> torch.Tensor:  # newer transformers return an output object
+        return x if isinstance(x, torch.Tensor) else x.pooler_output
+
+    with torch.no_grad():
+        assert torch.equal(
+            copy(pixel_values=pixels).image_embeds, tensor(clip.get_image_features(pixel_values=pixels))
+        )
+        image = tensor(joined.get_image_features(pixel_values=pixels))
+        assert torch.allclose(image, tower(pixel_values=pixels).image_embeds)
+        texts = [tensor(m.get_text_features(input_ids=ids)) for m in (joined, clip)]
+        assert torch.equal(texts[0], texts[1]) and torch.equal(joined.logit_scale, clip.logit_scale)
