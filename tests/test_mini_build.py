@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
+from PIL import Image
 
 from ipadapter import attach
 from ipadapter.mini.build import STAGES, BuildConfig, build
@@ -30,6 +31,11 @@ def test_every_stage_is_recorded_and_a_rerun_skips_them(toy_build: Path) -> None
     assert record["stages"]["clip"]["loss"] and record["stages"]["vae"]["scaling_factor"] > 0
     zero_shot = record["stages"]["vision"]["zero_shot"]  # measured on both held-out sets
     assert set(zero_shot) == {"eval", "drawn"} and zero_shot["drawn"]["n"] == 4
+    train = toy_build / "data" / "train"  # the adapters were trained with swapped-background references
+    entries = [json.loads(line) for line in (train / "adapter_captions.jsonl").read_text().splitlines()]
+    assert any("reference" in e for e in entries) and all(
+        (train / e.get("reference", e["image"])).is_file() for e in entries
+    )
     said: list[str] = []
     build(BuildConfig(out=str(toy_build), log=said.append))
     assert all("already done" in line for line in said) and len(said) == len(STAGES)
@@ -120,3 +126,29 @@ def test_install_copies_only_the_shipped_pieces(toy_build: Path, tmp_path: Path)
     with pytest.raises(ValueError, match="has not finished"):
         install(unfinished, tmp_path / "other")
     assert not (tmp_path / "other").exists()
+
+
+def test_adapter_examples_swap_backgrounds_and_empty_captions(tmp_path: Path) -> None:
+    """Some references show the object on another background while the caption names the target's own."""
+    from ipadapter.mini.build import _adapter_manifest
+    from ipadapter.mini.shapes import classify, is_held_out, write_dataset
+
+    folder = write_dataset(tmp_path / "train", 60, seed=3, size=32, split="train")
+    config = BuildConfig(out=str(tmp_path), adapter_swap=0.4, adapter_empty=0.5)
+    rows = {
+        json.loads(line)["image"]: json.loads(line)
+        for line in (folder / "metadata.jsonl").read_text().splitlines()
+    }
+    entries = [json.loads(line) for line in _adapter_manifest(config, folder).read_text().splitlines()]
+    swapped = [e for e in entries if "reference" in e]
+    plain = [e for e in entries if "reference" not in e]
+    assert 0.2 * len(entries) < len(swapped) < 0.6 * len(entries)
+    assert 0.15 * len(plain) < sum(e["text"] == "" for e in plain) < 0.85 * len(plain)
+    for entry in swapped:
+        row, seen = rows[entry["image"]], classify(Image.open(folder / entry["reference"]))
+        assert (seen["shape"], seen["color"]) == (row["shape"], row["color"])  # the same object...
+        assert seen["background"] not in (row["background"], row["color"])  # ...on another background
+        assert not is_held_out(row["shape"], row["color"], seen["background"])  # never a held-out pairing
+        assert entry["text"].startswith("on a") and entry["text"].endswith(f"{row['background']} background")
+    unswapped = _adapter_manifest(BuildConfig(out=str(tmp_path), adapter_swap=0.0, adapter_empty=0.0), folder)
+    assert not any("reference" in line or '"text": ""' in line for line in unswapped.read_text().splitlines())

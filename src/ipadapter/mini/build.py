@@ -1,19 +1,21 @@
-"""Build the miniature model family from nothing: shapes data -> mini CLIP -> VAE -> UNet -> IP-Adapters.
+"""Build the miniature model family from nothing: shapes data -> mini CLIP -> vision tower -> VAE -> UNet -> IP-Adapters.
 
 Every stage writes a standard diffusers/transformers folder under ``out`` and a marker with its losses, so a
 build resumes stage by stage. The adapters are trained by :mod:`ipadapter.training` — the code path users run.
 Layout of ``out`` (the pieces the rest of the toolkit loads):
 
-    data/train, data/eval          shapes pairs (images + .txt captions + metadata.jsonl)
-    clip/                          the mini CLIP (CLIPModel: text + vision towers), also the scorer
+    data/train, data/eval          shapes pairs (images + .txt captions + metadata.jsonl); data/drawn: held-out
+                                   references drawn differently
+    clip_joint/                    the jointly trained CLIP (its text tower is the UNet's)
+    clip/                          its text tower + the vision stage's tower (CLIPModel), also the scorer
     pipeline/                      StableDiffusionPipeline folder: tokenizer, text_encoder, vae, unet, scheduler
-    models/image_encoder/          the CLIP vision tower (CLIPVisionModelWithProjection), h94-style layout
+    models/image_encoder/          the vision stage's tower (CLIPVisionModelWithProjection), h94-style layout
     models/ip-adapter_mini.safetensors, models/ip-adapter-plus_mini.safetensors
     build_record.json              settings, seed, per-stage losses and seconds
 
 ``--install`` (or :func:`install`) copies pipeline/, models/, clip/ and the record into the package, where
 ``--base mini`` / ``--adapter mini|mini-plus`` find them. The shipped family is that output for the defaults
-of :class:`BuildConfig` (78.5 minutes on 2 CPU cores).
+of :class:`BuildConfig` (71 minutes on 2 CPU cores).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from ..files import atomic_path
 from ..training.config import TrainConfig
 from .drawn import write_drawn
 from .loop import loss_curve, read_rows, say, train_loop, uniform
-from .shapes import write_dataset
+from .shapes import BACKGROUNDS, is_held_out, render, write_dataset
 from .shipped import MODEL_DIR
 
 STAGES = ("data", "clip", "vision", "vae", "unet", "pipeline", "adapters")
@@ -63,12 +65,16 @@ class BuildConfig:
     clip_steps: int = 1200
     clip_batch: int = 128
     drawn_images: int = 300  # held-out references drawn differently (data/drawn)
-    vision_steps: int = 0  # vision tower retrained against the frozen text tower (0: keep the joint one)
+    vision_steps: int = 4000  # vision tower retrained against the frozen text tower (0: keep the joint one)
     vision_batch: int = 128
-    vision_lr: float = 1e-3
+    vision_lr: float = 2e-3
     vision_aux: float = 2.0  # weight of the attribute heads' loss
     vision_drawn: int = 12000  # extra training pictures drawn turned / resized / moved (training pairings)
-    vision_unnamed: int = 12000  # ... and drawn in colours no caption names (shape without a colour prior)
+    vision_unnamed: int = 0  # ... and drawn in colours no caption names (recolouring does this more cheaply)
+    vision_patch: int = 8  # > 0: a new vision tower with this patch side (0: retrain the joint one)
+    vision_width: int = 128  # ... its hidden size (0: the joint tower's)
+    vision_layers: int = 4  # ... its depth (0: the joint tower's)
+    vision_recolour: float = 0.5  # share of each batch recoloured (channels reordered / inverted): shape only
     vision_text: str = ""  # a CLIPModel folder whose text tower is the target ("": this build's clip stage)
     vae_steps: int = 2000
     vae_batch: int = 32
@@ -80,8 +86,10 @@ class BuildConfig:
     adapter_steps: int = 1500
     adapter_batch: int = 32
     adapter_lr: float = 5e-4
-    adapter_drop_text: float = 0.25  # image-only batches teach the adapter to carry the whole picture
+    adapter_drop_text: float = 0.05  # captions the trainer empties at random (classifier-free guidance)
     adapter_scene_only: float = 0.5  # share of adapter captions cut to their background phrase
+    adapter_swap: float = 0.3  # share of adapter examples whose reference shows another background
+    adapter_empty: float = 0.5  # share of the other examples given an empty caption (in the manifest)
     lr: float = 1e-3
     threads: int = 2
     log: Callable[[str], None] | None = field(default=None, repr=False, compare=False)
@@ -355,19 +363,46 @@ def _phrases(caption: str) -> tuple[str, str]:
 
 
 def _adapter_manifest(c: BuildConfig, folder: Path) -> Path:
-    """The adapters' captions: the full caption, or only its background phrase ("on a striped blue background").
+    """The adapters' examples: each training picture with its caption, and for some a reference picture.
 
-    The base model only ever saw full captions. Half the adapter examples name the background alone, so the
-    image tokens learn to bring the object while the text brings the scene: the combination ("this object,
-    on a green background") the paper calls text compatible. Empty texts come from ``adapter_drop_text``.
+    Captions are the full caption, or only its background phrase ("on a striped blue background"). The base
+    model only ever saw full captions. Half the adapter examples name the background alone, so the image
+    tokens learn to bring the object while the text brings the scene: the combination ("this object, on a
+    green background") the paper calls text compatible. Empty texts come from ``adapter_drop_text``.
+
+    A share ``adapter_swap`` of the examples shows the image encoder another picture (the manifest's
+    ``reference`` field): the same object, in the same place and colour, on another background (never the
+    object's colour, never a held-out pairing), while the caption names the target's background. The image
+    then never tells the background when the text does, so the adapter learns to carry the object apart from
+    its background. A share ``adapter_empty`` of the other examples has an empty caption: with no text, the
+    picture's own background is the answer. (The trainer's ``adapter_drop_text`` empties captions at random,
+    swapped examples included.)
     """
     rng = np.random.default_rng([c.seed, 5])
+    swaps = np.random.default_rng([c.seed, 6])
     lines = []
-    for row in read_rows(folder):
+    for index, row in enumerate(read_rows(folder)):
         text = row["text"]
         if rng.random() < c.adapter_scene_only:
             text = _phrases(text)[1]
-        lines.append(json.dumps({"image": row["image"], "text": text}))
+        swapped = swaps.random() < c.adapter_swap
+        if not swapped and swaps.random() < c.adapter_empty:
+            text = ""  # the picture alone, with its own background: what an empty prompt must give
+        entry = {"image": row["image"], "text": text}
+        if swapped:
+            other = [b for b in BACKGROUNDS if b not in (row["background"], row["color"])
+                     and not is_held_out(row["shape"], row["color"], b)]  # fmt: skip
+            background = other[int(swaps.integers(len(other)))]
+            picture = render(row["shape"], row["color"], background, row["texture"], tuple(row["box"]), c.size,
+                             np.random.default_rng([c.seed, 7, index]))  # fmt: skip
+            entry = {
+                "image": row["image"],
+                "text": _phrases(row["text"])[1],
+                "reference": f"swapped/{index:06d}.png",
+            }
+            (folder / "swapped").mkdir(exist_ok=True)
+            picture.save(folder / entry["reference"])
+        lines.append(json.dumps(entry))
     path = folder / "adapter_captions.jsonl"
     path.write_text("\n".join(lines) + "\n")
     return path
