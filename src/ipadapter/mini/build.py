@@ -368,7 +368,7 @@ def _adapter_manifest(c: BuildConfig, folder: Path) -> Path:
     Captions are the full caption, or only its background phrase ("on a striped blue background"). The base
     model only ever saw full captions. Half the adapter examples name the background alone, so the image
     tokens learn to bring the object while the text brings the scene: the combination ("this object, on a
-    green background") the paper calls text compatible. Empty texts come from ``adapter_drop_text``.
+    green background") the paper calls text compatible.
 
     A share ``adapter_swap`` of the examples shows the image encoder another picture (the manifest's
     ``reference`` field): the same object, in the same place and colour, on another background (never the
@@ -395,11 +395,8 @@ def _adapter_manifest(c: BuildConfig, folder: Path) -> Path:
             background = other[int(swaps.integers(len(other)))]
             picture = render(row["shape"], row["color"], background, row["texture"], tuple(row["box"]), c.size,
                              np.random.default_rng([c.seed, 7, index]))  # fmt: skip
-            entry = {
-                "image": row["image"],
-                "text": _phrases(row["text"])[1],
-                "reference": f"swapped/{index:06d}.png",
-            }
+            entry["text"] = _phrases(row["text"])[1]  # the target's background, named
+            entry["reference"] = f"swapped/{index:06d}.png"
             (folder / "swapped").mkdir(exist_ok=True)
             picture.save(folder / entry["reference"])
         lines.append(json.dumps(entry))

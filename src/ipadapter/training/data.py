@@ -36,8 +36,8 @@ class Sample:
     ``image`` is a path, encoded bytes, a PIL image or None; ``error`` (when set) says why the record
     can't be used, and the transform reports it as skipped. ``face`` (FaceID runs): a face-embeddings file path
     or the embedding's values (:mod:`.faces`); None elsewhere. ``reference``: the picture the image encoder
-    sees instead of ``image`` (a path or bytes, from a manifest's or dataset's reference column); None: the
-    example's own image, as in the paper's training.
+    sees instead of ``image`` (a path, from a manifest's reference field); None: the example's own image, as
+    in the paper's training.
     """
 
     key: str
