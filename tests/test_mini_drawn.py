@@ -14,10 +14,10 @@ from ipadapter.mini.vision import (
     ATTRIBUTES,
     _joined,
     _labels,
-    _vision_tower,
     augment,
     caption_grid,
     factorised_targets,
+    vision_tower,
 )
 
 
@@ -137,10 +137,10 @@ def test_a_new_vision_tower_joins_the_text_tower_it_was_trained_against() -> Non
     clip = CLIPModel(
         CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=16)
     )
-    tower = _vision_tower(clip, patch=8, width=48, layers=2)
+    tower = vision_tower(clip, patch=8, width=48, layers=2)
     assert (tower.config.patch_size, tower.config.hidden_size, tower.config.num_hidden_layers) == (8, 48, 2)
     assert tower.config.projection_dim == 16 and tower.config.image_size == 32
-    copy = _vision_tower(clip)  # no patch: the joint tower itself
+    copy = vision_tower(clip)  # no patch: the joint tower itself
     joined = _joined(clip, tower)
     pixels, ids = torch.randn(2, 3, 32, 32), torch.randint(2, 300, (2, 9))
 

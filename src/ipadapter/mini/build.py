@@ -38,7 +38,7 @@ from PIL import Image
 from ..files import atomic_path
 from ..training.config import TrainConfig
 from .drawn import write_drawn
-from .loop import loss_curve, read_rows, say, train_loop, uniform
+from .loop import CLIP_MEAN, CLIP_STD, loss_curve, read_rows, say, train_loop, uniform
 from .shapes import BACKGROUNDS, is_held_out, render, write_dataset
 from .shipped import MODEL_DIR
 
@@ -172,11 +172,7 @@ def stage_clip(c: BuildConfig, out: Path) -> dict[str, Any]:
         CLIPConfig(text_config=text_cfg.to_dict(), vision_config=vision_cfg.to_dict(), projection_dim=c.width)
     )
     ids = tok(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
-    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
-    clip_pixels = (
-        (pixels + 1) / 2 - mean
-    ) / std  # CLIP normalisation (the encoder's processor does the same)
+    clip_pixels = ((pixels + 1) / 2 - CLIP_MEAN) / CLIP_STD  # what the encoder's processor does too
     optimizer = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=0.01)
     gen = torch.Generator().manual_seed(c.seed)
     history = train_loop(
@@ -333,7 +329,9 @@ def stage_pipeline(c: BuildConfig, out: Path) -> dict[str, Any]:
     """The standard pipeline folder, plus the vision tower where the h94 layout puts the image encoder."""
     # heavy: only the stage that uses it pays for it (importing this module stays torch-only)
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPModel, CLIPTextModel, CLIPVisionModelWithProjection
+    from transformers import CLIPModel, CLIPTextModel
+
+    from .vision import vision_tower
 
     clip = CLIPModel.from_pretrained(out / "clip")
     scheduler = DDIMScheduler.from_pretrained(out / "scheduler")
@@ -349,9 +347,7 @@ def stage_pipeline(c: BuildConfig, out: Path) -> dict[str, Any]:
         requires_safety_checker=False,
     )
     pipe.to(torch.float16).save_pretrained(out / "pipeline")  # half the bytes; loaders upcast on request
-    vision = CLIPVisionModelWithProjection(clip.config.vision_config)
-    vision.vision_model.load_state_dict(clip.vision_model.state_dict())
-    vision.visual_projection.load_state_dict(clip.visual_projection.state_dict())
+    vision = vision_tower(clip)  # its vision tower and projection, in the h94 layout
     vision.to(torch.float16).save_pretrained(out / "models" / "image_encoder")
     return {"pipeline": str(out / "pipeline")}
 

@@ -1,4 +1,5 @@
-"""What the build's stages share (build.py, vision.py): the minibatch training loop, batches, logging, records."""
+"""What the build's stages share (build.py, vision.py): the minibatch training loop, batches, CLIP's pixel
+normalisation, logging, records."""
 
 from __future__ import annotations
 
@@ -11,6 +12,10 @@ from typing import Any
 
 import numpy as np
 import torch
+
+# CLIP's pixel normalisation (what a CLIPImageProcessor applies), for stages that feed towers tensors directly
+CLIP_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
+CLIP_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
 
 
 def uniform(n: int, batch: int) -> Callable[[torch.Generator], torch.Tensor]:

@@ -43,12 +43,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .drawn import draw_example
-from .loop import loss_curve, read_rows, say, train_loop, uniform
+from .loop import CLIP_MEAN, CLIP_STD, loss_curve, read_rows, say, train_loop, uniform
 from .shapes import BACKGROUNDS, COLORS, SHAPES, TEXTURES, caption_for
 
 ATTRIBUTES = {"shape": SHAPES, "color": COLORS, "background": BACKGROUNDS, "texture": TEXTURES}
-MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)  # CLIP normalisation
-STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
 ORDERS = torch.tensor([[0, 1, 2], [0, 2, 1], [1, 0, 2], [1, 2, 0], [2, 0, 1], [2, 1, 0]])  # channel orders
 
 
@@ -76,7 +74,7 @@ def text_table(clip_folder: str | Path, combos: list[tuple[str, str, str, str]])
 
 def normalise(pixels: torch.Tensor) -> torch.Tensor:
     """uint8 (N, 3, S, S) -> the CLIP-normalised float input (what the encoder's processor makes at size S)."""
-    return (pixels.float() / 255.0 - MEAN) / STD
+    return (pixels.float() / 255.0 - CLIP_MEAN) / CLIP_STD
 
 
 def _uint8(images: list[Image.Image]) -> torch.Tensor:
@@ -264,14 +262,14 @@ def zero_shot(vision: Any, table: torch.Tensor, combos: list[tuple[str, ...]], f
     return {a: round(h / max(1, len(rows)), 4) for a, h in hits.items()} | {"n": len(rows)}
 
 
-def _vision_tower(clip: Any, patch: int = 0, width: int = 0, layers: int = 0) -> Any:
-    """A CLIPVisionModelWithProjection for the stage: a copy of ``clip``'s tower and projection, or a new one.
+def vision_tower(clip: Any, patch: int = 0, width: int = 0, layers: int = 0) -> Any:
+    """A CLIPVisionModelWithProjection: a copy of ``clip``'s tower and projection, or a new one.
 
     With ``patch`` > 0 the tower is new (random weights, seeded by the caller): that patch side, ``width``
     and ``layers`` (0: ``clip``'s), 4 heads, the same image size and projection width, so its image embeddings
     still live in the text tower's space.
     """
-    # heavy (transformers): only the stage pays for it
+    # heavy (transformers): only its callers pay for it
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     config = clip.config.vision_config
@@ -333,7 +331,7 @@ def stage_vision(c: Any, out: Path) -> dict[str, Any]:
             pixels, rows = torch.cat([pixels, more]), rows + extra
     labels = _labels(rows, {combo: i for i, combo in enumerate(combos)})
     torch.manual_seed(c.seed)
-    vision = _vision_tower(clip, c.vision_patch, c.vision_width, c.vision_layers)
+    vision = vision_tower(clip, c.vision_patch, c.vision_width, c.vision_layers)
     history, _ = train_vision(vision, table, pixels, labels, steps=c.vision_steps, batch=c.vision_batch,
                               lr=c.vision_lr, aux=c.vision_aux, seed=c.seed + 3, teacher=teacher,
                               recolour=c.vision_recolour, log=c.log)  # fmt: skip
