@@ -377,6 +377,8 @@ def _adapter_manifest(c: BuildConfig, folder: Path) -> Path:
     rng = np.random.default_rng([c.seed, 5])
     swaps = np.random.default_rng([c.seed, 6])
     lines = []
+    if c.adapter_swap > 0:
+        (folder / "swapped").mkdir(exist_ok=True)
     for index, row in enumerate(read_rows(folder)):
         text = row["text"]
         if rng.random() < c.adapter_scene_only:
@@ -393,7 +395,6 @@ def _adapter_manifest(c: BuildConfig, folder: Path) -> Path:
                              np.random.default_rng([c.seed, 7, index]))  # fmt: skip
             entry["text"] = _phrases(row["text"])[1]  # the target's background, named
             entry["reference"] = f"swapped/{index:06d}.png"
-            (folder / "swapped").mkdir(exist_ok=True)
             picture.save(folder / entry["reference"])
         lines.append(json.dumps(entry))
     path = folder / "adapter_captions.jsonl"

@@ -14,7 +14,6 @@ image) or against the text (image+text).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .loop import read_rows
 from .shapes import BACKGROUNDS, classify
 
 MODES = ("text", "image", "image+text")
@@ -40,7 +40,7 @@ class Reference:
 def references(folder: str | Path, count: int) -> list[Reference]:
     """The first ``count`` examples of a shapes folder (its ``metadata.jsonl``)."""
     folder = Path(folder)
-    rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines() if line.strip()]
+    rows = read_rows(folder)
     return [
         Reference(
             Image.open(folder / r["image"]).convert("RGB"), r["text"], r["shape"], r["color"], r["background"]

@@ -246,7 +246,7 @@ def zero_shot(vision: Any, table: torch.Tensor, combos: list[tuple[str, ...]], f
     from transformers import CLIPImageProcessorPil
 
     folder = Path(folder)
-    rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines() if line.strip()]
+    rows = read_rows(folder)
     size = int(vision.config.image_size)
     processor = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
     hits = dict.fromkeys(("shape", "color", "background"), 0)
@@ -320,8 +320,9 @@ def stage_vision(c: Any, out: Path) -> dict[str, Any]:
     if not c.vision_text and not source.is_dir():
         shutil.copytree(out / "clip", source)
     clip = CLIPModel.from_pretrained(source)
-    combos = combinations("train")
-    table = text_table(source, combos)
+    combos, grid = combinations("train"), caption_grid()
+    full = text_table(source, grid)  # every caption; the training ones are the teacher's classes
+    table = full[[grid.index(combo) for combo in combos]]
     teacher = factorised_targets(table, combos, seed=c.seed)
     rows = read_rows(out / "data" / "train")
     pixels = _uint8([Image.open(out / "data" / "train" / r["image"]) for r in rows])
@@ -337,8 +338,6 @@ def stage_vision(c: Any, out: Path) -> dict[str, Any]:
                               recolour=c.vision_recolour, log=c.log)  # fmt: skip
     _joined(clip, vision).save_pretrained(out / "clip")
     CLIPTokenizer.from_pretrained(source).save_pretrained(out / "clip")
-    grid = caption_grid()
-    full = text_table(out / "clip", grid)
     scores = {name: zero_shot(vision, full, grid, out / "data" / name)
               for name in ("eval", "drawn") if (out / "data" / name / "metadata.jsonl").is_file()}  # fmt: skip
     say(c, f"  vision zero-shot: {json.dumps(scores)}")
