@@ -6,10 +6,11 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from ipadapter.mini.drawn import MARGIN, draw_example, write_drawn
-from ipadapter.mini.shapes import NAMED_COLORS, is_held_out
+from ipadapter.mini.shapes import NAMED_COLORS, classify, is_held_out
 from ipadapter.mini.vision import (
     ATTRIBUTES,
     _joined,
@@ -29,6 +30,20 @@ def test_drawn_examples_are_deterministic_and_follow_the_split() -> None:
         seen = draw_example(0, i, "train", (32,))
         assert is_held_out(held.shape, held.color, held.background)
         assert not is_held_out(seen.shape, seen.color, seen.background) and seen.image.size == (32, 32)
+
+
+def test_a_given_scene_is_drawn_in_the_stream_s_pose() -> None:
+    """Another view of a known picture: its shape and colours, drawn in a pose the generator never uses."""
+    scene = ("triangle", "red", "blue", "plain")
+    views = [draw_example(4, i, "train", (32,), scene=scene) for i in range(6)]
+    for view in views:
+        assert (view.shape, view.color, view.background, view.texture) == scene
+        assert view.caption == "a red triangle on a blue background"
+        assert classify(view.image)["color"] == "red" and classify(view.image)["background"] == "blue"
+    assert len({np.asarray(v.image).tobytes() for v in views}) == len(views)  # six poses, not one
+    held = draw_example(0, 0, "eval")
+    with pytest.raises(ValueError, match="not a train combination"):
+        draw_example(0, 0, "train", scene=(held.shape, held.color, held.background, held.texture))
 
 
 def test_drawn_figures_keep_a_plain_border() -> None:

@@ -97,17 +97,23 @@ def draw_example(
     split: str = "eval",
     sizes: tuple[int, ...] = EVAL_SIZES,
     unnamed: bool = False,
+    scene: tuple[str, str, str, str] | None = None,
 ) -> Example:
     """Example ``index`` of the drawn stream named by ``seed`` and ``split`` (see the module docstring).
 
     ``unnamed``: object and background in colours far from every named one (:func:`off_palette`), so the
     picture shows a shape whose colour says nothing about it; its ``color`` and ``background`` are then "".
+    ``scene``: draw this (shape, colour, background, texture) of ``split`` instead of a random one (the pose,
+    size and edges are still the stream's): another view of a given picture.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
     options = _combinations(split)
+    if scene is not None and tuple(scene) not in options:
+        raise ValueError(f"scene {scene!r} is not a {split} combination; expected one of the {split} split's")
     rng = np.random.default_rng([int(seed), int(index), SPLITS.index(split), 7])
-    shape, color, background, texture = options[int(rng.integers(len(options)))]
+    picked = options[int(rng.integers(len(options)))]  # drawn even for a given scene: the same poses follow
+    shape, color, background, texture = tuple(scene) if scene is not None else picked
     size = int(sizes[int(rng.integers(len(sizes)))])
     factor = int(SUPERSAMPLE[int(rng.integers(len(SUPERSAMPLE)))])
     canvas = size * factor
