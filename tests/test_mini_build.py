@@ -150,5 +150,14 @@ def test_adapter_examples_swap_backgrounds_and_empty_captions(tmp_path: Path) ->
         assert seen["background"] not in (row["background"], row["color"])  # ...on another background
         assert not is_held_out(row["shape"], row["color"], seen["background"])  # never a held-out pairing
         assert entry["text"].startswith("on a") and entry["text"].endswith(f"{row['background']} background")
+    viewed = _adapter_manifest(BuildConfig(out=str(tmp_path), adapter_swap=0.4, adapter_drawn=0.5), folder)
+    views = [json.loads(line) for line in viewed.read_text().splitlines()]
+    views = [e for e in views if e.get("reference", "").startswith("views/")]
+    assert 6 <= len(views) <= 30  # about half of the ~36 examples not swapped
+    for entry in views:  # the same scene drawn anew: same colours, another picture
+        row, seen = rows[entry["image"]], classify(Image.open(folder / entry["reference"]))
+        assert (seen["color"], seen["background"]) == (row["color"], row["background"])
+        view, target = Image.open(folder / entry["reference"]), Image.open(folder / entry["image"])
+        assert view.size == target.size and view.tobytes() != target.tobytes()
     unswapped = _adapter_manifest(BuildConfig(out=str(tmp_path), adapter_swap=0.0, adapter_empty=0.0), folder)
     assert not any("reference" in line or '"text": ""' in line for line in unswapped.read_text().splitlines())

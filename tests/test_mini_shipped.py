@@ -60,7 +60,7 @@ def test_the_shipped_image_encoder_reads_shape_on_held_out_pairings(tmp_path: Pa
     )
     assert encoder.config.patch_size == 8  # the vision stage's tower, not the joint one
     scores = zero_shot(encoder, text_table(MODEL_DIR / "clip", grid), grid, folder)
-    assert scores["shape"] >= 0.45 and scores["color"] >= 0.9 and scores["background"] >= 0.9, scores
+    assert scores["shape"] >= 0.8 and scores["color"] >= 0.9 and scores["background"] >= 0.9, scores
 
 
 @pytest.mark.parametrize("adapter", ["mini", "mini-plus"])

@@ -15,7 +15,7 @@ Layout of ``out`` (the pieces the rest of the toolkit loads):
 
 ``--install`` (or :func:`install`) copies pipeline/, models/, clip/ and the record into the package, where
 ``--base mini`` / ``--adapter mini|mini-plus`` find them. The shipped family is that output for the defaults
-of :class:`BuildConfig` (71 minutes on 2 CPU cores).
+of :class:`BuildConfig` (83 minutes on 2 CPU cores).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from PIL import Image
 
 from ..files import atomic_path
 from ..training.config import TrainConfig
-from .drawn import write_drawn
+from .drawn import draw_example, write_drawn
 from .loop import CLIP_MEAN, CLIP_STD, loss_curve, read_rows, say, train_loop, uniform
 from .shapes import BACKGROUNDS, is_held_out, render, write_dataset
 from .shipped import MODEL_DIR
@@ -65,7 +65,7 @@ class BuildConfig:
     clip_steps: int = 1200
     clip_batch: int = 128
     drawn_images: int = 300  # held-out references drawn differently (data/drawn)
-    vision_steps: int = 4000  # vision tower retrained against the frozen text tower (0: keep the joint one)
+    vision_steps: int = 12000  # vision tower retrained against the frozen text tower (0: keep the joint one)
     vision_batch: int = 128
     vision_lr: float = 2e-3
     vision_aux: float = 2.0  # weight of the attribute heads' loss
@@ -90,6 +90,7 @@ class BuildConfig:
     adapter_scene_only: float = 0.5  # share of adapter captions cut to their background phrase
     adapter_swap: float = 0.3  # share of adapter examples whose reference shows another background
     adapter_empty: float = 0.5  # share of the other examples given an empty caption (in the manifest)
+    adapter_drawn: float = 0.0  # share of the other examples whose reference is the same scene drawn anew
     lr: float = 1e-3
     threads: int = 2
     log: Callable[[str], None] | None = field(default=None, repr=False, compare=False)
@@ -373,12 +374,18 @@ def _adapter_manifest(c: BuildConfig, folder: Path) -> Path:
     its background. A share ``adapter_empty`` of the other examples has an empty caption: with no text, the
     picture's own background is the answer. (The trainer's ``adapter_drop_text`` empties captions at random,
     swapped examples included.)
+
+    A share ``adapter_drawn`` of the examples not swapped shows the image encoder the same scene drawn anew
+    by :func:`~.drawn.draw_example` (turned, resized, moved, other edges), so the adapter learns to carry
+    what a user's reference shows rather than the generator's exact pose.
     """
     rng = np.random.default_rng([c.seed, 5])
     swaps = np.random.default_rng([c.seed, 6])
+    views = np.random.default_rng([c.seed, 8])
     lines = []
-    if c.adapter_swap > 0:
-        (folder / "swapped").mkdir(exist_ok=True)
+    for name, share in (("swapped", c.adapter_swap), ("views", c.adapter_drawn)):
+        if share > 0:
+            (folder / name).mkdir(exist_ok=True)
     for index, row in enumerate(read_rows(folder)):
         text = row["text"]
         if rng.random() < c.adapter_scene_only:
@@ -387,6 +394,11 @@ def _adapter_manifest(c: BuildConfig, folder: Path) -> Path:
         if not swapped and swaps.random() < c.adapter_empty:
             text = ""  # the picture alone, with its own background: what an empty prompt must give
         entry = {"image": row["image"], "text": text}
+        if not swapped and views.random() < c.adapter_drawn:
+            scene = (row["shape"], row["color"], row["background"], row["texture"])
+            view = draw_example(c.seed + 20, index, "train", (c.size,), scene=scene)
+            entry["reference"] = f"views/{index:06d}.png"
+            view.image.save(folder / entry["reference"])
         if swapped:
             other = [b for b in BACKGROUNDS if b not in (row["background"], row["color"])
                      and not is_held_out(row["shape"], row["color"], b)]  # fmt: skip
