@@ -254,6 +254,26 @@ def stage_vae(c: BuildConfig, out: Path) -> dict[str, Any]:
 
 
 # -- UNet ----------------------------------------------------------------------------------------------------
+def new_unet(c: BuildConfig) -> Any:
+    """The build's UNet for ``c``, random weights (seeded by the caller): latents of the VAE's side, 4 channels."""
+    # heavy: only its callers pay for it (importing this module stays torch-only)
+    from diffusers import UNet2DConditionModel
+
+    n = len(c.unet_channels)
+    return UNet2DConditionModel(
+        sample_size=c.size // 2 ** (len(c.vae_channels) - 1),
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=tuple(c.unet_channels),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
+        cross_attention_dim=c.width,
+        attention_head_dim=8,
+        norm_num_groups=min(32, c.unet_channels[0]),
+    )
+
+
 def stage_unet(c: BuildConfig, out: Path) -> dict[str, Any]:
     """A small text-conditioned UNet trained on the VAE's latents (epsilon prediction).
 
@@ -263,7 +283,7 @@ def stage_unet(c: BuildConfig, out: Path) -> dict[str, Any]:
     something to the base model, which the image prompt then completes with the object.
     """
     # heavy: only the stage that uses it pays for it (importing this module stays torch-only)
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DDPMScheduler
     from transformers import CLIPTextModel
 
     pixels, texts = _load_pairs(out / "data" / "train")
@@ -285,19 +305,7 @@ def stage_unet(c: BuildConfig, out: Path) -> dict[str, Any]:
     bounds = torch.tensor([0.1, 0.1 + c.unet_partial, 0.1 + 2 * c.unet_partial])
     pick_of = torch.tensor([3, 1, 2, 0])  # column of ``which`` for each interval
     torch.manual_seed(c.seed)
-    n = len(c.unet_channels)
-    unet = UNet2DConditionModel(
-        sample_size=c.size // 2 ** (len(c.vae_channels) - 1),
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=tuple(c.unet_channels),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
-        cross_attention_dim=c.width,
-        attention_head_dim=8,
-        norm_num_groups=min(32, c.unet_channels[0]),
-    )
+    unet = new_unet(c)
     scheduler = DDPMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
