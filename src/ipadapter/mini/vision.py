@@ -24,7 +24,7 @@ a vision tower (and its projection) is trained, in the build's ``vision`` stage:
 
 :func:`zero_shot` measures the result: each picture's caption is the argmax over every caption the generator
 can write (held-out pairings included), and shape, colour and background are read off that caption. Measured
-on the shipped build (12000 steps, batch 128, 1166 s on this project's 2-core machine): shape 90 % on the
+on the shipped build (12000 steps, batch 128, 1166 s on this project's 2-core machine): shape 89.7 % on the
 held-out set (269 of 300; 27 % for the joint tower), 83 % on drawn held-out references (from 22 %); colour and
 background 97-100 %. Shape keeps rising with steps (held-out / drawn: 35 / 31 % at 2000, 68 / 55 % at 4000,
 83 / 71 % at 8000, 89 / 78 % at 10000); runs of the same settings differ by a point or two (CPU float rounding;
