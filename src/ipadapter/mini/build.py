@@ -402,11 +402,6 @@ def _adapter_manifest(c: BuildConfig, folder: Path) -> Path:
         if not swapped and swaps.random() < c.adapter_empty:
             text = ""  # the picture alone, with its own background: what an empty prompt must give
         entry = {"image": row["image"], "text": text}
-        if not swapped and views.random() < c.adapter_drawn:
-            scene = (row["shape"], row["color"], row["background"], row["texture"])
-            view = draw_example(c.seed + 20, index, "train", (c.size,), scene=scene)
-            entry["reference"] = f"views/{index:06d}.png"
-            view.image.save(folder / entry["reference"])
         if swapped:
             other = [b for b in BACKGROUNDS if b not in (row["background"], row["color"])
                      and not is_held_out(row["shape"], row["color"], b)]  # fmt: skip
@@ -416,6 +411,11 @@ def _adapter_manifest(c: BuildConfig, folder: Path) -> Path:
             entry["text"] = _phrases(row["text"])[1]  # the target's background, named
             entry["reference"] = f"swapped/{index:06d}.png"
             picture.save(folder / entry["reference"])
+        elif views.random() < c.adapter_drawn:
+            scene = (row["shape"], row["color"], row["background"], row["texture"])
+            view = draw_example(c.seed + 20, index, "train", (c.size,), scene=scene)
+            entry["reference"] = f"views/{index:06d}.png"
+            view.image.save(folder / entry["reference"])
         lines.append(json.dumps(entry))
     path = folder / "adapter_captions.jsonl"
     path.write_text("\n".join(lines) + "\n")
