@@ -161,3 +161,26 @@ def test_adapter_examples_swap_backgrounds_and_empty_captions(tmp_path: Path) ->
         assert view.size == target.size and view.tobytes() != target.tobytes()
     unswapped = _adapter_manifest(BuildConfig(out=str(tmp_path), adapter_swap=0.0, adapter_empty=0.0), folder)
     assert not any("reference" in line or '"text": ""' in line for line in unswapped.read_text().splitlines())
+
+
+def test_unet_cross_attention_sits_on_the_levels_the_config_names(tmp_path: Path, capsys) -> None:
+    from ipadapter.mini.build import main, new_unet
+
+    config = BuildConfig(
+        out="x", vae_channels=(16, 32), unet_channels=(32, 64, 128), unet_attention=(0, 1, 0)
+    )
+    unet = new_unet(config)
+    assert unet.config.sample_size == 16  # one fewer VAE downsampling: 16 x 16 latents at 32 px
+    assert [type(b).__name__ for b in unet.down_blocks] == [
+        "DownBlock2D",
+        "CrossAttnDownBlock2D",
+        "DownBlock2D",
+    ]
+    assert [type(b).__name__ for b in unet.up_blocks] == ["UpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]
+    for flags in ((1,), (0, 0), (1, 2)):  # wrong length, no cross-attention at all, not a 0/1 flag
+        with pytest.raises(ValueError, match="one 0 or 1 per UNet level"):
+            BuildConfig(out="x", unet_attention=flags)
+    fresh = tmp_path / "fresh"
+    with pytest.raises(SystemExit):
+        main(["--out", str(fresh), "--set", "unet_attention=(0, 0)"])
+    assert "at least one 1" in capsys.readouterr().err and not fresh.exists()  # refused before any stage ran

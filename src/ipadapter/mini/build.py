@@ -62,6 +62,7 @@ class BuildConfig:
     vae_channels: tuple[int, ...] = (16, 32, 32)  # len - 1 = downsamplings (latent side = size / 2**that)
     vae_attention: bool = False  # self-attention in the VAE's mid block (costly, little use at this size)
     unet_channels: tuple[int, ...] = (64, 128)
+    unet_attention: tuple[int, ...] = (1, 0)  # per UNet level: 1 = cross-attention (where prompts act) there
     clip_steps: int = 1200
     clip_batch: int = 128
     drawn_images: int = 300  # held-out references drawn differently (data/drawn)
@@ -94,6 +95,14 @@ class BuildConfig:
     lr: float = 1e-3
     threads: int = 2
     log: Callable[[str], None] | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        levels, flags = len(self.unet_channels), tuple(self.unet_attention)
+        if len(flags) != levels or not set(flags) <= {0, 1} or 1 not in flags:
+            raise ValueError(
+                f"unet_attention={flags!r} does not fit unet_channels={tuple(self.unet_channels)!r}: expected "
+                f"one 0 or 1 per UNet level ({levels}), at least one 1 (the prompts act through cross-attention)"
+            )
 
 
 def _record(out: Path) -> dict[str, Any]:
@@ -259,15 +268,15 @@ def new_unet(c: BuildConfig) -> Any:
     # heavy: only its callers pay for it (importing this module stays torch-only)
     from diffusers import UNet2DConditionModel
 
-    n = len(c.unet_channels)
+    down, up = ("DownBlock2D", "CrossAttnDownBlock2D"), ("UpBlock2D", "CrossAttnUpBlock2D")
     return UNet2DConditionModel(
         sample_size=c.size // 2 ** (len(c.vae_channels) - 1),
         in_channels=4,
         out_channels=4,
         block_out_channels=tuple(c.unet_channels),
         layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
+        down_block_types=tuple(down[a] for a in c.unet_attention),
+        up_block_types=tuple(up[a] for a in reversed(c.unet_attention)),
         cross_attention_dim=c.width,
         attention_head_dim=8,
         norm_num_groups=min(32, c.unet_channels[0]),
@@ -571,9 +580,12 @@ def main(argv: list[str] | None = None) -> Path:
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         parser.error(f"unknown stage(s) {', '.join(unknown)}; expected {', '.join(STAGES)}")
-    config = BuildConfig(
-        out=args.out, **overrides, log=lambda s: print(time.strftime("%H:%M:%S"), s, flush=True)
-    )
+    try:
+        config = BuildConfig(
+            out=args.out, **overrides, log=lambda s: print(time.strftime("%H:%M:%S"), s, flush=True)
+        )
+    except ValueError as e:
+        parser.error(str(e))
     out = build(config, stages)
     if args.install:
         try:
