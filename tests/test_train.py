@@ -260,6 +260,7 @@ def test_bad_training_input_is_refused_before_training(
     fails(capsys, _train_argv(models, pairs, tmp_path / "a", "--resolution", "30"), "not a multiple of 8")
     fails(capsys, _train_argv(models, pairs, tmp_path / "a", "--drop-text", "0.7", "--drop-image", "0.7"),
            "sum to at most 1")  # fmt: skip
+    fails(capsys, _train_argv(models, pairs, tmp_path / "a", "--noise-offset", "-0.1"), "noise_offset -0.1")
     fails(capsys, ["train", "--data", str(pairs)], "missing --base", "--output")
     fails(capsys, ["train", "--resume", str(tmp_path / "nothing")], "holds no training run")
     other = load_checkpoint(models["ckpt"]["plus_sd15", "safetensors"])  # 16 hidden-state tokens, not basic
@@ -388,6 +389,30 @@ def test_sdxl_gets_size_and_crop_ids_and_v_prediction_targets_velocity(
     assert torch.equal(seen["time_ids"].cpu(), want.float())
     assert seen["text_embeds"].shape == (2, 32)  # the second text encoder's pooled projection
     assert calls == [1]  # the base predicts v, so the target is the velocity
+
+
+def test_noise_offset_moves_each_examples_channels_by_one_constant(
+    models: dict, pairs: Path, tmp_path: Path
+) -> None:
+    """``--noise-offset`` (offset noise): the step's noise plus, per example and channel, one random constant."""
+    noises = {}
+    for offset in (0.0, 0.5):
+        trainer = Trainer(config(models, pairs, tmp_path / str(offset), batch_size=3, noise_offset=offset))
+        trainer.setup()
+        seen: list[torch.Tensor] = []
+
+        def add_noise(x, noise, t, seen=seen, real=trainer.noise_scheduler.add_noise):
+            seen.append(noise)
+            return real(x, noise, t)
+
+        trainer.noise_scheduler.add_noise = add_noise
+        trainer._loss(next(trainer._batches()), step_generator(0, 0))
+        noises[offset] = seen[0]
+    shift = noises[0.5] - noises[0.0]
+    assert shift.abs().amin() > 0  # every value moved ...
+    per_channel = shift.amax(dim=(2, 3)) - shift.amin(dim=(2, 3))
+    assert per_channel.max() < 1e-5  # ... by one constant per example and channel
+    assert len(set(shift[:, :, 0, 0].flatten().tolist())) == shift.shape[0] * shift.shape[1]
 
 
 def test_streamed_tar_shards_train_and_resume_exactly(models: dict, pairs: Path, tmp_path: Path) -> None:

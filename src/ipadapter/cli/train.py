@@ -75,6 +75,12 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
         p.add_argument(
             f"--drop-{what}", type=finite, help=f"rate of dropping the {what}{also} (default 0.05)"
         )
+    p.add_argument(
+        "--noise-offset",
+        type=finite,
+        help="offset noise: std of a per-channel constant added to the training noise (default 0; use the "
+        "base model's own, e.g. 0.1, when it was trained with one)",
+    )
     p.add_argument("--seed", type=int, help="seed of everything random in the run (default 42)")
     p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], help="default no")
     p.add_argument(

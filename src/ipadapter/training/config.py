@@ -51,6 +51,7 @@ class TrainConfig:
     drop_text: float = 0.05
     drop_image: float = 0.05
     drop_both: float = 0.05
+    noise_offset: float = 0.0  # std of a per-example, per-channel constant added to the noise (offset noise)
     seed: int = 42
     mixed_precision: str = "no"  # no | fp16 | bf16
     gradient_checkpointing: bool = False
@@ -108,6 +109,11 @@ class TrainConfig:
             problems.append(
                 f"drop rates text {self.drop_text}, image {self.drop_image}, both {self.drop_both} "
                 "must each be in [0, 1] and sum to at most 1"
+            )
+        if not (math.isfinite(self.noise_offset) and self.noise_offset >= 0):
+            problems.append(
+                f"noise_offset {self.noise_offset} must be a number >= 0 (0: plain noise; the base model's own "
+                "training offset, often 0.1, when it had one)"
             )
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             problems.append(f"mixed precision '{self.mixed_precision}' is not one of no, fp16, bf16")
