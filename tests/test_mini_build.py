@@ -20,8 +20,8 @@ def toy_build(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("mini")
     config = BuildConfig(out=str(out), train_images=32, eval_images=8, drawn_images=4, clip_steps=2, clip_batch=8,
                          vision_steps=2, vision_batch=8, vision_drawn=8, vision_unnamed=8, vae_steps=2, vae_batch=4,
-                         unet_steps=2, unet_batch=4, adapter_steps=2, adapter_batch=4, threads=1,
-                         log=lambda _: None)  # fmt: skip
+                         unet_steps=2, unet_batch=4, unet_noise_offset=0.1, adapter_steps=2, adapter_batch=4,
+                         threads=1, log=lambda _: None)  # fmt: skip
     return build(config)
 
 
@@ -36,6 +36,9 @@ def test_every_stage_is_recorded_and_a_rerun_skips_them(toy_build: Path) -> None
     assert any("reference" in e for e in entries) and all(
         (train / e.get("reference", e["image"])).is_file() for e in entries
     )
+    # the adapters were trained on the noise the UNet learned on
+    run = json.loads((toy_build / "runs" / "ip-adapter_mini" / "train_config.json").read_text())
+    assert run["noise_offset"] == 0.1
     said: list[str] = []
     build(BuildConfig(out=str(toy_build), log=said.append))
     assert all("already done" in line for line in said) and len(said) == len(STAGES)

@@ -16,7 +16,7 @@ from PIL import Image
 from ipadapter import attach
 from ipadapter.mini.build import STAGES, BuildConfig
 from ipadapter.mini.demo import DEMO_SCENES, scene
-from ipadapter.mini.shapes import classify
+from ipadapter.mini.shapes import BACKGROUNDS, classify
 from ipadapter.mini.shipped import MODEL_DIR
 from ipadapter.pipelines import load_pipeline, native_size
 
@@ -82,10 +82,16 @@ def test_image_prompt_alone_carries_the_reference(mini_pipe, adapter: str) -> No
         ip.detach()
 
 
-def test_without_adapter_the_caption_still_drives_the_base(mini_pipe) -> None:
-    image = mini_pipe("a red circle on a white background", num_inference_steps=20,
-                      generator=torch.Generator().manual_seed(0)).images[0]  # fmt: skip
-    assert classify(image)["background"] == "white"
+def test_without_adapter_the_caption_not_the_seed_picks_the_background(mini_pipe) -> None:
+    """Each seed draws every background the captions ask for (a base that reads its colour from the starting
+    noise draws one background per seed, whatever the caption says)."""
+    prompts = [f"a red circle on a {b} background" for b in BACKGROUNDS]
+    hits = 0
+    for seed in (0, 1):
+        gens = [torch.Generator().manual_seed(seed) for _ in prompts]
+        images = mini_pipe(prompts, num_inference_steps=20, generator=gens).images
+        hits += sum(classify(im)["background"] == b for im, b in zip(images, BACKGROUNDS, strict=True))
+    assert hits >= 0.8 * 2 * len(BACKGROUNDS), hits
 
 
 def test_demo_writes_its_contact_sheet_into_the_current_folder(tmp_path: Path) -> None:

@@ -84,6 +84,7 @@ class BuildConfig:
         0.15  # share of UNet examples conditioned on the scene phrase only (and again: object only)
     )
     unet_batch: int = 64
+    unet_noise_offset: float = 0.0  # offset noise: std of a per-channel constant in the UNet's training noise
     adapter_steps: int = 1500
     adapter_batch: int = 32
     adapter_lr: float = 5e-4
@@ -223,7 +224,8 @@ def _grouped(rows: list[dict[str, Any]], batch: int, group: int) -> Callable[[to
 
 # -- VAE -----------------------------------------------------------------------------------------------------
 def stage_vae(c: BuildConfig, out: Path) -> dict[str, Any]:
-    """A small KL autoencoder (4x down, 4 latent channels); its scaling factor makes latents unit-variance."""
+    """A small KL autoencoder (one 2x downsampling per ``vae_channels`` entry after the first, 4 latent
+    channels); its scaling factor makes latents unit-variance."""
     # heavy: only the stage that uses it pays for it (importing this module stays torch-only)
     from diffusers import AutoencoderKL
 
@@ -290,6 +292,11 @@ def stage_unet(c: BuildConfig, out: Path) -> dict[str, Any]:
     phrase ("on a striped blue background") or only its object phrase ("a red circle"), or on the empty text
     (10 %, for classifier-free guidance). Partial texts make a prompt like "on a green background" mean
     something to the base model, which the image prompt then completes with the object.
+
+    On a fine latent grid, the mean of a latent survives the last noise levels: averaged over 16 x 16 positions,
+    the noise hides a plain background's colour less than over 8 x 8, so the UNet learns to read the colour
+    from the noise instead of the text, and at sampling the seed picks the background. ``unet_noise_offset``
+    adds a per-example, per-channel constant to the noise, which hides that mean again.
     """
     # heavy: only the stage that uses it pays for it (importing this module stays torch-only)
     from diffusers import AutoencoderKL, DDPMScheduler
@@ -328,6 +335,8 @@ def stage_unet(c: BuildConfig, out: Path) -> dict[str, Any]:
     def loss_fn(idx: torch.Tensor) -> torch.Tensor:
         x0 = latents[idx]
         noise = torch.randn(x0.shape, generator=gen)
+        if c.unet_noise_offset:  # "offset noise": hides each latent's mean colour at high noise levels
+            noise = noise + c.unet_noise_offset * torch.randn(*x0.shape[:2], 1, 1, generator=gen)
         t = torch.randint(0, 1000, (len(idx),), generator=gen)
         column = pick_of[torch.bucketize(torch.rand(len(idx), generator=gen), bounds, right=True)]
         cond = table[which[idx, column]]
@@ -456,6 +465,7 @@ def stage_adapters(c: BuildConfig, out: Path) -> dict[str, Any]:
             report_to="none",
             export_dtype="float16",
             drop_text=c.adapter_drop_text,
+            noise_offset=c.unet_noise_offset,  # the adapters see the noise the base learned on
             cache_dir=str(out / "cache" / variant),
             resume=(run / "train_config.json").is_file(),
         )
