@@ -1,11 +1,17 @@
 """What a finer latent grid costs the miniature build's UNet stage: training steps side by side in one run.
 
-The mini family's UNet (``ipadapter.mini.build.new_unet``, random weights) at the shipped 8 x 8 latents
-(32 px, ``vae_channels`` (16, 32, 32)) and at 16 x 16 (``--set "vae_channels=(16, 32)"``: one fewer VAE
-downsampling), each doing the stage's work per step: a forward pass on a batch of noisy latents with 77 text
-tokens, the epsilon loss, the backward pass and an AdamW step. The two run round-robin ``--repeats`` times
-(``--steps`` steps each after one warm-up step, order rotated per round). Printed: median seconds per step of
-each, the median of per-round ratios, and what the stage's ``unet_steps`` would take at that speed.
+The mini family's UNet (``ipadapter.mini.build.new_unet``, random weights) in three layouts at 32 px:
+
+- ``8x8``: the earlier shipped base, ``vae_channels`` (16, 32, 32), ``unet_channels`` (64, 128), cross-attention
+  on the top level (``unet_attention`` (1, 0));
+- ``16x16-attn``: the same UNet on 16 x 16 latents (``vae_channels`` (16, 32): one fewer VAE downsampling);
+- ``16x16``: 16 x 16 latents, ``unet_channels`` (32, 64, 128) with ``unet_attention`` (0, 1, 0): a plain
+  convolution level on top, cross-attention from 8 x 8 down.
+
+Each does the stage's work per step: a forward pass on a batch of noisy latents with 77 text tokens, the epsilon
+loss, the backward pass and an AdamW step. They run round-robin ``--repeats`` times (``--steps`` steps each after
+one warm-up step, order rotated per round). Printed: median seconds per step of each, the median of per-round
+ratios to ``8x8``, and what ``--unet-steps`` steps would take at that speed.
 
     python benchmarks/bench_mini_unet.py                 # batch 64 (the build's), 10 steps x 3 rounds, 2 threads
     python benchmarks/bench_mini_unet.py --repeats 5 --json
@@ -23,6 +29,12 @@ import torch
 import torch.nn.functional as F
 
 from ipadapter.mini.build import BuildConfig, new_unet
+
+WAYS = {
+    "8x8": {"vae_channels": (16, 32, 32), "unet_channels": (64, 128), "unet_attention": (1, 0)},
+    "16x16-attn": {"vae_channels": (16, 32), "unet_channels": (64, 128), "unet_attention": (1, 0)},
+    "16x16": {"vae_channels": (16, 32), "unet_channels": (32, 64, 128), "unet_attention": (0, 1, 0)},
+}
 
 
 def _trainer(config: BuildConfig, batch: int) -> Any:
@@ -49,39 +61,37 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per way per round")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--unet-steps", type=int, default=BuildConfig(out="x").unet_steps)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    shipped = BuildConfig(out="x")
-    ways = {"8x8": shipped, "16x16": BuildConfig(out="x", vae_channels=(16, 32))}
-    steps = {name: _trainer(config, args.batch) for name, config in ways.items()}
+    steps = {name: _trainer(BuildConfig(out="x", **way), args.batch) for name, way in WAYS.items()}
     for step in steps.values():
         step()  # warm-up
-    seconds: dict[str, list[float]] = {name: [] for name in ways}
+    seconds: dict[str, list[float]] = {name: [] for name in WAYS}
+    names = list(WAYS)
     for round_ in range(args.repeats):
-        names = list(ways)[round_ % 2 :] + list(ways)[: round_ % 2]
-        for name in names:
+        for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
             started = time.perf_counter()
             for _ in range(args.steps):
                 steps[name]()
             seconds[name].append((time.perf_counter() - started) / args.steps)
-    ratio = statistics.median(b / a for a, b in zip(seconds["8x8"], seconds["16x16"], strict=True))
     result = {
         "batch": args.batch,
         "threads": args.threads,
         "seconds_per_step": {name: statistics.median(s) for name, s in seconds.items()},
-        "ratio_16x16_over_8x8": ratio,
-        "stage_minutes": {
-            name: statistics.median(s) * shipped.unet_steps / 60 for name, s in seconds.items()
+        "ratio_to_8x8": {
+            name: statistics.median(b / a for a, b in zip(seconds["8x8"], s, strict=True))
+            for name, s in seconds.items()
         },
+        "stage_minutes": {name: statistics.median(s) * args.unet_steps / 60 for name, s in seconds.items()},
     }
     if args.json:
         print(json.dumps(result, indent=2))
         return
-    for name in ways:
-        print(f"{name:>6}: {result['seconds_per_step'][name]:.3f} s/step, "
-              f"{shipped.unet_steps} steps = {result['stage_minutes'][name]:.1f} min")  # fmt: skip
-    print(f"16x16 / 8x8: {ratio:.2f}x (median of per-round ratios)")
+    for name in WAYS:
+        print(f"{name:>10}: {result['seconds_per_step'][name]:.3f} s/step ({result['ratio_to_8x8'][name]:.2f}x), "
+              f"{args.unet_steps} steps = {result['stage_minutes'][name]:.1f} min")  # fmt: skip
 
 
 if __name__ == "__main__":
