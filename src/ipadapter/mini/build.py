@@ -37,6 +37,7 @@ from PIL import Image
 
 from ..files import atomic_path
 from ..training.config import TrainConfig
+from ..training.seeds import training_noise
 from .config import BuildConfig
 from .drawn import draw_example, write_drawn
 from .loop import CLIP_MEAN, CLIP_STD, loss_curve, read_rows, say, train_loop, uniform
@@ -275,9 +276,7 @@ def stage_unet(c: BuildConfig, out: Path) -> dict[str, Any]:
 
     def loss_fn(idx: torch.Tensor) -> torch.Tensor:
         x0 = latents[idx]
-        noise = torch.randn(x0.shape, generator=gen)
-        if c.unet_noise_offset:  # "offset noise": hides each latent's mean colour at high noise levels
-            noise = noise + c.unet_noise_offset * torch.randn(*x0.shape[:2], 1, 1, generator=gen)
+        noise = training_noise(x0.shape, c.unet_noise_offset, gen)
         t = torch.randint(0, 1000, (len(idx),), generator=gen)
         column = pick_of[torch.bucketize(torch.rand(len(idx), generator=gen), bounds, right=True)]
         cond = table[which[idx, column]]

@@ -57,3 +57,16 @@ def example_generator(seed: int, epoch: int, index: int) -> torch.Generator:
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     """A deterministic permutation of ``range(n)`` for one epoch."""
     return torch.randperm(n, generator=example_generator(seed, epoch, -1)).tolist()
+
+
+def training_noise(shape: torch.Size, offset: float, generator: torch.Generator) -> torch.Tensor:
+    """A training step's noise, drawn on the CPU from ``generator``; ``offset`` > 0 adds offset noise.
+
+    Offset noise is one constant per example and channel (std ``offset``) on top of the Gaussian: it hides a
+    latent's mean (a plain background's colour) at the high noise levels, so the denoiser takes it from its
+    conditioning rather than from the starting noise.
+    """
+    noise = torch.randn(shape, generator=generator)
+    if offset:
+        noise = noise + offset * torch.randn(*shape[:2], 1, 1, generator=generator)
+    return noise

@@ -53,7 +53,7 @@ from .model import (
     start_checkpoint,
     trainable_state,
 )
-from .seeds import deterministic_kernels, step_generator
+from .seeds import deterministic_kernels, step_generator, training_noise
 from .transform import Transform
 from .validation import render_validation, save_validation
 
@@ -318,10 +318,7 @@ class Trainer:
             if "face" in batch:  # FaceID: a dropped face is the zero embedding (the reference's negative)
                 face = batch["face"].to(device)
                 face = torch.where(drop_image.to(device)[:, None], torch.zeros_like(face), face)
-        noise = torch.randn(latents.shape, generator=gen)
-        if c.noise_offset:  # offset noise: a base trained with it takes the mean colour from its conditioning
-            noise = noise + c.noise_offset * torch.randn(*latents.shape[:2], 1, 1, generator=gen)
-        noise = noise.to(device=device, dtype=latents.dtype)
+        noise = training_noise(latents.shape, c.noise_offset, gen).to(device=device, dtype=latents.dtype)
         steps = self.noise_scheduler.config.num_train_timesteps
         timesteps = torch.randint(0, steps, (n,), generator=gen).to(device)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
