@@ -496,6 +496,18 @@ def install(out: str | Path, dest: str | Path | None = None) -> Path:
     return dest
 
 
+def _quiet_loaders() -> None:
+    """The stages load CLIP text towers out of whole-CLIP folders: transformers would print a table of the
+    vision keys it skipped, and a loading bar, for every load. The build's own step lines stay."""
+    # heavy: the CLI path only
+    import diffusers
+    import transformers
+
+    for logging in (transformers.utils.logging, diffusers.utils.logging):
+        logging.set_verbosity_error()
+        logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> Path:
     """``python -m ipadapter.mini.build --out DIR [--set name=value ...]``: build (or finish) a family."""
     parser = argparse.ArgumentParser(
@@ -536,6 +548,7 @@ def main(argv: list[str] | None = None) -> Path:
         )
     except ValueError as e:
         parser.error(str(e))
+    _quiet_loaders()
     out = build(config, stages)
     if args.install:
         try:
