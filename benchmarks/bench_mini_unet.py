@@ -5,8 +5,8 @@ The mini family's UNet (``ipadapter.mini.build.new_unet``, random weights) in th
 - ``8x8``: the earlier shipped base, ``vae_channels`` (16, 32, 32), ``unet_channels`` (64, 128), cross-attention
   on the top level (``unet_attention`` (1, 0));
 - ``16x16-attn``: the same UNet on 16 x 16 latents (``vae_channels`` (16, 32): one fewer VAE downsampling);
-- ``16x16``: 16 x 16 latents, ``unet_channels`` (32, 64, 128) with ``unet_attention`` (0, 1, 0): a plain
-  convolution level on top, cross-attention from 8 x 8 down.
+- ``16x16``: the shipped base (``BuildConfig``'s defaults): 16 x 16 latents, ``unet_channels`` (32, 64, 128)
+  with ``unet_attention`` (0, 1, 0), a plain convolution level on top and cross-attention from 8 x 8 down.
 
 Each does the stage's work per step: a forward pass on a batch of noisy latents with 77 text tokens, the epsilon
 loss, the backward pass and an AdamW step. They run round-robin ``--repeats`` times (``--steps`` steps each after

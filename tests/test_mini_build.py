@@ -21,7 +21,7 @@ def toy_build(tmp_path_factory: pytest.TempPathFactory) -> Path:
     config = BuildConfig(out=str(out), train_images=32, eval_images=8, drawn_images=4, clip_steps=2, clip_batch=8,
                          vision_steps=2, vision_batch=8, vision_drawn=8, vision_unnamed=8, vae_steps=2, vae_batch=4,
                          unet_steps=2, unet_batch=4, unet_noise_offset=0.1, adapter_steps=2, adapter_batch=4,
-                         threads=1, log=lambda _: None)  # fmt: skip
+                         adapter_plus_lr=3e-3, threads=1, log=lambda _: None)  # fmt: skip
     return build(config)
 
 
@@ -36,9 +36,11 @@ def test_every_stage_is_recorded_and_a_rerun_skips_them(toy_build: Path) -> None
     assert any("reference" in e for e in entries) and all(
         (train / e.get("reference", e["image"])).is_file() for e in entries
     )
-    # the adapters were trained on the noise the UNet learned on
-    run = json.loads((toy_build / "runs" / "ip-adapter_mini" / "train_config.json").read_text())
-    assert run["noise_offset"] == 0.1
+    # the adapters were trained on the noise the UNet learned on, each at its own learning rate
+    runs = {n: json.loads((toy_build / "runs" / n / "train_config.json").read_text())
+            for n in ("ip-adapter_mini", "ip-adapter-plus_mini")}  # fmt: skip
+    assert all(run["noise_offset"] == 0.1 for run in runs.values())
+    assert runs["ip-adapter_mini"]["lr"] == 1e-3 and runs["ip-adapter-plus_mini"]["lr"] == 3e-3
     said: list[str] = []
     build(BuildConfig(out=str(toy_build), log=said.append))
     assert all("already done" in line for line in said) and len(said) == len(STAGES)

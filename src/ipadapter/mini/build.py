@@ -398,7 +398,7 @@ def stage_adapters(c: BuildConfig, out: Path) -> dict[str, Any]:
             resolution=c.size,
             batch_size=c.adapter_batch,
             max_steps=c.adapter_steps,
-            lr=c.adapter_lr,
+            lr=c.adapter_plus_lr if variant == "plus" else c.adapter_lr,
             seed=c.seed,
             checkpoint_every=max(1, c.adapter_steps // 4),
             keep_checkpoints=1,
