@@ -13,6 +13,7 @@ import ipadapter
 
 PACKAGE = Path(ipadapter.__file__).parent
 LEVELS = [
+    ("quiet",),  # library chatter off, for any front end
     ("errors", "files", "modes", "fields", "mini.shipped"),  # facts and declarations every layer may use
     ("adapters",),  # what an adapter file is
     ("prompt",),  # the per-call image prompt: references -> tokens

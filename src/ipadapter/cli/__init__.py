@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 from .. import __version__
 from ..errors import IPAdapterError
+from ..quiet import quiet_libraries
 from . import adapters, faces, generate, mini, serving, train
 from .common import (
     EXIT_INTERNAL,
@@ -22,7 +23,6 @@ from .common import (
     Parser,
     one_line,
     quiet_environment,
-    quiet_libraries,
 )
 
 __all__ = ["build_parser", "main"]

@@ -11,7 +11,8 @@ from ..embedding import check_embed_output, embed_reference
 from ..errors import CheckpointError, InputError
 from ..prompt.images import load_image
 from ..prompt.recipe import CROP_MODES
-from .common import add_device, quiet_libraries
+from ..quiet import quiet_libraries
+from .common import add_device
 
 
 def _add_embed_options(p: argparse.ArgumentParser) -> None:

@@ -1,4 +1,4 @@
-"""What every command shares: the parser class, argument types, quiet libraries, exit codes."""
+"""What every command shares: the parser class, argument types, a quiet environment, exit codes."""
 
 from __future__ import annotations
 
@@ -102,22 +102,6 @@ def quiet_environment() -> None:
     warnings.filterwarnings("ignore")
     for name in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY", "HF_HUB_VERBOSITY"):
         os.environ.setdefault(name, "error")
-
-
-def quiet_libraries() -> None:
-    """Once the heavy libraries are needed: silence their loggers and loading bars (the denoising bar stays)."""
-    # heavy: imported only once a command loads models (CLI start-up)
-    import huggingface_hub
-    import transformers
-
-    huggingface_hub.utils.logging.set_verbosity_error()
-    warnings.filterwarnings("ignore")
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()  # loading bars; the denoising bar stays
-    import diffusers  # after transformers is quiet: importing diffusers' pipelines triggers its notices
-
-    diffusers.utils.logging.set_verbosity_error()
-    diffusers.utils.logging.disable_progress_bar()
 
 
 def one_line(error: BaseException) -> str:

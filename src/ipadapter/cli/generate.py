@@ -21,6 +21,7 @@ from ..jobs.options import OPTIONS, PROMPT_KEYS, as_list, job_from_options, loca
 from ..media import check_output, numbered, save_images, save_video
 from ..modes import COMMAND_OF, MODES
 from ..prompt.influence_render import check_influence_path, write_influence
+from ..quiet import quiet_libraries
 from .common import (
     add_compile_option,
     add_device,
@@ -28,7 +29,6 @@ from .common import (
     check_output_folder,
     limits_from,
     number_text,
-    quiet_libraries,
 )
 
 HELP = {

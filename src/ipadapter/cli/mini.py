@@ -12,7 +12,8 @@ from ..errors import InputError
 from ..files import atomic_path
 from ..mini.shapes import write_dataset
 from ..prompt.controls import CONTROLS
-from .common import add_device, check_output_folder, checked, finite, positive_int, quiet_libraries, size
+from ..quiet import quiet_libraries
+from .common import add_device, check_output_folder, checked, finite, positive_int, size
 
 
 def _add_model_run_options(p: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:

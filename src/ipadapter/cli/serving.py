@@ -8,6 +8,7 @@ from typing import Any
 
 from ..batch import run_batch
 from ..errors import InputError
+from ..quiet import quiet_libraries
 from .common import (
     add_compile_option,
     add_device,
@@ -15,7 +16,6 @@ from .common import (
     limits_from,
     positive_float,
     positive_int,
-    quiet_libraries,
 )
 
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from ..quiet import quiet_libraries
 from ..training.config import PLUS_VERSIONS, VARIANTS, resumed_config
-from .common import finite, positive_float, positive_int, quiet_libraries, size
+from .common import finite, positive_float, positive_int, size
 
 
 def _add_train_options(p: argparse.ArgumentParser) -> None:

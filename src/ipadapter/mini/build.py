@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..files import atomic_path
+from ..quiet import quiet_libraries
 from ..training.config import TrainConfig
 from ..training.seeds import training_noise
 from .config import BuildConfig
@@ -496,18 +497,6 @@ def install(out: str | Path, dest: str | Path | None = None) -> Path:
     return dest
 
 
-def _quiet_loaders() -> None:
-    """The stages load CLIP text towers out of whole-CLIP folders: transformers would print a table of the
-    vision keys it skipped, and a loading bar, for every load. The build's own step lines stay."""
-    # heavy: the CLI path only
-    import diffusers
-    import transformers
-
-    for logging in (transformers.utils.logging, diffusers.utils.logging):
-        logging.set_verbosity_error()
-        logging.disable_progress_bar()
-
-
 def main(argv: list[str] | None = None) -> Path:
     """``python -m ipadapter.mini.build --out DIR [--set name=value ...]``: build (or finish) a family."""
     parser = argparse.ArgumentParser(
@@ -548,7 +537,7 @@ def main(argv: list[str] | None = None) -> Path:
         )
     except ValueError as e:
         parser.error(str(e))
-    _quiet_loaders()
+    quiet_libraries()  # stages load text towers out of whole-CLIP folders: no skipped-keys tables, no bars
     out = build(config, stages)
     if args.install:
         try:
