@@ -388,7 +388,11 @@ def stage_adapters(c: BuildConfig, out: Path) -> dict[str, Any]:
 
     manifest = _adapter_manifest(c, out / "data" / "train")
     info = {}
-    for variant, name in (("basic", "ip-adapter_mini"), ("plus", "ip-adapter-plus_mini")):
+    variants = (
+        ("basic", "ip-adapter_mini", c.adapter_lr),
+        ("plus", "ip-adapter-plus_mini", c.adapter_plus_lr),
+    )
+    for variant, name, lr in variants:
         run = out / "runs" / name
         config = TrainConfig(
             base=str(out / "pipeline"),
@@ -399,7 +403,7 @@ def stage_adapters(c: BuildConfig, out: Path) -> dict[str, Any]:
             resolution=c.size,
             batch_size=c.adapter_batch,
             max_steps=c.adapter_steps,
-            lr=c.adapter_plus_lr if variant == "plus" else c.adapter_lr,
+            lr=lr,
             seed=c.seed,
             checkpoint_every=max(1, c.adapter_steps // 4),
             keep_checkpoints=1,
