@@ -185,7 +185,18 @@ def test_unet_cross_attention_sits_on_the_levels_the_config_names(tmp_path: Path
     for flags in ((1,), (0, 0), (1, 2)):  # wrong length, no cross-attention at all, not a 0/1 flag
         with pytest.raises(ValueError, match="one 0 or 1 per UNet level"):
             BuildConfig(out="x", unet_attention=flags)
+    for bad in ({"adapter_plus_lr": -1.0}, {"lr": 0.0}, {"unet_noise_offset": float("nan")}):
+        with pytest.raises(ValueError, match="expected a"):
+            BuildConfig(out="x", **bad)
     fresh = tmp_path / "fresh"
     with pytest.raises(SystemExit):
         main(["--out", str(fresh), "--set", "unet_attention=(0, 0)"])
     assert "at least one 1" in capsys.readouterr().err and not fresh.exists()  # refused before any stage ran
+    with pytest.raises(SystemExit):
+        main(["--out", str(fresh), "--set", "adapter_plus_lr=-1"])
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]  # argparse's usage, then one error line; no traceback
+    assert last.startswith(
+        "python -m ipadapter.mini.build: error: adapter_plus_lr=-1: expected a learning rate"
+    )
+    assert "Traceback" not in err and not fresh.exists()

@@ -6,6 +6,7 @@ Its defaults are the shipped family's (a test compares them with the shipped ``b
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -63,6 +64,15 @@ class BuildConfig:
     log: Callable[[str], None] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        rates = {"lr": self.lr, "vision_lr": self.vision_lr, "adapter_lr": self.adapter_lr,
+                 "adapter_plus_lr": self.adapter_plus_lr}  # fmt: skip
+        for name, value in rates.items():
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name}={value!r}: expected a learning rate, a finite number > 0")
+        if not (math.isfinite(self.unet_noise_offset) and self.unet_noise_offset >= 0):
+            raise ValueError(
+                f"unet_noise_offset={self.unet_noise_offset!r}: expected a finite number >= 0 (0: plain noise)"
+            )
         levels, flags = len(self.unet_channels), tuple(self.unet_attention)
         if len(flags) != levels or not set(flags) <= {0, 1} or 1 not in flags:
             raise ValueError(
